@@ -1,0 +1,125 @@
+"""The gateway's public vocabulary: requests, token events, errors, configuration.
+
+Front-ends (gRPC here, an OpenAI-style HTTP front elsewhere) translate their wire format into InferenceRequest,
+iterate `Gateway.infer()` and translate TokenEvent / GatewayError back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grpc
+
+
+@dataclasses.dataclass
+class InferenceRequest:
+    prompt: str
+    max_tokens: int
+    hedge: bool = False
+    request_id: str = ""
+    client_id: str = ""
+    timeout_s: float | None = None  # None or <= 0: the gateway's default request timeout
+
+
+@dataclasses.dataclass
+class TokenEvent:
+    index: int
+    token: str
+    replica_id: str
+    is_final: bool = False
+    finish_reason: str | None = None  # "length" | "stop" on the final event
+
+
+class GatewayError(Exception):
+    """A request ended without a complete answer; `code` is the gRPC status a front-end should report."""
+
+    code = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(GatewayError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ResourceExhausted(GatewayError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Unavailable(GatewayError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(GatewayError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+ROUTING_POLICIES = ("affinity", "least_connections", "random")
+
+
+@dataclasses.dataclass
+class GatewayConfig:
+    gateway_id: str = "gateway-1"
+    host: str = "127.0.0.1"
+    port: int = 50050
+    advertise: str = ""
+    gossip_port: int | None = 0  # 0 = port + 10000, None = no gossip (a membership source is injected)
+    seeds: tuple[str, ...] = ()
+    gossip_config: str = "lan"
+    reuse_port: bool = False  # --workers: several processes share the gRPC port
+    queue_size: int = 100
+    queue_timeout_s: float = 30.0
+    max_attempts: int = 3
+    first_token_timeout_s: float = 10.0
+    inter_token_timeout_s: float = 5.0
+    request_timeout_s: float = 300.0
+    vnodes: int = 160
+    balance: float = 1.25
+    prefix_chars: int = 64
+    max_tokens_cap: int = 4096
+    max_prompt_bytes: int = 1 << 20
+    # "affinity" (the Router: prefix affinity with bounded loads, then least connections); "least_connections"
+    # and "random" ignore the prompt -- baselines for benchmarks and a fallback for prompt-independent workloads.
+    routing: str = "affinity"
+    # Tokens per replica message the gateway asks for (GenerateRequest.max_tokens_per_message): when a replica
+    # has several tokens ready at once they cross the internal hop in one message. 1 = one message per token.
+    upstream_batch: int = 64
+    # A replica that answered RESOURCE_EXHAUSTED is treated as full for this long unless gossip says otherwise.
+    busy_backoff_s: float = 0.25
+
+    def validate(self) -> None:
+        if self.queue_size < 0:
+            raise ValueError("queue_size must be >= 0")
+        if self.upstream_batch < 1:
+            raise ValueError("upstream_batch must be >= 1")
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        if self.routing not in ROUTING_POLICIES:
+            raise ValueError(f"routing must be one of {ROUTING_POLICIES}, got {self.routing!r}")
+        for name in ("queue_timeout_s", "first_token_timeout_s", "inter_token_timeout_s", "request_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+
+
+def check_request(req: InferenceRequest, cfg: GatewayConfig) -> None:
+    """Raise InvalidArgument with a reason when `req` cannot be served."""
+    if not isinstance(req.prompt, str) or not req.prompt:
+        raise InvalidArgument("prompt must not be empty")
+    if not isinstance(req.max_tokens, int) or req.max_tokens <= 0:
+        raise InvalidArgument(f"max_tokens must be positive, got {req.max_tokens}")
+    if req.max_tokens > cfg.max_tokens_cap:
+        raise InvalidArgument(f"max_tokens {req.max_tokens} exceeds the cap of {cfg.max_tokens_cap}")
+    try:
+        size = len(req.prompt.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidArgument("prompt is not valid UTF-8 (lone surrogate)") from None
+    if size > cfg.max_prompt_bytes:
+        raise InvalidArgument(f"prompt is {size} bytes, over the cap of {cfg.max_prompt_bytes}")
+    if req.timeout_s is not None and req.timeout_s < 0:
+        raise InvalidArgument("timeout_s must not be negative")

@@ -1,0 +1,19 @@
+"""SWIM gossip membership with Lifeguard, as a library.
+
+    from llmgw.gossip import GossipNode, GossipConfig
+
+    node = GossipNode("replica-1", bind="0.0.0.0:17946", advertise="10.0.0.5:17946", seeds=["10.0.0.2:17946"])
+    await node.start()
+    unsubscribe = node.subscribe(lambda event: print(event.kind, event.member.member_id))
+    live = [m for m in node.members() if m.state == "alive"]
+    node.update_meta(active_requests=3)
+    await node.stop()
+
+See docs/gossip.md for the protocol, the knobs and measured behaviour.
+"""
+
+from llmgw.gossip.config import GossipConfig
+from llmgw.gossip.lossy import LossyNetwork
+from llmgw.gossip.node import EVENT_KINDS, GossipNode, Member, MemberEvent
+
+__all__ = ["GossipNode", "GossipConfig", "Member", "MemberEvent", "LossyNetwork", "EVENT_KINDS"]

@@ -1,0 +1,408 @@
+"""Asyncio UDP shell around the sans-IO SWIM core (llmgw._core.swim.Swim).
+
+All protocol logic lives in the core; this module only moves datagrams between a UDP socket and the core, keeps
+one timer armed at ``core.next_deadline()``, and hands membership events to subscribers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from llmgw.gossip.config import GossipConfig
+
+log = logging.getLogger("llmgw.gossip")
+
+ROLES = {"replica": 1, "gateway": 2}
+EVENT_KINDS = ("joined", "updated", "suspect", "alive", "dead", "left", "removed")
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class Member:
+    member_id: str
+    address: str  # gossip host:port
+    grpc_address: str
+    role: str  # "replica" | "gateway"
+    state: str  # "alive" | "suspect" | "dead" | "left"
+    incarnation: int
+    model_version: str
+    active_requests: int
+    max_capacity: int
+    weight: float
+    draining: bool
+
+    @property
+    def is_live(self) -> bool:
+        return self.state in ("alive", "suspect")
+
+
+@dataclass(frozen=True)
+class MemberEvent:
+    kind: str  # "joined" | "updated" | "suspect" | "alive" | "dead" | "left" | "removed"
+    member: Member
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """"host:port" or "[v6]:port" -> (host, port); ValueError on anything else."""
+    if not isinstance(text, str):
+        raise ValueError(f"address must be a 'host:port' string, got {text!r}")
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"address must be 'host:port', got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def format_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _is_unspecified(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def _default_advertise_host() -> str:
+    """An address peers can reach when we bind a wildcard: the one the OS would route outward from."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: nothing is sent, it only picks a source address
+            return s.getsockname()[0]
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self, node: "GossipNode") -> None:
+        self._node = node
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self._node._on_datagram(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("gossip socket error: %s", exc)
+
+
+class GossipNode:
+    """One cluster member speaking SWIM over UDP.
+
+    With ``threaded=True`` the socket and timers run on a dedicated thread with its own event loop, so probes are
+    never delayed by a busy caller loop; subscriber callbacks then run on that thread. ``members()``,
+    ``member()``, ``update_meta()`` and ``stats()`` are thread-safe in both modes.
+    """
+
+    def __init__(self, member_id: str, *, bind: str = "127.0.0.1:0", advertise: str | None = None,
+                 seeds: Sequence[str] = (), role: str = "replica", grpc_address: str = "",
+                 model_version: str = "", max_capacity: int = 0, weight: float = 1.0,
+                 config: GossipConfig | None = None, key: bytes | None = None, threaded: bool = False,
+                 network=None, incarnation: int | None = None, seed: int | None = None) -> None:
+        if not isinstance(member_id, str) or not member_id:
+            raise ValueError("member_id must be a non-empty string")
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {sorted(ROLES)}, got {role!r}")
+        self._bind = parse_host_port(bind)
+        if advertise is not None:
+            parse_host_port(advertise)
+        self._advertise = advertise
+        if isinstance(seeds, str):
+            seeds = [s for s in seeds.split(",") if s]
+        for s in seeds:
+            parse_host_port(s)
+        self._seeds = list(seeds)
+        if max_capacity < 0 or weight < 0:
+            raise ValueError("max_capacity and weight must be >= 0")
+        self.member_id = member_id
+        self._role = ROLES[role]
+        self._meta = dict(grpc_address=grpc_address, model_version=model_version, max_capacity=int(max_capacity),
+                          weight=float(weight))
+        self.config = config or GossipConfig.lan()
+        if key is not None:
+            from llmgw.gossip.auth import Authenticator
+            self._auth = Authenticator(key, window=self.config.replay_window)
+        else:
+            self._auth = None
+        self._threaded = threaded
+        self._network = network
+        self._incarnation = incarnation
+        self._rng_seed = seed
+        self._lock = threading.RLock()
+        self._core = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._transport: asyncio.DatagramTransport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = float("inf")
+        self._subscribers: list[Callable[[MemberEvent], None]] = []
+        self._resolved: dict[str, tuple] = {}
+        self._address: str | None = None
+        self._started = False
+        self._stopped = False
+        self.callback_errors = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind the UDP socket and start joining the seeds (retried in the background until someone answers)."""
+        if self._started:
+            raise RuntimeError("GossipNode.start() called twice")
+        self._started = True
+        if not self._threaded:
+            await self._start_on_loop()
+            return
+        ready = threading.Event()
+        loop_box: list[asyncio.AbstractEventLoop] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            loop_box.append(loop)
+            asyncio.set_event_loop(loop)
+            ready.set()
+            try:
+                loop.run_forever()
+            finally:
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name=f"gossip-{self.member_id}", daemon=True)
+        self._thread.start()
+        if not await asyncio.to_thread(ready.wait, START_TIMEOUT):
+            raise RuntimeError("gossip thread did not start")
+        future = asyncio.run_coroutine_threadsafe(self._start_on_loop(), loop_box[0])
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(future), START_TIMEOUT)
+        except BaseException:
+            loop_box[0].call_soon_threadsafe(loop_box[0].stop)
+            raise
+
+    async def _start_on_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        host, port = self._bind
+        transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), local_addr=(host, port))
+        self._transport = transport
+        bound_port = transport.get_extra_info("sockname")[1]
+        if self._advertise:
+            adv_host, adv_port = parse_host_port(self._advertise)
+            self._address = format_host_port(adv_host, adv_port or bound_port)
+        else:
+            adv_host = _default_advertise_host() if _is_unspecified(host) else host
+            self._address = format_host_port(adv_host, bound_port)
+        from llmgw._core.swim import Swim  # compiled core; ImportError here means the build is missing
+
+        now = loop.time()
+        # Time-based incarnation: a restarted node outranks every rumour about its previous life.
+        incarnation = self._incarnation if self._incarnation is not None else time.time_ns() // 1_000_000
+        with self._lock:
+            self._core = Swim(self.member_id, self._address, self.config,
+                              self._rng_seed if self._rng_seed is not None else random.getrandbits(64), now,
+                              incarnation, role=self._role, wall_offset=time.time() - now, auth=self._auth,
+                              **self._meta)
+            if self._seeds:
+                self._core.join(self._seeds, now)
+        self._pump()
+        log.info("gossip node %s listening on %s (advertised %s)", self.member_id,
+                 format_host_port(host, bound_port), self._address)
+
+    async def stop(self, *, leave: bool = True) -> None:
+        """Broadcast LEFT (unless leave=False) and close the socket. Idempotent."""
+        if self._stopped or not self._started:
+            self._stopped = True
+            return
+        self._stopped = True
+        loop = self._loop
+        if loop is None:
+            return
+        if loop.is_closed():  # the loop we ran on is gone (e.g. asyncio.run ended): nothing left to send on
+            self._transport = None
+            return
+        if self._threaded:
+            future = asyncio.run_coroutine_threadsafe(self._stop_on_loop(leave), loop)
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(future), STOP_TIMEOUT)
+            finally:
+                loop.call_soon_threadsafe(loop.stop)
+                if self._thread is not None:
+                    await asyncio.to_thread(self._thread.join, STOP_TIMEOUT)
+        else:
+            await self._stop_on_loop(leave)
+
+    async def _stop_on_loop(self, leave: bool) -> None:
+        if leave and self._core is not None:
+            with self._lock:
+                self._core.leave(self._loop.time())
+            self._flush()
+            if self._network is not None:
+                # Let delayed sends of the LEFT announcement go out before the socket closes.
+                await asyncio.sleep(min(0.2, self._network.delay * 3 + 0.05))
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    # -- public API ------------------------------------------------------------------------------------------------
+
+    @property
+    def address(self) -> str:
+        if self._address is None:
+            raise RuntimeError("GossipNode.address is known only after start()")
+        return self._address
+
+    def local_member(self) -> Member:
+        with self._lock:
+            return Member(*self._require_core().local_member())
+
+    def members(self, *, include_self: bool = False) -> list[Member]:
+        with self._lock:
+            rows = self._require_core().members(include_self)
+        return [Member(*r) for r in rows]
+
+    def member(self, member_id: str) -> Member | None:
+        with self._lock:
+            row = self._require_core().member(member_id)
+        return None if row is None else Member(*row)
+
+    def update_meta(self, *, active_requests=None, max_capacity=None, model_version=None, weight=None,
+                    draining=None, grpc_address=None) -> None:
+        core = self._require_core()
+        with self._lock:
+            core.set_meta(self._loop.time(), active_requests=active_requests, max_capacity=max_capacity,
+                          model_version=model_version, weight=weight, draining=draining,
+                          grpc_address=grpc_address)
+        if self._stopped:
+            return
+        if self._on_loop_thread():
+            self._pump()
+        else:
+            try:
+                self._loop.call_soon_threadsafe(self._pump)
+            except RuntimeError:  # loop already closed during shutdown
+                pass
+
+    def subscribe(self, callback: Callable[[MemberEvent], None]) -> Callable[[], None]:
+        """Call callback(MemberEvent) on every membership change; returns a function that unsubscribes."""
+        if not callable(callback):
+            raise TypeError("callback must be callable")
+        with self._lock:
+            self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if callback in self._subscribers:
+                    self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            out = dict(self._require_core().stats) if self._core is not None else {}
+        out["callback_errors"] = self.callback_errors
+        return out
+
+    # -- internals -------------------------------------------------------------------------------------------------
+
+    def _require_core(self):
+        if self._core is None:
+            raise RuntimeError("GossipNode is not started")
+        return self._core
+
+    def _on_loop_thread(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
+    def _on_datagram(self, data: bytes, addr) -> None:
+        if self._core is None:
+            return
+        source = format_host_port(addr[0], addr[1])
+        try:
+            with self._lock:
+                self._core.handle_datagram(data, source, self._loop.time())
+        except Exception:  # the core counts bad input itself; anything else is a bug we log, not a crash
+            log.exception("gossip core failed on a datagram from %s", source)
+        self._pump()
+
+    def _on_timer(self) -> None:
+        due = self._timer_when
+        self._timer = None
+        self._timer_when = float("inf")
+        if self._core is None or self._transport is None:
+            return
+        try:
+            with self._lock:
+                # asyncio may run a call_at callback a clock-resolution early; never tick before the deadline
+                # it was armed for, or the timer would re-arm for the same instant and spin.
+                self._core.tick(max(self._loop.time(), due))
+        except Exception:
+            log.exception("gossip core failed in tick")
+        self._pump()
+
+    def _flush(self) -> list:
+        with self._lock:
+            out = self._core.drain_outgoing()
+            events = self._core.drain_events()
+        transport = self._transport
+        if transport is not None:
+            for address, data in out:
+                if self._network is not None:
+                    self._network.send(self._sendto, address, data, self._loop)
+                else:
+                    self._sendto(data, address)
+        return events
+
+    def _sendto(self, data: bytes, address: str) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        target = self._resolved.get(address)
+        if target is None:
+            try:
+                host, port = parse_host_port(address)
+                target = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0][4]
+            except (ValueError, OSError) as exc:
+                log.debug("cannot resolve gossip peer %r: %s", address, exc)
+                return
+            if len(self._resolved) > 4096:
+                self._resolved.clear()
+            self._resolved[address] = target
+        try:
+            transport.sendto(data, target)
+        except OSError as exc:  # e.g. address family mismatch; the protocol tolerates loss
+            log.debug("gossip send to %s failed: %s", address, exc)
+
+    def _pump(self) -> None:
+        """Send what the core produced, deliver its events, and re-arm the timer for its next deadline."""
+        if self._core is None or self._transport is None:
+            return
+        events = self._flush()
+        if events:
+            with self._lock:
+                subscribers = list(self._subscribers)
+            for kind, row in events:
+                event = MemberEvent(kind, Member(*row))
+                for cb in subscribers:
+                    try:
+                        cb(event)
+                    except Exception:
+                        self.callback_errors += 1
+                        log.exception("gossip subscriber raised on %s", kind)
+        with self._lock:
+            deadline = self._core.next_deadline()
+        if deadline < self._timer_when - 1e-4:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_when = deadline
+            self._timer = self._loop.call_at(deadline, self._on_timer)

@@ -1,0 +1,320 @@
+"""Health, metrics and the admin API of the gateway's HTTP front.
+
+    GET  /healthz                        200 while the process serves HTTP
+    GET  /readyz                         200 iff at least one replica is routable, else 503
+    GET  /metrics                        Prometheus exposition of the gateway's registry
+    GET  /admin/members                  member table + this gateway's view (load, drained, breaker)
+    POST /admin/replicas/{id}/drain      stop routing new requests to a replica (in-flight streams finish)
+    POST /admin/replicas/{id}/undrain    route to it again
+    POST /admin/rollout                  start a rolling update {"version": "v2", ...}
+    GET  /admin/rollout                  progress of the current (or last) rolling update
+    DELETE /admin/rollout                abort it (routing is restored)
+
+/admin/* needs `Authorization: Bearer <token>`. With no token configured, admin is refused (403) unless the HTTP
+server is bound to a loopback address, where only local processes can reach it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import logging
+from typing import Any, Awaitable, Callable
+
+import grpc
+from aiohttp import web
+
+from llmgw._proto import llmgateway_pb2 as pb
+from llmgw.gateway.membership import is_replica
+from llmgw.http.openai_api import ApiError, bad_request, compact_json, decode_json_body
+from llmgw.metrics import aiohttp_handler
+
+log = logging.getLogger("llmgw.http.admin")
+
+ADMIN_TOKEN_ENV = "LLMGW_ADMIN_TOKEN"
+DRAIN_METHOD = "/llmgateway.LLMReplica/Drain"
+ROUTABLE_STATES = ("alive", "suspect")
+RestartHook = Callable[[str, str], Awaitable[None]]
+
+
+def is_loopback_host(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.json_response(obj, status=status, dumps=compact_json)
+
+
+class RoutingDrains:
+    """Replicas an operator (or a rollout) took out of routing. Registered as one of the gateway's exclusion
+    sources, so the request path skips them exactly like draining or breaker-open replicas."""
+
+    def __init__(self, gateway) -> None:
+        self.gateway = gateway
+        self.drained: set[str] = set()
+        gateway.exclusion_sources.append(self.excluded)
+
+    def excluded(self) -> set[str]:
+        return self.drained
+
+    def drain(self, replica_id: str) -> None:
+        if replica_id not in self.drained:
+            log.info("replica %s drained in routing", replica_id)
+        self.drained.add(replica_id)
+
+    def undrain(self, replica_id: str) -> None:
+        if replica_id in self.drained:
+            self.drained.discard(replica_id)
+            log.info("replica %s undrained in routing", replica_id)
+            # Requests may be queued that only this replica can now take.
+            self.gateway.admission.capacity_changed()
+
+    def detach(self) -> None:
+        try:
+            self.gateway.exclusion_sources.remove(self.excluded)
+        except ValueError:
+            pass
+
+
+class GatewayRolloutTarget:
+    """llmgw.rollout.RolloutTarget over a running gateway: routing drains here, the Drain RPC to the replica,
+    membership for the rejoin check; the restart itself is the injected hook."""
+
+    def __init__(self, gateway, drains: RoutingDrains, restart: RestartHook,
+                 order: list[str] | None = None) -> None:
+        self.gateway = gateway
+        self.drains = drains
+        self._restart = restart
+        self._order = order
+
+    def _member(self, replica_id: str):
+        for member in self.gateway.members():
+            if member.member_id == replica_id and is_replica(member):
+                return member
+        return None
+
+    def replicas(self) -> list[str]:
+        if self._order is not None:
+            return list(self._order)
+        return sorted(m.member_id for m in self.gateway.members()
+                      if is_replica(m) and str(m.state).lower() in ROUTABLE_STATES)
+
+    async def drain_in_routing(self, replica_id: str) -> None:
+        self.drains.drain(replica_id)
+
+    async def undrain_in_routing(self, replica_id: str) -> None:
+        self.drains.undrain(replica_id)
+
+    async def drain_rpc(self, replica_id: str, timeout_s: float) -> bool:
+        member = self._member(replica_id)
+        if member is None or not member.grpc_address:
+            raise RuntimeError(f"replica {replica_id} has no known gRPC address")
+        async with grpc.aio.insecure_channel(member.grpc_address) as channel:
+            drain = channel.unary_unary(DRAIN_METHOD, request_serializer=pb.DrainRequest.SerializeToString,
+                                        response_deserializer=pb.DrainResponse.FromString)
+            try:
+                response = await drain(pb.DrainRequest(), timeout=timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    return False
+                raise RuntimeError(f"Drain RPC failed: {exc.code().name}: {exc.details()}") from None
+        return bool(response.success)
+
+    async def restart(self, replica_id: str, new_version: str) -> None:
+        await self._restart(replica_id, new_version)
+
+    def member_info(self, replica_id: str) -> tuple[str, str, int] | None:
+        member = self._member(replica_id)
+        if member is None:
+            return None
+        return str(member.state).lower(), member.model_version, int(member.incarnation)
+
+
+# Rollout options a POST may set, with their type check; they map to llmgw.rollout.Rollout's keyword arguments.
+_ROLLOUT_SECONDS = ("drain_timeout_s", "rejoin_timeout_s", "restart_timeout_s", "routing_timeout_s", "poll_s")
+_ROLLOUT_FLAGS = ("skip_up_to_date", "require_another_alive")
+
+
+class AdminApi:
+    def __init__(self, gateway, *, bound_host: str, admin_token: str | None, metrics, breakers=None,
+                 restart: RestartHook | None = None) -> None:
+        self.gateway = gateway
+        self.token = admin_token or None
+        self.bound_to_loopback = is_loopback_host(bound_host)
+        self.metrics = metrics
+        self.breakers = breakers
+        self.restart = restart
+        self.drains = RoutingDrains(gateway)
+        self.rollout = None  # the current or last llmgw.rollout.Rollout
+        self._rollout_task: asyncio.Task | None = None
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        if self.metrics is not None:
+            app.router.add_get("/metrics", aiohttp_handler(self.metrics.registry))
+        app.router.add_get("/admin/members", self._admin(self.members))
+        app.router.add_post("/admin/replicas/{replica_id}/drain", self._admin(self.drain))
+        app.router.add_post("/admin/replicas/{replica_id}/undrain", self._admin(self.undrain))
+        app.router.add_post("/admin/rollout", self._admin(self.start_rollout))
+        app.router.add_get("/admin/rollout", self._admin(self.rollout_status))
+        app.router.add_delete("/admin/rollout", self._admin(self.cancel_rollout))
+
+    async def close(self) -> None:
+        task = self._rollout_task
+        if task is not None and not task.done():
+            self.rollout.cancel()
+            try:
+                async with asyncio.timeout(15.0):
+                    await task
+            except (TimeoutError, asyncio.CancelledError):
+                task.cancel()
+        self.drains.detach()
+
+    # ---- auth ---------------------------------------------------------------------------------------------
+    def _admin(self, handler):
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            try:
+                self._authorize(request)
+                return await handler(request)
+            except ApiError as err:
+                return err.response()
+
+        return guarded
+
+    def _authorize(self, request: web.Request) -> None:
+        if self.token is None:
+            if self.bound_to_loopback:
+                return
+            raise ApiError(403, f"the admin API is disabled: set an admin token ({ADMIN_TOKEN_ENV}) or bind the "
+                                "HTTP server to loopback", type="permission_error", code="admin_disabled")
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            raise ApiError(401, "missing or wrong bearer token", type="authentication_error",
+                           code="invalid_token", headers={"WWW-Authenticate": 'Bearer realm="llmgw-admin"'})
+
+    # ---- health -------------------------------------------------------------------------------------------
+    def routable(self) -> set[str]:
+        excluded: set[str] = set()
+        for source in self.gateway.exclusion_sources:
+            excluded.update(source())
+        return self.gateway.view.routable() - excluded
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return _json({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        routable = sorted(self.routable())
+        return _json({"ready": bool(routable), "routable_replicas": routable}, 200 if routable else 503)
+
+    # ---- members and drains -------------------------------------------------------------------------------
+    async def members(self, request: web.Request) -> web.Response:
+        gw = self.gateway
+        routable = self.routable()
+        breakers = self.breakers.snapshot().get("replicas", {}) if self.breakers is not None else None
+        rows = []
+        for m in sorted(gw.members(), key=lambda m: (m.role != "replica", m.member_id)):
+            row = {"member_id": m.member_id, "role": m.role, "state": str(m.state).lower(),
+                   "incarnation": int(m.incarnation), "address": getattr(m, "address", ""),
+                   "grpc_address": m.grpc_address, "model_version": m.model_version,
+                   "load": int(m.active_requests), "capacity": int(m.max_capacity), "weight": float(m.weight),
+                   "draining": bool(m.draining)}
+            if is_replica(m):
+                row.update(in_flight=gw.in_flight.get(m.member_id, 0),
+                           drained_in_routing=m.member_id in self.drains.drained,
+                           routable=m.member_id in routable, breaker=None if breakers is None
+                           else breakers.get(m.member_id, {"state": "closed"}))
+            rows.append(row)
+        stats = gw.stats
+        return _json({"gateway_id": gw.config.gateway_id, "queued": gw.queued,
+                      "in_flight": sum(gw.in_flight.values()), "served_total": stats.served_total,
+                      "failovers_total": stats.failovers_total, "rejected_total": stats.rejected_total,
+                      "failed_total": stats.failed_total, "members": rows})
+
+    def _known_replica(self, request: web.Request) -> str:
+        replica_id = request.match_info["replica_id"]
+        if not any(m.member_id == replica_id and is_replica(m) for m in self.gateway.members()):
+            raise ApiError(404, f"no replica {replica_id!r} in the member table", param="replica_id",
+                           code="unknown_replica")
+        return replica_id
+
+    async def drain(self, request: web.Request) -> web.Response:
+        replica_id = self._known_replica(request)
+        self.drains.drain(replica_id)
+        return _json({"replica_id": replica_id, "drained_in_routing": True,
+                      "in_flight": self.gateway.in_flight.get(replica_id, 0)})
+
+    async def undrain(self, request: web.Request) -> web.Response:
+        replica_id = self._known_replica(request)
+        self.drains.undrain(replica_id)
+        return _json({"replica_id": replica_id, "drained_in_routing": False})
+
+    # ---- rolling update -----------------------------------------------------------------------------------
+    async def start_rollout(self, request: web.Request) -> web.Response:
+        from llmgw.rollout import Rollout
+
+        if self.restart is None:
+            raise ApiError(501, "rolling updates need a restart hook; start the gateway with a restart command",
+                           type="server_error", code="no_restart_hook")
+        if self._rollout_task is not None and not self._rollout_task.done():
+            raise ApiError(409, f"a rolling update to {self.rollout.new_version} is already running",
+                           code="rollout_running")
+        body = decode_json_body(await request.read())
+        if not isinstance(body, dict):
+            raise bad_request("the request body must be a JSON object")
+        version = body.get("version")
+        if not isinstance(version, str) or not version.strip():
+            raise bad_request("'version' must be a non-empty string", "version")
+        options: dict[str, Any] = {}
+        for name in _ROLLOUT_SECONDS:
+            value = body.get(name)
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 86400:
+                    raise bad_request(f"'{name}' must be a number of seconds in (0, 86400)", name)
+                options[name] = float(value)
+        for name in _ROLLOUT_FLAGS:
+            value = body.get(name)
+            if value is not None:
+                if not isinstance(value, bool):
+                    raise bad_request(f"'{name}' must be a boolean", name)
+                options[name] = value
+        order = body.get("replicas")
+        if order is not None:
+            if not isinstance(order, list) or not order or not all(isinstance(r, str) and r for r in order):
+                raise bad_request("'replicas' must be a non-empty list of replica ids", "replicas")
+            known = {m.member_id for m in self.gateway.members() if is_replica(m)}
+            unknown = [r for r in order if r not in known]
+            if unknown:
+                raise bad_request(f"unknown replicas: {', '.join(unknown)}", "replicas")
+        target = GatewayRolloutTarget(self.gateway, self.drains, self.restart, order)
+        try:
+            self.rollout = Rollout(target, version, **options)
+        except ValueError as exc:
+            raise bad_request(str(exc)) from None
+        self._rollout_task = asyncio.get_running_loop().create_task(self.rollout.run(), name="llmgw-rollout")
+        # Let run() mark itself running before we describe it.
+        await asyncio.sleep(0)
+        return _json(self.rollout.status.to_dict(), 202)
+
+    async def rollout_status(self, request: web.Request) -> web.Response:
+        if self.rollout is None:
+            raise ApiError(404, "no rolling update has been started", code="no_rollout")
+        return _json(self.rollout.status.to_dict())
+
+    async def cancel_rollout(self, request: web.Request) -> web.Response:
+        if self.rollout is None or self._rollout_task is None:
+            raise ApiError(404, "no rolling update has been started", code="no_rollout")
+        if not self._rollout_task.done():
+            self.rollout.cancel()
+            try:
+                async with asyncio.timeout(15.0):
+                    await asyncio.shield(self._rollout_task)
+            except TimeoutError:
+                raise ApiError(504, "the rolling update did not stop within 15 s", type="timeout") from None
+        return _json(self.rollout.status.to_dict())

@@ -1,0 +1,109 @@
+"""The gateway's HTTP server: one aiohttp application on the gateway's own event loop (next to its gRPC server),
+carrying the OpenAI API, health, metrics and admin routes."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from aiohttp import web
+
+from llmgw.http.admin import ADMIN_TOKEN_ENV, AdminApi, RestartHook
+from llmgw.http.openai_api import DEFAULT_MAX_TOKENS, ApiError, OpenAIApi
+
+log = logging.getLogger("llmgw.http")
+
+# JSON escaping can double a prompt's size (e.g. "\n" -> "\\n", non-ASCII -> "\\uXXXX" is 6x, but rare), plus
+# room for the other fields: a body this size always fits a prompt of the gateway's cap.
+BODY_OVERHEAD = 64 * 1024
+
+
+class HttpFront:
+    """A running HTTP front; `port` is the bound port, `await close()` stops it (idempotent)."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, openai: OpenAIApi, admin: AdminApi) -> None:
+        self._runner = runner
+        self.host = host
+        self.port = port
+        self.openai = openai
+        self.admin = admin
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def drains(self):
+        return self.admin.drains
+
+    async def close(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        await self.admin.close()
+        # Open streams get a short grace; their handlers are cancelled after it, which closes the gateway
+        # streams and frees replica slots.
+        await runner.cleanup()
+        log.info("HTTP front on %s closed", self.url)
+
+
+@web.middleware
+async def _errors_as_json(request: web.Request, handler):
+    """aiohttp's own HTTP errors (404, 405, 413...) in OpenAI's error shape, so every client parses one format."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        return ApiError(exc.status, exc.reason or exc.text or "error", type="invalid_request_error",
+                        code=exc.reason.lower().replace(" ", "_") if exc.reason else None,
+                        headers=headers).response()
+
+
+async def start_http(gateway, *, host: str = "127.0.0.1", port: int = 0, admin_token: str | None = None,
+                     metrics=None, breakers=None, restart: RestartHook | None = None,
+                     client_max_size: int | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+                     record_requests: bool = True, reuse_port: bool = False,
+                     shutdown_timeout_s: float = 2.0) -> HttpFront:
+    """Serve the OpenAI API + health + metrics + admin for `gateway` on host:port (0 = a free port).
+
+    Must be awaited on the gateway's event loop. `admin_token` defaults to $LLMGW_ADMIN_TOKEN; `metrics` is a
+    llmgw.metrics.GatewayMetrics (one is created when omitted) and gets the HTTP requests' outcomes, TTFT,
+    inter-token times and tokens unless `record_requests` is false (when the gateway records them itself);
+    `breakers` (a llmgw.policy.breaker.BreakerBoard) adds breaker state to /admin/members; `restart` is the async
+    (replica_id, version) hook that POST /admin/rollout uses to restart a replica on the new version.
+    """
+    if not 0 <= port <= 65535:
+        raise ValueError(f"HTTP port must be within 0..65535, got {port}")
+    if metrics is None:
+        from llmgw.metrics import GatewayMetrics
+
+        metrics = GatewayMetrics(gateway_id=gateway.config.gateway_id, process_metrics=False)
+    if admin_token is None:
+        admin_token = os.environ.get(ADMIN_TOKEN_ENV) or None
+    if client_max_size is None:
+        client_max_size = 2 * gateway.config.max_prompt_bytes + BODY_OVERHEAD
+    app = web.Application(client_max_size=client_max_size, middlewares=[_errors_as_json])
+    openai = OpenAIApi(gateway, metrics=metrics, record_requests=record_requests,
+                       default_max_tokens=default_max_tokens)
+    admin = AdminApi(gateway, bound_host=host, admin_token=admin_token, metrics=metrics, breakers=breakers,
+                     restart=restart)
+    openai.add_routes(app)
+    admin.add_routes(app)
+    # handler_cancellation: a client that disconnects cancels its handler, which closes its Gateway.infer()
+    # stream -- also while it is still queued or waiting for its first token, when no write would notice.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout_s)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
+        await site.start()
+        bound = runner.addresses[0][1]
+    except BaseException:
+        admin.drains.detach()
+        await runner.cleanup()
+        raise
+    front = HttpFront(runner, host, bound, openai, admin)
+    log.info("HTTP front serving on %s", front.url)
+    return front

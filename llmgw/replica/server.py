@@ -1,0 +1,299 @@
+"""Simulated replica: grpc.aio LLMReplica + ReplicaAdmin + health + reflection, publishing its load by gossip."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import random
+
+import grpc
+
+from llmgw._proto import llmgateway_pb2 as pb
+from llmgw.replica import model, wire
+
+log = logging.getLogger("llmgw.replica")
+
+REPLICA_SERVICES = ["LLMReplica", "ReplicaAdmin"]
+
+# Gossip carries load to gateways; publishing every single change would flood update_meta at thousands of
+# changes per second while gossip only disseminates a few times per second anyway.
+META_FLUSH_S = 0.02
+# Upper bound on how long Drain waits for in-flight streams when the caller set no deadline.
+DRAIN_MAX_WAIT_S = 300.0
+
+
+@dataclasses.dataclass
+class ReplicaConfig:
+    replica_id: str = "replica-1"
+    host: str = "127.0.0.1"
+    port: int = 50051
+    advertise: str = ""  # host other nodes use to reach us; defaults to host
+    gossip_port: int | None = 0  # 0 = port + 10000 (reference convention), None = no gossip
+    seeds: tuple[str, ...] = ()
+    gossip_config: str = "lan"
+    token_delay_ms: float = 100.0
+    prefill_ms_per_kchar: float = 1.0
+    prefix_cache_size: int = 1024
+    max_capacity: int = 4
+    model_version: str = "v1"
+    weight: float = 1.0
+    limits: model.Limits = dataclasses.field(default_factory=model.Limits)
+    faults: model.Faults = dataclasses.field(default_factory=model.Faults)
+    seed: int | None = None
+
+
+class Replica:
+    """One simulated replica. `await start()`, then serve until `await stop()`."""
+
+    def __init__(self, config: ReplicaConfig) -> None:
+        self.config = config
+        self.faults = dataclasses.replace(config.faults)
+        self.cache = model.PrefixCache(config.prefix_cache_size)
+        self.active = 0
+        self.peak_active = 0
+        self.served_total = 0
+        self.rejected_total = 0
+        self.draining = False
+        self.gossip = None
+        self.port = config.port
+        self._rng = random.Random(config.seed)
+        self._server: grpc.aio.Server | None = None
+        self._health = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # Stalled streams wait on this so stop() can release them instead of leaving tasks behind.
+        self._stopping = asyncio.Event()
+        self._meta_dirty = False
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.config.advertise or self.config.host}:{self.port}"
+
+    async def start(self) -> None:
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server.add_generic_rpc_handlers((
+            grpc.method_handlers_generic_handler("llmgateway.LLMReplica", {
+                "Generate": wire.unary_stream(self.Generate, pb.GenerateRequest, pb.GenerateResponse),
+                "Drain": wire.unary_unary(self.Drain, pb.DrainRequest, pb.DrainResponse),
+            }),
+            grpc.method_handlers_generic_handler("llmgateway.ReplicaAdmin", {
+                "SetFaults": wire.unary_unary(self.SetFaults, pb.Faults, pb.Faults),
+                "GetStatus": wire.unary_unary(self.GetStatus, pb.StatusRequest, pb.ReplicaStatus),
+                "Members": wire.unary_unary(self.Members, pb.MembersRequest, pb.MembersResponse),
+            }),
+        ))
+        names = [wire.service_name(s) for s in REPLICA_SERVICES]
+        self._health = wire.add_health_and_reflection(server, names)
+        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC port {self.config.host}:{self.config.port}")
+        await server.start()
+        self._server = server
+        if self.config.gossip_port is not None:
+            await self._start_gossip()
+        await wire.set_serving(self._health, names, True)
+        log.info("replica %s serving on %s", self.config.replica_id, self.grpc_address)
+
+    async def _start_gossip(self) -> None:
+        from llmgw.gossip import GossipConfig, GossipNode
+
+        cfg = self.config
+        gossip_port = cfg.gossip_port or self.port + 10000
+        preset = GossipConfig.preset(cfg.gossip_config)
+        advertise = f"{cfg.advertise}:{gossip_port}" if cfg.advertise else None
+        self.gossip = GossipNode(
+            cfg.replica_id, bind=f"{cfg.host}:{gossip_port}", advertise=advertise, seeds=tuple(cfg.seeds),
+            role="replica", grpc_address=self.grpc_address, model_version=cfg.model_version,
+            max_capacity=cfg.max_capacity, weight=cfg.weight, config=preset,
+        )
+        await self.gossip.start()
+
+    async def stop(self, grace: float = 1.0) -> None:
+        self._stopping.set()
+        if self._health is not None:
+            await wire.set_serving(self._health, [wire.service_name(s) for s in REPLICA_SERVICES], False)
+        if self.gossip is not None:
+            try:
+                await asyncio.wait_for(self.gossip.stop(leave=True), timeout=5.0)
+            except Exception:  # a failed leave must not prevent the server from stopping
+                log.exception("gossip stop failed")
+        if self._server is not None:
+            await self._server.stop(grace)
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    # ---- load publication -------------------------------------------------------------------------------
+    def _load_changed(self) -> None:
+        if self.gossip is None or self._meta_dirty:
+            return
+        self._meta_dirty = True
+        asyncio.get_running_loop().call_later(META_FLUSH_S, self._flush_meta)
+
+    def _flush_meta(self) -> None:
+        self._meta_dirty = False
+        if self.gossip is not None:
+            self.gossip.update_meta(active_requests=self.active)
+
+    # ---- LLMReplica -------------------------------------------------------------------------------------
+    async def Generate(self, request, context: grpc.aio.ServicerContext):
+        if isinstance(request, wire.UndecodableRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        problem = model.check_generate(request.prompt, request.max_tokens, request.tokens_already_generated,
+                                       self.config.limits)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        faults = self.faults
+        if self.draining:
+            self.rejected_total += 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
+        if faults.reject_all:
+            self.rejected_total += 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "rejecting all requests (fault injection)")
+        # Check and increment with no await in between: the loop makes the pair atomic.
+        if self.active >= self.config.max_capacity:
+            self.rejected_total += 1
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"replica {self.config.replica_id} at capacity {self.config.max_capacity}")
+        self.active += 1
+        if self.active > self.peak_active:
+            self.peak_active = self.active
+        self._idle.clear()
+        self._load_changed()
+        try:
+            async with contextlib.aclosing(self._generate(request, context)) as responses:
+                async for response in responses:
+                    if response.is_final:
+                        # Counted before the yield: the caller may close the stream as soon as it has this.
+                        self.served_total += 1
+                    yield response
+        finally:
+            self.active -= 1
+            if self.active == 0:
+                self._idle.set()
+            self._load_changed()
+
+    async def _generate(self, request, context):
+        loop = asyncio.get_running_loop()
+        prompt, max_tokens, first = request.prompt, request.max_tokens, request.tokens_already_generated
+        per_message = max(1, request.max_tokens_per_message)
+        faults = self.faults
+        fail_at = model.failure_position(self._rng.random(), faults.error_rate, first, max_tokens,
+                                         self._rng.random())
+        cached = self.cache.lookup_and_insert(prompt)
+        delay = self.config.token_delay_ms / 1000.0
+        due = loop.time() + model.prefill_seconds(len(prompt), cached, self.config.prefill_ms_per_kchar)
+        due += faults.stall_before_first_ms / 1000.0
+        if first >= max_tokens:  # a resume that has nothing left: just close the stream properly
+            yield pb.GenerateResponse(is_final=True, index=max_tokens, finish_reason=pb.LENGTH)
+            return
+        emitted = 0
+        index = first
+        while index < max_tokens:
+            faults = self.faults  # admin changes apply to running streams too
+            if emitted == faults.crash_after:
+                log.warning("replica %s crashing after %d tokens (fault injection)", self.config.replica_id,
+                            emitted)
+                os._exit(17)
+            if emitted == faults.stall_after:
+                log.warning("replica %s stalling after %d tokens (fault injection)", self.config.replica_id,
+                            emitted)
+                await self._stopping.wait()
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "replica stopped while stalled")
+            if emitted == fail_at:
+                await context.abort(grpc.StatusCode.INTERNAL, "injected error (fault injection)")
+            step = delay * faults.effective_slow_factor()
+            due += step
+            wait = due - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            # Tokens whose time has also come (we fell behind, or delay is 0) go in the same message when the
+            # caller allows it -- never past a fault point, so faults still hit at an exact token.
+            count = 1
+            limit = min(per_message, max_tokens - index)
+            for point in (faults.crash_after, faults.stall_after, fail_at):
+                if point is not None and point > emitted:
+                    limit = min(limit, point - emitted)
+            if limit > 1:
+                now = loop.time()
+                while count < limit and due + step <= now:
+                    due += step
+                    count += 1
+            last = index + count == max_tokens
+            if count == 1:
+                yield pb.GenerateResponse(token=model.token_for(prompt, index), index=index, is_final=last,
+                                          finish_reason=pb.LENGTH if last else pb.FINISH_UNSPECIFIED)
+            else:
+                yield pb.GenerateResponse(
+                    token=model.token_for(prompt, index), index=index, is_final=last,
+                    more_tokens=[model.token_for(prompt, k) for k in range(index + 1, index + count)],
+                    finish_reason=pb.LENGTH if last else pb.FINISH_UNSPECIFIED)
+            index += count
+            emitted += count
+
+    async def Drain(self, request, context: grpc.aio.ServicerContext):
+        self.draining = True
+        if self.gossip is not None:
+            self.gossip.update_meta(draining=True)
+        remaining = context.time_remaining()
+        limit = DRAIN_MAX_WAIT_S if remaining is None else max(0.0, remaining - 0.05)
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=limit)
+        except asyncio.TimeoutError:
+            log.warning("drain of %s timed out with %d streams in flight", self.config.replica_id, self.active)
+            return pb.DrainResponse(success=False)
+        return pb.DrainResponse(success=True)
+
+    # ---- ReplicaAdmin -----------------------------------------------------------------------------------
+    async def SetFaults(self, request, context):
+        if isinstance(request, wire.UndecodableRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        changes = {}
+        if request.set_error_rate:
+            if not 0.0 <= request.error_rate <= 1.0:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "error_rate must be within [0, 1]")
+            changes["error_rate"] = request.error_rate
+        if request.set_reject_all:
+            changes["reject_all"] = request.reject_all
+        if request.set_stall_after:
+            changes["stall_after"] = request.stall_after
+        if request.set_crash_after:
+            changes["crash_after"] = request.crash_after
+        if request.set_slow_factor:
+            if request.slow_factor < 0:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "slow_factor must be >= 0")
+            changes["slow_factor"] = request.slow_factor
+        if request.set_stall_before_first:
+            if request.stall_before_first_ms < 0:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "stall_before_first_ms must be >= 0")
+            changes["stall_before_first_ms"] = request.stall_before_first_ms
+        # Replace, don't mutate: a running stream re-reads self.faults per token and sees a consistent set.
+        self.faults = dataclasses.replace(self.faults, **changes)
+        if changes:
+            log.info("replica %s faults now %s", self.config.replica_id, self.faults)
+        f = self.faults
+        return pb.Faults(error_rate=f.error_rate, reject_all=f.reject_all, stall_after=f.stall_after,
+                         crash_after=f.crash_after, slow_factor=f.slow_factor,
+                         stall_before_first_ms=f.stall_before_first_ms)
+
+    async def GetStatus(self, request, context):
+        return pb.ReplicaStatus(
+            replica_id=self.config.replica_id, active_requests=self.active, max_capacity=self.config.max_capacity,
+            model_version=self.config.model_version, draining=self.draining, served_total=self.served_total,
+            prefix_cache_hits=self.cache.hits, pid=os.getpid(), rejected_total=self.rejected_total,
+            grpc_address=self.grpc_address,
+            gossip_address=self.gossip.address if self.gossip is not None else "", peak_active=self.peak_active,
+            prefix_cache_lookups=self.cache.lookups,
+        )
+
+    async def Members(self, request, context):
+        if self.gossip is None:
+            return pb.MembersResponse(self_id=self.config.replica_id)
+        members = self.gossip.members(include_self=True)
+        return pb.MembersResponse(self_id=self.config.replica_id,
+                                  members=[wire.member_info(m, self.config.replica_id) for m in members])

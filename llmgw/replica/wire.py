@@ -1,0 +1,112 @@
+"""gRPC plumbing shared by the replica and gateway servers: tolerant request decoding, health, reflection,
+member-table conversion."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from llmgw._proto import llmgateway_pb2 as pb
+
+log = logging.getLogger("llmgw.wire")
+
+
+@dataclasses.dataclass(frozen=True)
+class UndecodableRequest:
+    """Stands in for a request whose bytes did not decode (e.g. invalid UTF-8 in a proto3 string).
+
+    grpc turns a raising deserializer into an opaque INTERNAL error; handing the handler this marker instead lets
+    it answer INVALID_ARGUMENT with a message the caller can act on.
+    """
+
+    message: str
+
+
+def tolerant_deserializer(message_cls):
+    def deserialize(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except DecodeError as exc:
+            return UndecodableRequest(f"request is not a valid {message_cls.DESCRIPTOR.name} "
+                                      f"(invalid UTF-8 in a string field?): {exc}")
+
+    return deserialize
+
+
+def unary_stream(handler, request_cls, response_cls=None):
+    return grpc.unary_stream_rpc_method_handler(
+        handler,
+        request_deserializer=tolerant_deserializer(request_cls),
+        response_serializer=(response_cls.SerializeToString if response_cls else None),
+    )
+
+
+def unary_unary(handler, request_cls, response_cls):
+    return grpc.unary_unary_rpc_method_handler(
+        handler,
+        request_deserializer=tolerant_deserializer(request_cls),
+        response_serializer=response_cls.SerializeToString,
+    )
+
+
+def add_health_and_reflection(server: grpc.aio.Server, service_names: list[str]):
+    """Register grpc.health.v1 (every service SERVING) and reflection; returns the health servicer."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    return health_servicer
+
+
+async def set_serving(health_servicer, service_names: list[str], serving: bool) -> None:
+    from grpc_health.v1 import health_pb2
+
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ["", *service_names]:
+        await health_servicer.set(name, status)
+
+
+def member_info(member, self_id: str) -> pb.MemberInfo:
+    """llmgw.gossip.Member (or anything with the same attributes) -> MemberInfo."""
+    return pb.MemberInfo(
+        member_id=member.member_id,
+        address=member.address or "",
+        grpc_address=member.grpc_address or "",
+        role=member.role,
+        state=member.state,
+        incarnation=int(member.incarnation),
+        active_requests=int(member.active_requests),
+        max_capacity=int(member.max_capacity),
+        model_version=member.model_version or "",
+        weight=float(member.weight),
+        draining=bool(member.draining),
+        is_self=member.member_id == self_id,
+    )
+
+
+def service_name(service: str) -> str:
+    return pb.DESCRIPTOR.services_by_name[service].full_name
+
+
+async def serve_until_signalled(stop, stop_timeout_s: float = 10.0) -> None:
+    """Run until SIGTERM/SIGINT, then await `stop()` (bounded) so gossip can announce the leave."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    stopped = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopped.set)
+    await stopped.wait()
+    try:
+        await asyncio.wait_for(stop(), timeout=stop_timeout_s)
+    except asyncio.TimeoutError:
+        log.warning("shutdown did not finish within %.1f s", stop_timeout_s)

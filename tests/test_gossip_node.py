@@ -1,0 +1,174 @@
+"""GossipNode (asyncio UDP shell) on loopback, in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from llmgw.gossip import GossipConfig, GossipNode, LossyNetwork, Member, MemberEvent
+from llmgw.gossip.node import parse_host_port
+
+FAST = GossipConfig.local()
+
+
+async def wait_for(predicate, timeout: float, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(interval)
+    return predicate()
+
+
+def live_ids(node: GossipNode) -> set[str]:
+    return {m.member_id for m in node.members() if m.state == "alive"}
+
+
+def run_nodes(body, timeout: float = 30.0) -> None:
+    """Run body(make) on a fresh loop; every node make() started is stopped in the same loop, even on failure."""
+
+    async def main():
+        made: list[GossipNode] = []
+
+        async def make(*args, **kwargs) -> GossipNode:
+            kwargs.setdefault("config", FAST)
+            n = GossipNode(*args, **kwargs)
+            made.append(n)
+            await n.start()
+            return n
+
+        try:
+            await asyncio.wait_for(body(make), timeout)
+        finally:
+            for n in made:
+                await asyncio.wait_for(n.stop(leave=False), 10)
+
+    asyncio.run(main())
+
+
+def test_join_metadata_events_and_leave():
+    async def body(nodes):
+        a = await nodes("replica-a", grpc_address="127.0.0.1:50051", model_version="v1", max_capacity=4)
+        events: list[MemberEvent] = []
+        unsubscribe = a.subscribe(events.append)
+        b = await nodes("gateway-b", seeds=[a.address], role="gateway")
+        c = await nodes("replica-c", seeds=[b.address], threaded=True)
+        assert await wait_for(lambda: all(len(live_ids(n)) == 2 for n in (a, b, c)), 5.0)
+        mb = a.member("gateway-b")
+        assert isinstance(mb, Member) and mb.role == "gateway" and mb.address == b.address
+        ma = c.member("replica-a")
+        assert (ma.grpc_address, ma.model_version, ma.max_capacity, ma.weight) == ("127.0.0.1:50051", "v1", 4, 1.0)
+        host, port = parse_host_port(c.address)
+        assert port >= 10000  # Linux ephemeral ports; the reference convention needs gossip port - 10000 >= 0
+        assert a.member("replica-c").grpc_address == f"{host}:{port - 10000}"
+        c.update_meta(active_requests=3, model_version="v2", weight=0.5, draining=True)  # from the caller's thread
+        assert await wait_for(lambda: (a.member("replica-c").model_version == "v2"
+                                       and a.member("replica-c").active_requests == 3
+                                       and a.member("replica-c").draining), 5.0)
+        assert any(e.kind == "updated" and e.member.member_id == "replica-c" for e in events)
+        await c.stop()
+        assert await wait_for(lambda: a.member("replica-c").state == "left", 5.0)
+        assert any(e.kind == "left" for e in events)
+        unsubscribe()
+        n_events = len(events)
+        await b.stop()
+        await asyncio.sleep(0.3)
+        assert len(events) == n_events  # unsubscribed
+        assert a.local_member().state == "alive" and a.local_member().member_id == "replica-a"
+        s = a.stats()
+        assert s["messages_in"] > 0 and s["malformed"] == 0 and s["callback_errors"] == 0
+
+    run_nodes(body)
+
+
+def test_killed_node_is_declared_dead_and_callback_errors_are_contained():
+    async def body(nodes):
+        a = await nodes("a")
+        b = await nodes("b", seeds=[a.address])
+        a.subscribe(lambda e: 1 / 0)  # a broken subscriber must not break the node
+        assert await wait_for(lambda: live_ids(a) == {"b"}, 5.0)
+        await b.stop(leave=False)  # like a crash: silence
+        assert await wait_for(lambda: a.member("b").state == "dead", 10.0)
+        assert a.stats()["callback_errors"] >= 1
+
+    run_nodes(body)
+
+
+def test_lossy_network_still_converges():
+    async def body(nodes):
+        net = lambda s: LossyNetwork(loss=0.2, duplicate=0.1, reorder=0.2, delay=0.002, jitter=0.003, seed=s)
+        a = await nodes("a", network=net(1))
+        b = await nodes("b", seeds=[a.address], network=net(2))
+        c = await nodes("c", seeds=[a.address], network=net(3))
+        assert await wait_for(lambda: all(len(live_ids(n)) == 2 for n in (a, b, c)), 10.0)
+        await asyncio.sleep(1.5)
+        assert all(m.state != "dead" for n in (a, b, c) for m in n.members())
+        assert a._network.dropped > 0
+
+    run_nodes(body)
+
+
+def test_shared_key_cluster_rejects_outsiders():
+    key = b"0123456789abcdef0123456789abcdef"
+
+    async def body(nodes):
+        a = await nodes("a", key=key)
+        b = await nodes("b", key=key, seeds=[a.address])
+        intruder = await nodes("intruder", seeds=[a.address])
+        assert await wait_for(lambda: live_ids(a) == {"b"} and live_ids(b) == {"a"}, 5.0)
+        await asyncio.sleep(0.5)
+        assert a.member("intruder") is None
+        assert a.stats()["auth_rejected"] > 0
+
+    run_nodes(body)
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(ValueError):
+        GossipNode("")
+    with pytest.raises(ValueError):
+        GossipNode("x", bind="nonsense")
+    with pytest.raises(ValueError):
+        GossipNode("x", role="king")
+    with pytest.raises(ValueError):
+        GossipNode("x", seeds=["a:b:c:notaport"])
+    with pytest.raises(ValueError):
+        GossipNode("x", key=b"short")
+    with pytest.raises(ValueError):
+        GossipConfig.lan(probe_timeout=1.0)
+    with pytest.raises(ValueError):
+        GossipConfig.preset("moon")
+    n = GossipNode("x")
+    with pytest.raises(RuntimeError):
+        n.members()
+    with pytest.raises(RuntimeError):
+        _ = n.address
+
+
+def test_stop_is_idempotent_and_threaded_mode_runs_callbacks_on_its_thread():
+    async def body(nodes):
+        a = await nodes("a", threaded=True)
+        threads = set()
+        a.subscribe(lambda e: threads.add(threading.current_thread().name))
+        b = await nodes("b", seeds=[a.address])
+        assert await wait_for(lambda: live_ids(a) == {"b"}, 5.0)
+        assert threads == {"gossip-a"}
+        await a.stop()
+        await a.stop()
+        await b.stop()
+
+    run_nodes(body)
+
+
+def test_bind_wildcard_advertises_routable_address():
+    async def body(nodes):
+        a = await nodes("a", bind="0.0.0.0:0", advertise="127.0.0.1:0")
+        host, port = parse_host_port(a.address)
+        assert host == "127.0.0.1" and port > 0
+        b = await nodes("b", bind="127.0.0.1:0", seeds=[a.address])
+        assert await wait_for(lambda: live_ids(a) == {"b"} and live_ids(b) == {"a"}, 5.0)
+
+    run_nodes(body)

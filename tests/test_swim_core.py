@@ -1,0 +1,516 @@
+"""Unit tests of the sans-IO SWIM core (llmgw._core.swim), driven by hand: no sockets, no clock."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from llmgw._core.codec import (ACK, ALIVE, DEAD, NACK, PING, PING_REQ, SUSPECT, SYNC, SYNC_ACK, Message,
+                               decode, encode)
+from llmgw._core.swim import Swim, derive_grpc_address, role_name
+from llmgw.gossip.auth import Authenticator
+from llmgw.gossip.config import GossipConfig
+from llmgw.gossip.testing import (BASE_INC, addr, answering, datagram, deliver, gossip, inc_of, join_all, make, outgoing, run,
+                          state_of, upd)
+
+LAN = GossipConfig.lan()
+SHUFFLE = GossipConfig.lan(probe_schedule="shuffle")
+
+
+# --- refutation, incarnations ---------------------------------------------------------------------------------------
+
+def test_suspected_node_refutes_with_max_plus_one():
+    a = make("a")
+    join_all([a, make("b")])
+    gossip(a, "b", [upd("a", SUSPECT, BASE_INC + 7, reporter="b")])
+    assert a.incarnation == BASE_INC + 8
+    assert a.stats["refutations"] == 1
+    # The refutation is the first thing a piggybacks.
+    deliver(a, PING, "b", seq=3, target="a")
+    (_, ack, _), = outgoing(a)
+    assert ack.type == ACK and ack.sequence_num == 3
+    assert (ack.updates[0].member_id, ack.updates[0].state, ack.updates[0].incarnation) == ("a", ALIVE,
+                                                                                            BASE_INC + 8)
+
+
+def test_dead_rumour_about_self_is_refuted_and_stale_ones_ignored():
+    a = make("a", incarnation=BASE_INC + 100)
+    gossip(a, "b", [upd("a", DEAD, BASE_INC + 50, reporter="b")])
+    assert a.incarnation == BASE_INC + 100 and a.stats["refutations"] == 0
+    gossip(a, "b", [upd("a", DEAD, BASE_INC + 100, reporter="b")])
+    assert a.incarnation == BASE_INC + 101 and a.stats["refutations"] == 1
+
+
+def test_restarted_node_with_time_based_incarnation_rejoins_after_dead():
+    a = make("a")
+    join_all([a, make("b")])
+    gossip(a, "c", [upd("b", DEAD, BASE_INC, reporter="c")])
+    assert state_of(a, "b") == "dead"
+    assert [k for k, r in a.drain_events() if r[0] == "b"] == ["dead"]
+    gossip(a, "b", [upd("b", ALIVE, BASE_INC + 5_000)])  # restarted: fresh, larger incarnation
+    assert state_of(a, "b") == "alive"
+    assert [k for k, r in a.drain_events() if r[0] == "b"] == ["joined"]
+
+
+def test_absurd_incarnation_is_ignored_and_cannot_evict():
+    a = make("a")
+    join_all([a, make("b")])
+    gossip(a, "evil", [upd("b", DEAD, 2**64 - 1, reporter="evil")])
+    assert state_of(a, "b") == "alive"
+    gossip(a, "evil", [upd("a", SUSPECT, 2**64 - 1, reporter="evil")])
+    assert a.incarnation == BASE_INC  # no refutation into the stratosphere
+    assert a.stats["implausible"] == 2
+    # A plausible higher incarnation is still accepted.
+    gossip(a, "b", [upd("b", ALIVE, BASE_INC + 10)])
+    assert inc_of(a, "b") == BASE_INC + 10
+
+
+def test_rejects_construction_errors():
+    with pytest.raises(ValueError):
+        Swim("", "h:1", LAN, 0, 0.0, 0)
+    with pytest.raises(ValueError):
+        Swim("x", "no-port", LAN, 0, 0.0, 0)
+
+
+# --- buddy system, probes, NACK -------------------------------------------------------------------------------------
+
+def _first_ping(node: Swim, target: str, until: float):
+    """Run node's timers until it pings target; returns the PING message."""
+    t = node.next_deadline()
+    for _ in range(1000):
+        node.tick(t)
+        for address, msg, _ in outgoing(node):
+            if msg.type == PING and msg.target_id == target:
+                return msg, t
+            if msg.type == PING:  # others answer, so the node stays healthy (awareness 0)
+                node.handle_datagram(encode(Message(ACK, msg.target_id, node.member_id, msg.sequence_num, [],
+                                                    address, "", 0)), address, t)
+        t = node.next_deadline()
+        if t > until:
+            break
+    raise AssertionError(f"no PING to {target} before {until}")
+
+
+def test_buddy_system_ping_to_suspect_carries_suspicion_first_and_target_refutes():
+    a, b = make("a", SHUFFLE), make("b", SHUFFLE)
+    join_all([a, b])
+    gossip(a, "c", [upd("b", SUSPECT, BASE_INC, reporter="c")])
+    assert state_of(a, "b") == "suspect"
+    ping, t = _first_ping(a, "b", until=10.0)
+    first = ping.updates[0]
+    assert (first.member_id, first.state, first.incarnation) == ("b", SUSPECT, BASE_INC)
+    b.handle_datagram(encode(ping), addr("a"), t)
+    (_, ack, _), = [o for o in outgoing(b) if o[1].type == ACK]
+    assert b.incarnation == BASE_INC + 1
+    a.handle_datagram(encode(ack), addr("b"), t + 0.01)
+    assert state_of(a, "b") == "alive"
+    assert ("alive", "b") in [(k, r[0]) for k, r in a.drain_events()]
+
+
+def test_indirect_probe_relay_forwards_ack_without_blocking():
+    """The reference's relays blocked their own receive loop; here the relayed ACK really arrives."""
+    a, b, c = make("a", SHUFFLE, seed=2), make("b", SHUFFLE), make("c", SHUFFLE)
+    join_all([a, b, c])
+    ping, t = _first_ping(a, "b", until=10.0)  # b never sees this direct ping (lost)
+    run(a, t + LAN.probe_timeout)
+    reqs = [m for _, m, _ in outgoing(a) if m.type == PING_REQ]
+    assert len(reqs) == 1 and reqs[0].target_id == "b"
+    c.handle_datagram(encode(reqs[0]), addr("a"), t + 0.21)
+    (dst, relay_ping, _), = outgoing(c)
+    assert dst == addr("b") and relay_ping.type == PING
+    b.handle_datagram(encode(relay_ping), addr("c"), t + 0.22)
+    (dst, ack, _), = outgoing(b)
+    assert dst == addr("c")
+    c.handle_datagram(encode(ack), addr("b"), t + 0.23)
+    (dst, forwarded, _), = outgoing(c)
+    assert dst == addr("a") and forwarded.type == ACK and forwarded.sequence_num == ping.sequence_num
+    a.handle_datagram(encode(forwarded), addr("c"), t + 0.24)
+    run(a, t + LAN.protocol_period)
+    assert state_of(a, "b") == "alive"
+    assert a.stats["indirect_acks"] == 1 and a.stats["suspicions_raised"] == 0
+
+
+def test_relay_sends_nack_when_target_is_silent_and_requester_counts_it():
+    a, c = make("a", SHUFFLE, seed=2), make("c", SHUFFLE)
+    join_all([a, c, make("b", SHUFFLE)])
+    ping, t = _first_ping(a, "b", until=10.0)
+    run(a, t + LAN.probe_timeout)
+    req, = [m for _, m, _ in outgoing(a) if m.type == PING_REQ]
+    c.handle_datagram(encode(req), addr("a"), t + 0.21)
+    outgoing(c)
+    run(c, t + 0.21 + LAN.probe_timeout)
+    (dst, nack, _), = [o for o in outgoing(c) if o[1].type == NACK]
+    assert dst == addr("a") and nack.sequence_num == ping.sequence_num
+    a.handle_datagram(encode(nack), addr("c"), t + 0.45)
+    run(a, t + LAN.protocol_period)
+    assert a.stats["nacks_received"] == 1
+    assert state_of(a, "b") == "suspect"
+    # The relay answered, so this failure is the target's, not ours: awareness unchanged.
+    assert a.awareness == 0
+
+
+# --- awareness ------------------------------------------------------------------------------------------------------
+
+def test_awareness_rises_on_unanswered_probes_and_stretches_probe_interval():
+    a = make("a", SHUFFLE)
+    join_all([a, make("b"), make("c"), make("d")])
+    # Nobody answers anything: relays never NACK, so a blames itself.
+    run(a, 5.0)
+    outgoing(a)
+    assert a.awareness >= 2
+    score = a.awareness
+    t0 = a.next_deadline()
+    round_start: dict[int, float] = {}
+
+    def record(t):
+        for _, m, _ in outgoing(a):
+            if m.type == PING:
+                round_start.setdefault(m.sequence_num, t)  # the fallback PING reuses the round's sequence
+
+    run(a, t0 + 20.0, step_cb=record)
+    # Successive probe rounds are at least period * (1 + score) apart (score only grows here).
+    starts = sorted(round_start.values())
+    gaps = [b - x for x, b in zip(starts, starts[1:])]
+    # (the first round after t0 was scheduled before the score was read)
+    assert len(gaps) >= 3 and min(gaps[1:]) >= LAN.protocol_period * (1 + score) - 1e-6
+
+
+def test_awareness_falls_when_probes_succeed():
+    a, b = make("a", SHUFFLE), make("b", SHUFFLE)
+    join_all([a, b])
+    gossip(a, "b", [upd("a", SUSPECT, BASE_INC, reporter="b")])  # refutation: +1
+    assert a.awareness == 1
+    ping, t = _first_ping(a, "b", until=10.0)
+    b.handle_datagram(encode(ping), addr("a"), t)
+    for address, data in b.drain_outgoing():
+        a.handle_datagram(data, addr("b"), t + 0.01)
+    run(a, t + LAN.protocol_period * 2 + 0.01)
+    assert a.awareness == 0
+
+
+# --- Lifeguard dynamic suspicion ------------------------------------------------------------------------------------
+
+def test_suspicion_timeout_starts_at_max_and_shrinks_with_independent_confirmations():
+    n = 20
+    a = make("a")
+    join_all([a] + [make(f"n{i}") for i in range(n - 1)])
+    lo = LAN.suspicion_mult * max(1.0, math.log10(n)) * LAN.protocol_period
+    hi = lo * LAN.suspicion_max_mult
+    gossip(a, "n1", [upd("n0", SUSPECT, BASE_INC, reporter="n1")])
+    c, timeout, deadline = a.suspicion_of("n0")
+    assert c == 0 and timeout == pytest.approx(hi)
+    gossip(a, "n1", [upd("n0", SUSPECT, BASE_INC, reporter="n1")])  # same reporter: not independent
+    assert a.suspicion_of("n0")[0] == 0
+    gossip(a, "n5", [upd("n0", SUSPECT, BASE_INC, reporter="n2")])
+    c, timeout, _ = a.suspicion_of("n0")
+    k = LAN.suspicion_mult - 2
+    assert c == 1 and timeout == pytest.approx(hi - (hi - lo) * math.log(2) / math.log(k + 1))
+    assert lo < timeout < hi
+    gossip(a, "n5", [upd("n0", SUSPECT, BASE_INC, reporter="n3")])
+    c, timeout, deadline = a.suspicion_of("n0")
+    assert c == 2 and timeout == pytest.approx(lo)
+    # Nothing before the shrunken deadline, DEAD right after it.
+    run(a, deadline - 0.01)
+    assert state_of(a, "n0") == "suspect"
+    run(a, deadline + 0.01)
+    assert state_of(a, "n0") == "dead"
+    assert a.stats["deaths_declared"] == 1
+
+
+def test_suspicion_is_stale_after_refutation():
+    a = make("a")
+    join_all([a, make("b"), make("c")])
+    gossip(a, "c", [upd("b", SUSPECT, BASE_INC, reporter="c")])
+    _, _, old_deadline = a.suspicion_of("b")
+    gossip(a, "b", [upd("b", ALIVE, BASE_INC + 1)])
+    assert a.suspicion_of("b") is None
+    run(a, old_deadline + 1.0, step_cb=answering(a))
+    assert state_of(a, "b") == "alive" and a.stats["deaths_declared"] == 0
+
+
+# --- dissemination --------------------------------------------------------------------------------------------------
+
+def _count_sends(node: Swim, member_id: str, state: int, rounds: int) -> int:
+    sent = 0
+    for i in range(rounds):
+        deliver(node, PING, "p2", seq=100 + i, target=node.member_id)
+        for _, m, _ in outgoing(node):
+            sent += sum(1 for u in m.updates if u.member_id == member_id and u.state == state)
+    return sent
+
+
+def test_each_update_is_retransmitted_exactly_lambda_log_n_times():
+    a = make("a")
+    peers = [make(f"p{i}") for i in range(9)]
+    join_all([a] + peers)
+    for _ in range(40):  # flush what joining queued
+        deliver(a, PING, "p2", seq=1, target="a")
+    outgoing(a)
+    limit = a.retransmit_limit()
+    assert limit == LAN.retransmit_mult * math.ceil(math.log10(10 + 1))
+    # A suspicion: exactly lambda * ceil(log10(N + 1)) piggybacks, then it leaves the queue.
+    gossip(a, "p0", [upd("p1", SUSPECT, BASE_INC, reporter="p0")])
+    assert _count_sends(a, "p1", SUSPECT, limit * 4) == limit
+    assert a.pending_broadcasts() == 0
+    # ALIVE news (here a metadata change) gets three times that budget (see NEWS_BUDGET_MULT in swim.pyx).
+    gossip(a, "p0", [upd("p3", ALIVE, BASE_INC + 1, model_version="v2")])
+    assert _count_sends(a, "p3", ALIVE, limit * 8) == 3 * limit
+    assert a.pending_broadcasts() == 0
+
+
+def test_newest_least_sent_updates_go_first_and_datagrams_stay_within_1400_bytes():
+    a = make("a")
+    long_ids = [f"member-with-a-rather-long-identifier-{i:04d}-" + "x" * 40 for i in range(120)]
+    for mid in long_ids:
+        gossip(a, "z", [upd(mid, ALIVE, BASE_INC, model_version="m" * 30)])
+    outgoing(a)
+    deliver(a, PING, "z", seq=1, target="a")
+    (_, first, size), = outgoing(a)
+    assert size <= 1400
+    assert 0 < len(first.updates) < 120
+    # newest first among equally-sent
+    assert first.updates[0].member_id == long_ids[-1]
+    deliver(a, PING, "z", seq=2, target="a")
+    (_, second, size2), = outgoing(a)
+    assert size2 <= 1400
+    assert not {u.member_id for u in second.updates} & {u.member_id for u in first.updates}
+
+
+def test_full_state_sync_is_split_over_datagrams_and_answered_once():
+    big, small = make("big"), make("small")
+    for i in range(150):
+        gossip(big, "z", [upd(f"node-{i:03d}-" + "y" * 30, ALIVE, BASE_INC)])
+    outgoing(big)
+    small.join([addr("big")], 0.0)
+    (dst, sync), = small.drain_outgoing()
+    assert dst == addr("big") and decode(sync).type == SYNC
+    big.handle_datagram(sync, addr("small"), 0.01)
+    answers = [d for _, d in big.drain_outgoing()]
+    assert len(answers) > 2 and all(len(d) <= 1400 for d in answers)
+    assert all(decode(d).type == SYNC_ACK for d in answers)
+    big.handle_datagram(sync, addr("small"), 0.02)  # a duplicated SYNC of the same session is answered once
+    assert big.drain_outgoing() == []
+    for d in answers:
+        small.handle_datagram(d, addr("big"), 0.03)
+    assert len([r for r in small.members() if r[4] == "alive"]) == 152  # big, z and the 150
+    assert state_of(big, "small") == "alive"
+    # The receiver of a full state does not re-gossip it (only news about the sender itself).
+    assert small.pending_broadcasts() <= 2
+
+
+def test_load_only_changes_are_rate_limited_to_one_per_period():
+    a = make("a")
+    join_all([a, make("b")])
+    inc0 = a.incarnation
+    a.set_meta(1.0, active_requests=1)
+    assert a.incarnation == inc0 + 1
+    a.set_meta(1.1, active_requests=2)
+    a.set_meta(1.2, active_requests=3)
+    assert a.incarnation == inc0 + 1  # held back
+    run(a, 1.0 + LAN.protocol_period + 0.001)
+    assert a.incarnation == inc0 + 2
+    assert a.local_member()[7] == 3
+    a.set_meta(1.6, model_version="v9")  # not load-only: immediate
+    assert a.incarnation == inc0 + 3
+
+
+def test_metadata_changes_reach_peers_as_updated_events():
+    a, b = make("a"), make("b")
+    join_all([a, b])
+    a.set_meta(1.0, model_version="v2", max_capacity=8, weight=2.5, draining=True, grpc_address="10.0.0.9:50051")
+    deliver(b, PING, "x", seq=1, target="b")
+    b.drain_outgoing()
+    deliver(a, PING, "b", seq=9, target="a", now=1.0)
+    for _, data in a.drain_outgoing():
+        b.handle_datagram(data, addr("a"), 1.01)
+    row = b.member("a")
+    assert row[2] == "10.0.0.9:50051" and row[6] == "v2" and row[8] == 8 and row[9] == 2.5 and row[10] is True
+    assert ("updated", "a") in [(k, r[0]) for k, r in b.drain_events()]
+
+
+# --- robustness -----------------------------------------------------------------------------------------------------
+
+def test_malformed_datagrams_are_counted_and_harmless():
+    a = make("a")
+    join_all([a, make("b")])
+    before = a.members()
+    rng = random.Random(7)
+    junk = [b"", b"\x00", b"\xff" * 20, b"\x0a\x05abc", bytes(rng.getrandbits(8) for _ in range(300))]
+    valid = datagram(PING, "b", [upd("b")], seq=1, target="a")
+    junk += [valid[:k] for k in range(1, len(valid) - 1, 3)]
+    for j in junk:
+        a.handle_datagram(j, "1.2.3.4:5", 0.0)
+    assert a.stats["malformed"] >= 5
+    assert a.members() == before
+
+
+def test_bad_enum_values_are_dropped():
+    a = make("a")
+    join_all([a, make("b")])
+    u = upd("b", 7, BASE_INC + 1)
+    gossip(a, "b", [u])
+    assert state_of(a, "b") == "alive" and inc_of(a, "b") == BASE_INC
+    a.handle_datagram(encode(Message(42, "b", "a", 1, [], addr("b"), "", 0)), addr("b"), 0.0)
+    assert a.stats["malformed"] >= 2
+
+
+def test_unknown_sender_is_learned_as_alive():
+    a = make("a")
+    deliver(a, PING, "stranger", seq=1, target="a")
+    assert state_of(a, "stranger") == "alive"
+    assert a.member("stranger")[1] == addr("stranger")
+
+
+def test_ping_for_someone_else_is_ignored():
+    a = make("a")
+    deliver(a, PING, "b", seq=1, target="not-a")
+    assert outgoing(a) == [] and a.stats["misdirected"] == 1
+
+
+def test_roles_and_grpc_address_convention():
+    assert derive_grpc_address("10.1.2.3:17946", "") == "10.1.2.3:7946"
+    assert derive_grpc_address("10.1.2.3:17946", "h:1") == "h:1"
+    assert derive_grpc_address("10.1.2.3:900", "") == ""
+    assert role_name("gateway-1", 0) == "gateway" and role_name("replica-1", 0) == "replica"
+    assert role_name("gateway-1", 1) == "replica" and role_name("x", 2) == "gateway"
+
+
+# --- leave and garbage collection ---------------------------------------------------------------------------------
+
+def test_leave_is_left_not_dead_and_is_never_refuted_then_gc_keeps_a_tombstone():
+    cfg = GossipConfig.lan(dead_gc_after=5.0, tombstone_ttl=100.0)
+    a, b = make("a", cfg), make("b", cfg)
+    join_all([a, b])
+    b.leave(1.0)
+    for _, data in b.drain_outgoing():
+        a.handle_datagram(data, addr("b"), 1.0)
+    assert state_of(a, "b") == "left"
+    assert ("left", "b") in [(k, r[0]) for k, r in a.drain_events()]
+    # b is gone: rumours about it do not make it refute, and an old ALIVE does not resurrect it.
+    run(a, 10.0)
+    assert a.member("b") is None
+    assert ("removed", "b") in [(k, r[0]) for k, r in a.drain_events()]
+    gossip(a, "c", [upd("b", ALIVE, BASE_INC)])
+    assert a.member("b") is None
+    gossip(a, "c", [upd("b", ALIVE, BASE_INC + 10)])  # a genuinely newer life is welcome
+    assert state_of(a, "b") == "alive"
+
+
+# --- probe coverage -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule", ["ring", "shuffle"])
+def test_every_live_member_is_probed_within_2n_periods(schedule):
+    cfg = GossipConfig.lan(probe_schedule=schedule)
+    n = 12
+    nodes = [make(f"m{i}", cfg, seed=i) for i in range(n)]
+    join_all(nodes)
+    a = nodes[0]
+    probed: dict[str, float] = {}
+
+    def answer(t):
+        for dst, msg, _ in outgoing(a):
+            if msg.type == PING:
+                probed.setdefault(msg.target_id, t)
+                a.handle_datagram(encode(Message(ACK, msg.target_id, "a", msg.sequence_num, [], dst, "", 0)),
+                                  dst, t)
+
+    t0 = a.next_deadline()
+    run(a, t0 + 2 * n * LAN.protocol_period, step_cb=answer)
+    assert set(probed) == {f"m{i}" for i in range(1, n)}
+    assert a.awareness == 0
+
+
+def test_ring_schedule_probes_each_member_once_per_period():
+    n = 10
+    nodes = [make(f"r{i}", LAN, seed=i) for i in range(n)]
+    join_all(nodes)
+    probes: dict[str, list[float]] = {}
+    span = (n - 1) * LAN.protocol_period
+    for node in nodes:
+        log: list = []
+        run(node, span, step_cb=answering(node, log))
+        for t, _, msg in log:
+            if msg.type == PING:
+                probes.setdefault(msg.target_id, []).append(t)
+    # n - 1 periods: every member probed n - 1 times, once in each period, by n - 1 distinct nodes
+    assert sorted(len(v) for v in probes.values()) == [n - 1] * n
+    for times in probes.values():
+        assert sorted(int(t // LAN.protocol_period) for t in times) == list(range(n - 1))
+
+
+# --- auth -----------------------------------------------------------------------------------------------------------
+
+KEY = b"k" * 32
+
+
+def _auth_pair():
+    ta, tb = Authenticator(KEY), Authenticator(KEY)
+    a = make("a", auth=ta, wall_offset=1000.0)
+    b = make("b", auth=tb, wall_offset=1000.0)
+    return a, b
+
+
+def test_auth_accepts_signed_and_drops_unsigned_forged_and_replayed():
+    a, b = _auth_pair()
+    b.join([addr("a")], 0.0)
+    signed = b.drain_outgoing()
+    for _, d in signed:
+        a.handle_datagram(d, addr("b"), 0.0)
+    assert state_of(a, "b") == "alive"
+    # unsigned: a perfectly good SUSPECT rumour without a tag
+    plain = datagram(ACK, "b", [upd("c", SUSPECT, BASE_INC, reporter="b")], timestamp_ms=1_000_000)
+    a.handle_datagram(plain, addr("b"), 0.0)
+    # forged: tag computed with the wrong key
+    forged = Authenticator(b"x" * 32).seal(plain)
+    a.handle_datagram(forged, addr("b"), 0.0)
+    assert a.member("c") is None
+    assert a.stats["auth_rejected"] == 2
+    # replayed: the exact signed datagram again
+    for _, d in signed:
+        a.handle_datagram(d, addr("b"), 0.1)
+    assert a.stats["replays_rejected"] == len(signed)
+
+
+def test_replayed_leave_cannot_kill_a_restarted_member():
+    a, b = _auth_pair()
+    b.join([addr("a")], 0.0)
+    for _, d in b.drain_outgoing():
+        a.handle_datagram(d, addr("b"), 0.0)
+    for _, d in a.drain_outgoing():
+        b.handle_datagram(d, addr("a"), 0.0)
+    b.leave(0.5)
+    left = b.drain_outgoing()
+    for _, d in left:
+        a.handle_datagram(d, addr("b"), 0.5)
+    assert state_of(a, "b") == "left"
+    b2 = make("b", incarnation=BASE_INC + 10_000, auth=Authenticator(KEY), wall_offset=1000.0)
+    b2.join([addr("a")], 1.0)
+    for _, d in b2.drain_outgoing():
+        a.handle_datagram(d, addr("b"), 1.0)
+    assert state_of(a, "b") == "alive"
+    for _, d in left:  # an attacker replays the old LEFT announcement
+        a.handle_datagram(d, addr("b"), 2.0)
+    assert state_of(a, "b") == "alive"
+
+
+def test_auth_rejects_stale_timestamps():
+    a, _ = _auth_pair()
+    sealer = Authenticator(KEY)
+    old = sealer.seal(datagram(ACK, "b", [upd("b")], timestamp_ms=(1000 - 60) * 1000))
+    a.handle_datagram(old, addr("b"), 0.0)
+    assert a.member("b") is None and a.stats["replays_rejected"] == 1
+
+
+def test_authenticator_validates_key_and_bounds_its_cache():
+    with pytest.raises(ValueError):
+        Authenticator(b"short")
+    with pytest.raises(TypeError):
+        Authenticator("not-bytes")  # type: ignore[arg-type]
+    auth = Authenticator(KEY, cache_size=4)
+    tags = [auth.seal(b"m%d" % i)[-32:] for i in range(10)]
+    assert all(auth.accept_fresh(t, 1000 + i, 1000) for i, t in enumerate(tags))
+    assert len(auth._seen) <= 4
+    # an evicted entry cannot be replayed: its timestamp is at or below the watermark
+    assert not auth.accept_fresh(tags[0], 1000, 1000)
