@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.llmgw-installed
 PYTEST_ARGS ?=
 
-.PHONY: run test build bench clean protos
+.PHONY: run test build bench clean protos cluster
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,14 @@ $(STAMP): $(PY) pyproject.toml setup.py
 build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
+# Starts the local cluster (gateway + 3 simulated replicas), streams a completion over gRPC and over the
+# OpenAI-compatible HTTP front, then stops it. `make cluster` keeps it running until Ctrl-C.
 run: build
 	$(PY) -m llmgw demo
+	$(PY) -m llmgw cluster --demo --base-port 0
+
+cluster: build
+	$(PY) -m llmgw cluster
 
 test: build
 	$(PY) -m pytest $(PYTEST_ARGS)

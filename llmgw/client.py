@@ -99,3 +99,14 @@ async def collect(stream: AsyncIterator[StreamedToken]) -> StreamResult:
         code, details = exc.code(), exc.details() or ""
     ttft = tokens[0].elapsed_s if tokens else None
     return StreamResult(tokens, code, details, ttft, time.perf_counter() - start)
+
+
+def open_channel(target: str, *, ca_file: str | None = None, cert_file: str | None = None,
+                 key_file: str | None = None) -> grpc.aio.Channel:
+    """A grpc.aio channel to `target`: plaintext, or TLS when any of the PEM files is given (`ca_file` = the CA
+    to trust, None = the system roots; `cert_file` + `key_file` = a client certificate for mutual TLS)."""
+    if not (ca_file or cert_file or key_file):
+        return grpc.aio.insecure_channel(target)
+    from llmgw.replica.wire import channel_credentials
+
+    return grpc.aio.secure_channel(target, channel_credentials(ca_file, cert_file, key_file))

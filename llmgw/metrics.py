@@ -206,6 +206,30 @@ class GossipCollector:
 class _GossipBinding:
     registry: CollectorRegistry
     _gossip: GossipCollector | None = None
+    _refreshers: list[Callable[[], None]]
+
+    def on_scrape(self, refresh: Callable[[], None]) -> Callable[[], None]:
+        """Call ``refresh()`` before every :meth:`render`, to copy state that is cheaper to read than to push
+        (in-flight per replica, breaker states, counters kept elsewhere). Returns a function that removes it.
+        A failing refresher is logged and skipped: one broken source must not fail the whole scrape."""
+        if not hasattr(self, "_refreshers"):
+            self._refreshers = []
+        self._refreshers.append(refresh)
+
+        def remove() -> None:
+            try:
+                self._refreshers.remove(refresh)
+            except ValueError:
+                pass
+
+        return remove
+
+    def refresh(self) -> None:
+        for refresh in list(getattr(self, "_refreshers", ())):
+            try:
+                refresh()
+            except Exception:  # noqa: BLE001 - see on_scrape
+                log.warning("metrics refresher %r failed", refresh, exc_info=True)
 
     def watch_gossip(self, stats_fn: Callable[[], Mapping[str, Any]],
                      members_fn: Callable[[], Iterable[Any]] | None = None) -> GossipCollector:
@@ -217,6 +241,8 @@ class _GossipBinding:
         return self._gossip
 
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """The scrape body and its Content-Type, after running the :meth:`on_scrape` refreshers."""
+        self.refresh()
         return render(self.registry, accept)
 
 
@@ -346,12 +372,17 @@ def render(registry: CollectorRegistry, accept: str | None = None) -> tuple[byte
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
-def aiohttp_handler(registry: CollectorRegistry):
-    """An aiohttp request handler serving ``registry``: ``app.router.add_get("/metrics", aiohttp_handler(r))``."""
+def aiohttp_handler(source):
+    """An aiohttp request handler serving ``source``: ``app.router.add_get("/metrics", aiohttp_handler(m))``.
+
+    ``source`` is a ``CollectorRegistry``, or a GatewayMetrics/ReplicaMetrics (then its refreshers run first)."""
     from aiohttp import web
 
+    render_source = source.render if hasattr(source, "refresh") else (
+        lambda accept: render(source, accept))
+
     async def metrics(request: web.Request) -> web.Response:
-        body, content_type = render(registry, request.headers.get("Accept"))
+        body, content_type = render_source(request.headers.get("Accept"))
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     return metrics

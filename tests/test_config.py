@@ -352,3 +352,45 @@ def test_negative_flags_keep_their_meaning(tmp_path):
         load("sizes = [3, 'x']\n")
     with pytest.raises(ConfigError, match="expected at least one value"):
         load("sizes = []\n")
+
+
+# ---- the real commands ----------------------------------------------------------------------------------------
+CONFIGURABLE_COMMANDS = ("gateway", "replica", "cluster", "client", "status", "rollout")
+
+
+def test_every_configurable_command_takes_config_and_is_documented_in_configuration_md():
+    """A new flag without a row in docs/configuration.md fails here (regenerate with python -m llmgw.config)."""
+    parsers = config._subcommand_parsers(CONFIGURABLE_COMMANDS)
+    assert set(parsers) == set(CONFIGURABLE_COMMANDS)
+    for name, parser in parsers.items():
+        assert "--config" in parser._option_string_actions, f"`{name}` has no --config"
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    assert config.check_docs(text, parsers) == []
+
+
+@pytest.mark.parametrize("command, toml_text, fragment", [
+    ("gateway", "[gateway]\nhttp-prot = 8080\n", "unknown key 'http-prot' in [gateway]; did you mean 'http-port'?"),
+    ("gateway", "[gateway]\nhttp-port = \"8080\"\n", "key 'http-port' in [gateway]: expected integer, got str"),
+    ("replica", "[replica]\nbackend = \"vllm\"\n", "'vllm' is not one of 'sim', 'openai'"),
+    ("client", "[client]\ntls-ca = 5\n", "key 'tls-ca' in [client]: expected string, got int"),
+    ("gateway", "[gateway\n", "invalid TOML"),
+])
+def test_bad_config_is_a_clear_error_with_exit_status_2(tmp_path, command, toml_text, fragment):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml_text)
+    proc = subprocess.run([sys.executable, "-m", "llmgw", command, "--config", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert fragment in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_admin_token_from_the_shared_environment_variable_reaches_the_gateway_flag(tmp_path):
+    from llmgw.__main__ import build_parser
+
+    args = build_parser().parse_args(["gateway"])
+    apply_config(args._parser, args, section="gateway", argv=[], env={"LLMGW_ADMIN_TOKEN": "from-env"})
+    assert args.admin_token == "from-env"
+    args = build_parser().parse_args(["gateway", "--admin-token", "from-flag"])
+    apply_config(args._parser, args, section="gateway", argv=["--admin-token", "from-flag"],
+                 env={"LLMGW_ADMIN_TOKEN": "from-env"})
+    assert args.admin_token == "from-flag"

@@ -6,8 +6,9 @@ HELP = "send one streaming request to a gateway (or --direct to a replica)"
 
 
 def add_arguments(p) -> None:
-    from llmgw.config import DEFAULT_PORTS
+    from llmgw.config import DEFAULT_PORTS, add_config_argument
 
+    add_config_argument(p)
     p.add_argument("--target", default=f"127.0.0.1:{DEFAULT_PORTS['gateway']['grpc']}",
                    help="gateway (or replica with --direct) host:port")
     p.add_argument("--prompt", default="Hello, world")
@@ -18,6 +19,9 @@ def add_arguments(p) -> None:
     p.add_argument("--timeout-s", type=float, default=60.0)
     p.add_argument("--max-tokens-per-message", type=int, default=0,
                    help="let the gateway coalesce up to N ready tokens per message (0 = one each)")
+    p.add_argument("--tls-ca", default="", help="PEM CA: connect over TLS, trusting this CA")
+    p.add_argument("--tls-cert", default="", help="PEM client certificate, for a server requiring one")
+    p.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
 
 
 def run(args) -> int:
@@ -28,9 +32,20 @@ def run(args) -> int:
     import grpc
 
     from llmgw import client
+    from llmgw.replica.wire import TlsConfigError, channel_credentials
+
+    credentials = None
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        try:
+            credentials = channel_credentials(args.tls_ca or None, args.tls_cert or None, args.tls_key or None)
+        except TlsConfigError as exc:
+            print(f"client: {exc}", file=sys.stderr)
+            return 2
 
     async def main() -> int:
-        async with grpc.aio.insecure_channel(args.target) as channel:
+        channel = (grpc.aio.insecure_channel(args.target) if credentials is None
+                   else grpc.aio.secure_channel(args.target, credentials))
+        async with channel:
             if args.direct:
                 stream = client.stream_generate(channel, args.prompt, args.max_tokens, timeout_s=args.timeout_s,
                                                 max_tokens_per_message=args.max_tokens_per_message)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-HELP = "run the inference gateway (gRPC InferenceGateway + gossip member)"
+import functools
+import inspect
+
+HELP = "run the inference gateway (gRPC InferenceGateway + OpenAI-compatible HTTP front + gossip member)"
 
 
 def add_arguments(p) -> None:
-    from llmgw.config import DEFAULT_PORTS
+    from llmgw.config import DEFAULT_PORTS, add_config_argument
     from llmgw.gateway.api import GatewayConfig
 
     d = GatewayConfig()
+    add_config_argument(p)
     p.add_argument("--id", default="gateway-1", help="member id (should start with 'gateway')")
     p.add_argument("--port", type=int, default=DEFAULT_PORTS["gateway"]["grpc"], help="gRPC port")
     p.add_argument("--gossip-port", type=int, default=0,
@@ -43,8 +47,79 @@ def add_arguments(p) -> None:
                    help="largest max_tokens accepted (INVALID_ARGUMENT above)")
     p.add_argument("--max-prompt-bytes", type=int, default=d.max_prompt_bytes,
                    help="largest prompt accepted, in UTF-8 bytes (INVALID_ARGUMENT above)")
-    p.add_argument("--log-level", default="WARNING", help="logging level (DEBUG, INFO, WARNING, ERROR)")
+    p.add_argument("--log-level", default="WARNING",
+                   help="logging level (DEBUG, INFO, WARNING, ERROR); INFO logs one line per request")
+    p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    http = p.add_argument_group("HTTP front (OpenAI API, /metrics, /healthz, /readyz, /admin)")
+    http.add_argument("--http-port", type=int, default=None,
+                      help=f"HTTP port; 0 disables (default: {DEFAULT_PORTS['gateway']['http']}, skipped with a "
+                           "warning if taken; a port set explicitly must bind)")
+    http.add_argument("--http-host", default="", help="address the HTTP front binds (default: --host)")
+    http.add_argument("--admin-token", default=None,
+                      help="bearer token for /admin (also LLMGW_ADMIN_TOKEN); without one, /admin answers only "
+                           "on a loopback address")
+    http.add_argument("--restart-command", default="", metavar="TEMPLATE",
+                      help="command restarting a replica for a rolling update, with {replica_id} and {version} "
+                           "placeholders (run without a shell)")
+    tls = p.add_argument_group("TLS")
+    tls.add_argument("--tls-cert", default="", help="PEM certificate: serve gRPC and HTTP over TLS")
+    tls.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
+    tls.add_argument("--tls-client-ca", default="",
+                     help="PEM CA: require client certificates signed by it (gRPC and HTTP)")
+    tls.add_argument("--replica-tls-ca", default="",
+                     help="PEM CA: reach replicas over TLS, trusting this CA (the gateway presents --tls-cert "
+                          "to replicas that require client certificates)")
+    _add_resilience_arguments(p, d)
     p.add_argument("--worker-index", type=int, default=-1, help=argparse_suppress())
+
+
+# Flags of the resilience features (hedging, circuit breakers; docs/resilience.md), each mapped onto the
+# GatewayConfig field named by its dest. A field this GatewayConfig lacks is not offered, so the CLI never
+# advertises a knob the gateway cannot honour. (flag, dest, kind, help); kind "bool" = --x/--no-x.
+RESILIENCE_FLAGS: tuple[tuple[str, str, object, str], ...] = (
+    ("--hedge-delay-ms", "hedge_delay_ms", float,
+     "policy hedging: also start the next replica when no first token came within this many ms (default off)"),
+    ("--hedge-adaptive", "hedge_adaptive", "store_true",
+     "hedge delay = observed p95 TTFT once 20 samples exist (--hedge-delay-ms until then)"),
+    ("--hedge-budget", "hedge_budget", float,
+     "most policy hedges per request (token bucket; 0.1 = at most ~10%% of requests)"),
+    ("--breaker", "breaker_enabled", "bool",
+     "per-replica circuit breakers with slow-replica ejection (--no-breaker turns them off)"),
+    ("--breaker-window", "breaker_window", int, "outcomes in the breaker's sliding window"),
+    ("--breaker-failure-rate", "breaker_failure_rate", float,
+     "breaker opens when more than this fraction of the window failed"),
+    ("--breaker-consecutive", "breaker_consecutive", int, "breaker opens after this many failures in a row"),
+    ("--breaker-cooldown-s", "breaker_cooldown_s", float, "seconds an open breaker waits before one half-open probe"),
+    ("--breaker-slow-detection", "breaker_slow_detection", "bool",
+     "eject replicas whose TTFT or inter-token latency is far above their peers'"),
+)
+
+
+def _add_resilience_arguments(p, defaults) -> None:
+    import argparse
+
+    group = p.add_argument_group("resilience (hedging, circuit breakers)")
+    for flag, dest, kind, text in RESILIENCE_FLAGS:
+        if not hasattr(defaults, dest):
+            continue
+        default = getattr(defaults, dest)
+        if kind == "bool":
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=text)
+        elif kind == "store_true":
+            group.add_argument(flag, dest=dest, action="store_true", default=default, help=text)
+        else:
+            group.add_argument(flag, dest=dest, type=kind, default=default, help=text)
+
+
+def _resilience_settings(args) -> dict:
+    from llmgw.gateway.api import GatewayConfig
+
+    fields = {f for f in GatewayConfig.__dataclass_fields__}
+    out = {dest: getattr(args, dest) for _, dest, _, _ in RESILIENCE_FLAGS if dest in fields and hasattr(args, dest)}
+    if "restart_command" in fields:
+        # GatewayAdmin.StartRollout (gRPC) restarts replicas with the same template the HTTP admin uses.
+        out["restart_command"] = args.restart_command or ""
+    return out
 
 
 def argparse_suppress():
@@ -69,6 +144,7 @@ def config_from_args(args, worker: int | None = None):
         inter_token_timeout_s=args.inter_token_timeout_s, request_timeout_s=args.request_timeout_s,
         routing=args.routing, upstream_batch=args.upstream_batch, vnodes=args.vnodes, balance=args.balance, prefix_chars=args.prefix_chars,
         max_tokens_cap=args.max_tokens_cap, max_prompt_bytes=args.max_prompt_bytes,
+        **_resilience_settings(args),
     )
     try:
         cfg.validate()
@@ -89,24 +165,241 @@ def run(args) -> int:
 
 def _serve(args, worker: int | None) -> int:
     import asyncio
-    import logging
     import os
 
-    from llmgw.gateway.server import GatewayServer
-    from llmgw.replica.wire import serve_until_signalled
+    from llmgw.logs import setup_logging
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    server = GatewayServer(config_from_args(args, worker))
+    try:
+        setup_logging(args.log_level, json=args.log_json)
+    except ValueError as exc:
+        raise SystemExit(f"gateway: {exc}") from None
+    if args.http_port is not None and not 0 <= args.http_port <= 65535:
+        raise SystemExit("gateway: --http-port must be within 0..65535")
+    config = config_from_args(args, worker)
+    tls = _tls_from_args(args)
+    restart = _restart_hook(args)
+    server = build_server(config, tls)
 
     async def main() -> None:
-        await server.start()
+        front = await start_gateway(server, args, tls, restart, reuse_port=worker is not None)
         gw = server.gateway
+        http = f" http={front.url}" if front is not None else ""
         print(f"READY gateway {server.config.gateway_id} grpc={server.grpc_address} "
-              f"gossip={gw.gossip.address if gw.gossip else ''} pid={os.getpid()}", flush=True)
-        await serve_until_signalled(server.stop)
+              f"gossip={gw.gossip.address if gw.gossip else ''}{http} pid={os.getpid()}", flush=True)
+
+        async def stop() -> None:
+            await stop_gateway(server, front)
+
+        from llmgw.replica.wire import serve_until_signalled
+
+        await serve_until_signalled(stop)
 
     asyncio.run(main())
     return 0
+
+
+class TlsSettings:
+    """The TLS material the flags name, loaded once at start so a bad file fails before anything binds."""
+
+    def __init__(self, args) -> None:
+        from llmgw.http.tls import server_ssl_context
+        from llmgw.replica.wire import channel_credentials, server_credentials
+
+        self.grpc_server = self.http_server = self.replica_channel = None
+        if args.tls_cert or args.tls_key or args.tls_client_ca:
+            if not (args.tls_cert and args.tls_key):
+                raise ValueError("TLS needs both --tls-cert and --tls-key")
+            client_ca = args.tls_client_ca or None
+            self.grpc_server = server_credentials(args.tls_cert, args.tls_key, client_ca)
+            self.http_server = server_ssl_context(args.tls_cert, args.tls_key, client_ca)
+        if args.replica_tls_ca:
+            # The gateway's own certificate doubles as its client certificate towards replicas requiring one.
+            cert = args.tls_cert or None
+            self.replica_channel = channel_credentials(args.replica_tls_ca, cert, args.tls_key if cert else None)
+
+
+def _tls_from_args(args) -> TlsSettings:
+    from llmgw.replica.wire import TlsConfigError
+
+    try:
+        return TlsSettings(args)
+    except (TlsConfigError, ValueError) as exc:
+        raise SystemExit(f"gateway: {exc}") from None
+
+
+def _restart_hook(args):
+    if not args.restart_command:
+        return None
+    from llmgw.rollout import CommandTemplateRestart
+
+    try:
+        return CommandTemplateRestart(args.restart_command)
+    except ValueError as exc:
+        raise SystemExit(f"gateway: --restart-command: {exc}") from None
+
+
+def build_server(config, tls: TlsSettings | None = None, *, metrics=None):
+    """A GatewayServer whose Gateway is observed (metrics + one log line per request), with TLS when asked."""
+    from llmgw.gateway.observability import ObservedGateway
+    from llmgw.gateway.server import GatewayServer
+    from llmgw.metrics import GatewayMetrics
+
+    tls = tls or _NO_TLS
+    if tls.grpc_server is None:
+        server = GatewayServer(config)
+    elif "server_credentials" in inspect.signature(GatewayServer).parameters:
+        server = GatewayServer(config, server_credentials=tls.grpc_server)
+    else:
+        server = _tls_gateway_server_class()(config, credentials=tls.grpc_server)
+    if tls.replica_channel is not None:
+        server.gateway.pool = _TlsChannelPool(tls.replica_channel)
+    metrics = metrics or GatewayMetrics(gateway_id=config.gateway_id)
+    # Both fronts (the gRPC servicer reads server.gateway per request, the HTTP front is handed the same object)
+    # then go through one wrapper: every request is counted and logged once, whichever front it came in on.
+    server.gateway = ObservedGateway(server.gateway, metrics)
+    return server
+
+
+async def start_gateway(server, args, tls: TlsSettings | None = None, restart=None, *, reuse_port: bool = False):
+    """Start gRPC (+ gossip), then the HTTP front on the same loop; returns the HttpFront or None."""
+    import errno
+    import logging
+
+    from llmgw.config import DEFAULT_PORTS
+    from llmgw.http import start_http
+
+    tls = tls or _NO_TLS
+    await server.start()
+    observed = server.gateway
+    gossip = observed.gossip
+    if gossip is not None:
+        observed.metrics.watch_gossip(gossip.stats, lambda: gossip.members(include_self=True))
+    http_port = DEFAULT_PORTS["gateway"]["http"] if args.http_port is None else args.http_port
+    if http_port == 0:
+        return None
+    try:
+        return await start_http(
+            observed, host=args.http_host or server.config.host, port=http_port, admin_token=args.admin_token,
+            metrics=observed.metrics, breakers=_breakers_of(observed.gateway), restart=restart,
+            record_requests=False, reuse_port=reuse_port, ssl_context=tls.http_server)
+    except OSError as exc:
+        if args.http_port is None and exc.errno == errno.EADDRINUSE:
+            # Only the implicit default may be skipped: several gateways on one host (tests, workers of an older
+            # layout) would otherwise all fight for 8080. An explicitly chosen port is a hard error below.
+            logging.getLogger("llmgw.gateway").warning(
+                "HTTP port %d is in use: serving gRPC only (set --http-port to choose one, 0 to disable)",
+                http_port)
+            return None
+        await server.stop()
+        raise SystemExit(f"gateway: cannot serve HTTP on port {http_port}: {exc}") from None
+
+
+async def stop_gateway(server, front) -> None:
+    """HTTP first (no new requests from that side), then gRPC (grace for open streams), then gossip."""
+    if front is not None:
+        await front.close()
+    await server.stop()
+    detach = getattr(server.gateway, "detach", None)
+    if detach is not None:
+        detach()
+
+
+def _breakers_of(gateway):
+    for name in ("breakers", "breaker_board"):
+        board = getattr(gateway, name, None)
+        if board is not None and hasattr(board, "snapshot"):
+            return board
+    return None
+
+
+class _NoTls:
+    grpc_server = http_server = replica_channel = None
+
+
+_NO_TLS = _NoTls()
+
+
+@functools.cache
+def _tls_gateway_server_class():
+    """GatewayServer with its gRPC port bound over TLS, for a GatewayServer without a `server_credentials`
+    parameter: its start() binds a plaintext port itself, so this subclass repeats the start sequence with a TLS
+    port. Delete it once GatewayServer accepts server credentials itself."""
+    from llmgw.gateway import server as server_module
+
+    class TlsGatewayServer(server_module.GatewayServer):
+        def __init__(self, config, *, credentials, **kwargs) -> None:
+            super().__init__(config, **kwargs)
+            self._credentials = credentials
+
+        async def start(self) -> None:
+            import grpc
+
+            from llmgw._proto import llmgateway_pb2 as pb
+            from llmgw.replica import wire
+
+            server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if self.config.reuse_port else 0)])
+            server.add_generic_rpc_handlers(self._rpc_handlers(pb, wire))
+            names = [wire.service_name(s) for s in server_module.GATEWAY_SERVICES]
+            self._health = wire.add_health_and_reflection(server, names)
+            self.port = server.add_secure_port(f"{self.config.host}:{self.config.port}", self._credentials)
+            if self.port == 0:
+                raise OSError(f"cannot bind gRPC port {self.config.host}:{self.config.port}")
+            await server.start()
+            self._server = server
+            await self.gateway.start(self.grpc_address)
+            await wire.set_serving(self._health, names, True)
+
+        def _rpc_handlers(self, pb, wire):
+            import grpc
+
+            admin = {
+                "Members": wire.unary_unary(self.Members, pb.MembersRequest, pb.MembersResponse),
+                "GetStatus": wire.unary_unary(self.GetStatus, pb.GatewayStatusRequest, pb.GatewayStatus),
+            }
+            # The rolling-update RPCs, where this GatewayServer has them.
+            for name, kind, request, response in (
+                    ("StartRollout", wire.unary_stream, "RolloutRequest", "RolloutEvent"),
+                    ("GetRollout", wire.unary_unary, "GetRolloutRequest", "RolloutState"),
+                    ("AbortRollout", wire.unary_unary, "GetRolloutRequest", "RolloutState")):
+                if hasattr(self, name) and hasattr(pb, request):
+                    admin[name] = kind(getattr(self, name), getattr(pb, request), getattr(pb, response))
+            return (
+                grpc.method_handlers_generic_handler("llmgateway.InferenceGateway", {
+                    "Infer": wire.unary_stream(self.Infer, pb.InferRequest, pb.InferResponse),
+                }),
+                grpc.method_handlers_generic_handler("llmgateway.GatewayAdmin", admin),
+            )
+
+    return TlsGatewayServer
+
+
+def _TlsChannelPool(credentials):
+    """llmgw.gateway.pool.ChannelPool over TLS channels (the pool itself only makes plaintext ones)."""
+    return _tls_channel_pool_class()(credentials)
+
+
+@functools.cache
+def _tls_channel_pool_class():
+    import grpc
+
+    from llmgw._proto import llmgateway_pb2 as pb
+    from llmgw.gateway.pool import CHANNEL_OPTIONS, GENERATE_METHOD, ChannelPool
+
+    class TlsChannelPool(ChannelPool):
+        def __init__(self, credentials: grpc.ChannelCredentials) -> None:
+            super().__init__()
+            self._credentials = credentials
+
+        def generate(self, address: str):
+            entry = self._channels.get(address)
+            if entry is None:
+                channel = grpc.aio.secure_channel(address, self._credentials, options=CHANNEL_OPTIONS)
+                call = channel.unary_stream(GENERATE_METHOD, request_serializer=pb.GenerateRequest.SerializeToString,
+                                            response_deserializer=pb.GenerateResponse.FromString)
+                entry = self._channels[address] = (channel, call)
+            return entry[1]
+
+    return TlsChannelPool
 
 
 def _supervise(args) -> int:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-HELP = "run a simulated LLM replica (gRPC LLMReplica + gossip member)"
+HELP = "run an LLM replica (gRPC LLMReplica + gossip member): simulated, or in front of an OpenAI-compatible server"
 
 
 def add_arguments(p) -> None:
-    from llmgw.config import DEFAULT_PORTS
+    from llmgw.config import DEFAULT_PORTS, add_config_argument
 
+    add_config_argument(p)
     p.add_argument("--id", default="replica-1", help="member id (ids starting with 'gateway' are gateways)")
     p.add_argument("--port", type=int, default=DEFAULT_PORTS["replica"]["grpc"], help="gRPC port (0 = any free)")
     p.add_argument("--gossip-port", type=int, default=0, help="gossip UDP port (0 = port + 10000)")
@@ -33,6 +34,25 @@ def add_arguments(p) -> None:
     p.add_argument("--slow-factor", type=float, default=1.0, help="multiplies the per-token delay")
     p.add_argument("--stall-before-first-ms", type=float, default=0.0, help="extra delay before the first token")
     p.add_argument("--log-level", default="WARNING", help="logging level (DEBUG, INFO, WARNING, ERROR)")
+    p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="serve Prometheus /metrics on this port (0 = off)")
+    backend = p.add_argument_group("real backend (--backend openai)")
+    backend.add_argument("--backend", default="sim", choices=("sim", "openai"),
+                         help="sim = the built-in simulator; openai = stream from --upstream")
+    backend.add_argument("--upstream", default="",
+                         help="base URL of an OpenAI-compatible server (vLLM, SGLang, llama.cpp, an llmgw gateway)")
+    backend.add_argument("--model", default="", help="model name sent upstream")
+    backend.add_argument("--upstream-timeout-s", type=float, default=30.0,
+                         help="longest wait to connect upstream and for each next token")
+    backend.add_argument("--upstream-max-connections", type=int, default=64,
+                         help="concurrent upstream requests (more wait for a connection)")
+    backend.add_argument("--upstream-api-key", default="",
+                         help="bearer token for the upstream (prefer LLMGW_REPLICA_UPSTREAM_API_KEY)")
+    tls = p.add_argument_group("TLS")
+    tls.add_argument("--tls-cert", default="", help="PEM certificate: serve gRPC over TLS")
+    tls.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
+    tls.add_argument("--tls-client-ca", default="", help="PEM CA: require client certificates signed by it")
 
 
 def config_from_args(args):
@@ -44,6 +64,8 @@ def config_from_args(args):
         raise SystemExit("--max-capacity must be >= 1")
     if args.token_delay_ms < 0 or args.prefill_ms_per_kchar < 0 or args.slow_factor < 0:
         raise SystemExit("delays and --slow-factor must be >= 0")
+    if not 0 <= args.metrics_port <= 65535:
+        raise SystemExit("--metrics-port must be within 0..65535")
     return ReplicaConfig(
         replica_id=args.id, host=args.host, port=args.port, advertise=args.advertise,
         gossip_port=None if args.no_gossip else args.gossip_port,
@@ -55,26 +77,79 @@ def config_from_args(args):
         faults=Faults(error_rate=args.error_rate, reject_all=args.reject_all, stall_after=args.stall_after,
                       crash_after=args.crash_after, slow_factor=args.slow_factor,
                       stall_before_first_ms=args.stall_before_first_ms),
+        backend=_backend_from_args(args), server_credentials=_credentials_from_args(args),
     )
+
+
+def _backend_from_args(args):
+    if args.backend == "sim":
+        if args.upstream or args.model:
+            raise SystemExit("--upstream and --model need --backend openai")
+        return None
+    if not args.upstream or not args.model:
+        raise SystemExit("--backend openai needs --upstream URL and --model NAME")
+    from llmgw.backends.openai_upstream import OpenAIUpstreamBackend
+
+    try:
+        return OpenAIUpstreamBackend(args.upstream, args.model, timeout_s=args.upstream_timeout_s,
+                                     max_connections=args.upstream_max_connections,
+                                     api_key=args.upstream_api_key or None)
+    except ValueError as exc:
+        raise SystemExit(f"replica: {exc}") from None
+
+
+def _credentials_from_args(args):
+    if not (args.tls_cert or args.tls_key or args.tls_client_ca):
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise SystemExit("TLS needs both --tls-cert and --tls-key")
+    from llmgw.replica.wire import TlsConfigError, server_credentials
+
+    try:
+        return server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca or None)
+    except TlsConfigError as exc:
+        raise SystemExit(f"replica: {exc}") from None
 
 
 def run(args) -> int:
     import asyncio
-    import logging
+    import os
 
+    from llmgw.logs import setup_logging
     from llmgw.replica import Replica
     from llmgw.replica.wire import serve_until_signalled
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    replica = Replica(config_from_args(args))
+    try:
+        setup_logging(args.log_level, json=args.log_json)
+    except ValueError as exc:
+        raise SystemExit(f"replica: {exc}") from None
+    config = config_from_args(args)
+    metrics = metrics_server = None
+    if args.metrics_port:
+        from llmgw.metrics import ReplicaMetrics, start_metrics_server
+
+        metrics = ReplicaMetrics(replica_id=args.id)
+        try:
+            metrics_server = start_metrics_server(metrics.registry, args.metrics_port, host=args.host)
+        except OSError as exc:
+            raise SystemExit(f"replica: cannot serve metrics on {args.host}:{args.metrics_port}: {exc}") from None
+    replica = Replica(config, metrics=metrics)
 
     async def main() -> None:
         await replica.start()
+        if metrics is not None and replica.gossip is not None:
+            gossip = replica.gossip
+            metrics.watch_gossip(gossip.stats, lambda: gossip.members(include_self=True))
         # One machine-readable line so launchers learn the bound ports without guessing.
+        metrics_part = f" metrics={args.host}:{metrics_server.port}" if metrics_server is not None else ""
         print(f"READY replica {args.id} grpc={replica.grpc_address} "
-              f"gossip={replica.gossip.address if replica.gossip else ''} pid={__import__('os').getpid()}",
+              f"gossip={replica.gossip.address if replica.gossip else ''}{metrics_part} pid={os.getpid()}",
               flush=True)
         await serve_until_signalled(replica.stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        if metrics_server is not None:
+            metrics_server.close()
     return 0

@@ -92,6 +92,42 @@ class GatewayConfig:
     upstream_batch: int = 64
     # A replica that answered RESOURCE_EXHAUSTED is treated as full for this long unless gossip says otherwise.
     busy_backoff_s: float = 0.25
+    # ---- resilience (docs/resilience.md) ----
+    # Policy hedging: also start the next replica when no first token came within this delay. None = off (only
+    # requests with hedge=true hedge). hedge_adaptive: the observed p95 TTFT instead, once 20 samples exist.
+    hedge_delay_ms: float | None = None
+    hedge_adaptive: bool = False
+    # Token bucket for policy hedges: each request deposits hedge_budget, a hedge spends 1, at most
+    # hedge_budget_burst saved. The bucket starts full: a fresh gateway can cover a short run of slow requests
+    # (e.g. a replica that just began stalling, before its breaker has seen enough to eject it).
+    hedge_budget: float = 0.1
+    hedge_budget_burst: float = 10.0
+    breaker_enabled: bool = True
+    breaker_window: int = 10
+    breaker_failure_rate: float = 0.5
+    breaker_consecutive: int = 5
+    breaker_cooldown_s: float = 5.0
+    breaker_slow_detection: bool = True
+    # Restart hook of rolling updates started through GatewayAdmin.StartRollout: a llmgw.rollout
+    # CommandTemplateRestart template with {replica_id} and {version}; "" = rolling updates unavailable.
+    restart_command: str = ""
+
+    def hedge_config(self):
+        from llmgw.policy import HedgeConfig
+
+        return HedgeConfig(delay_s=None if self.hedge_delay_ms is None else self.hedge_delay_ms / 1000.0,
+                           adaptive=self.hedge_adaptive, budget_ratio=self.hedge_budget,
+                           budget_burst=self.hedge_budget_burst, budget_initial=self.hedge_budget_burst)
+
+    def breaker_config(self):
+        from llmgw.policy import BreakerConfig
+
+        window = self.breaker_window
+        return BreakerConfig(window_size=window, min_window_outcomes=window,
+                             failure_rate_threshold=self.breaker_failure_rate,
+                             consecutive_failures=self.breaker_consecutive, cooldown_s=self.breaker_cooldown_s,
+                             max_cooldown_s=max(2 * self.breaker_cooldown_s, 10.0),
+                             slow_detection=self.breaker_slow_detection)
 
     def validate(self) -> None:
         if self.queue_size < 0:
@@ -105,6 +141,21 @@ class GatewayConfig:
         for name in ("queue_timeout_s", "first_token_timeout_s", "inter_token_timeout_s", "request_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.hedge_delay_ms is not None and not 0 <= self.hedge_delay_ms < 3_600_000:
+            raise ValueError(f"hedge_delay_ms must be within [0, 3600000) ms or None, got {self.hedge_delay_ms}")
+        # The policy cores check their own knobs; name the gateway setting in the message.
+        for what, build in (("hedge", self.hedge_config), ("breaker", self.breaker_config)):
+            try:
+                build()
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"{what} settings: {exc}") from None
+        if self.restart_command:
+            from llmgw.rollout import CommandTemplateRestart
+
+            try:
+                CommandTemplateRestart(self.restart_command)
+            except ValueError as exc:
+                raise ValueError(f"restart_command: {exc}") from None
 
 
 def check_request(req: InferenceRequest, cfg: GatewayConfig) -> None:

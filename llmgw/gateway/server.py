@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
@@ -9,12 +10,15 @@ import grpc
 
 from llmgw._proto import llmgateway_pb2 as pb
 from llmgw.gateway.api import GatewayConfig, GatewayError, InferenceRequest
+from llmgw.gateway.membership import is_replica
 from llmgw.gateway.request_path import Gateway
 from llmgw.replica import wire
 
 log = logging.getLogger("llmgw.gateway.server")
 
 GATEWAY_SERVICES = ["InferenceGateway", "GatewayAdmin"]
+ROLLOUT_RESTART_TIMEOUT_S = 120.0  # one replica's restart command (a real model may load for a while)
+ROLLOUT_STOP_TIMEOUT_S = 15.0  # an abort interrupts the current step and restores routing within this
 FINISH_TO_PROTO = {"length": pb.LENGTH, "stop": pb.STOP, None: pb.FINISH_UNSPECIFIED}
 
 
@@ -27,6 +31,15 @@ class GatewayServer:
         self.port = config.port
         self._server: grpc.aio.Server | None = None
         self._health = None
+        # Rolling updates started over gRPC (GatewayAdmin.StartRollout); the HTTP admin keeps its own.
+        self.restart_hook = None
+        if config.restart_command:
+            from llmgw.rollout import CommandTemplateRestart
+
+            self.restart_hook = CommandTemplateRestart(config.restart_command, timeout_s=ROLLOUT_RESTART_TIMEOUT_S)
+        self.rollout = None  # the current or last llmgw.rollout.Rollout
+        self._rollout_task = None
+        self._drains = None  # llmgw.http.admin.RoutingDrains, created with the first rollout
 
     @property
     def grpc_address(self) -> str:
@@ -41,6 +54,9 @@ class GatewayServer:
             grpc.method_handlers_generic_handler("llmgateway.GatewayAdmin", {
                 "Members": wire.unary_unary(self.Members, pb.MembersRequest, pb.MembersResponse),
                 "GetStatus": wire.unary_unary(self.GetStatus, pb.GatewayStatusRequest, pb.GatewayStatus),
+                "StartRollout": wire.unary_stream(self.StartRollout, pb.RolloutRequest, pb.RolloutEvent),
+                "GetRollout": wire.unary_unary(self.GetRollout, pb.GetRolloutRequest, pb.RolloutState),
+                "AbortRollout": wire.unary_unary(self.AbortRollout, pb.GetRolloutRequest, pb.RolloutState),
             }),
         ))
         names = [wire.service_name(s) for s in GATEWAY_SERVICES]
@@ -55,6 +71,14 @@ class GatewayServer:
         log.info("gateway %s serving on %s", self.config.gateway_id, self.grpc_address)
 
     async def stop(self, grace: float = 1.0) -> None:
+        task = self._rollout_task
+        if task is not None and not task.done():
+            self.rollout.cancel()  # restores routing; a replica mid-restart finishes its restart command
+            try:
+                async with asyncio.timeout(ROLLOUT_STOP_TIMEOUT_S):
+                    await asyncio.shield(task)
+            except (TimeoutError, asyncio.CancelledError):
+                task.cancel()
         if self._health is not None:
             await wire.set_serving(self._health, [wire.service_name(s) for s in GATEWAY_SERVICES], False)
         if self._server is not None:
@@ -96,15 +120,109 @@ class GatewayServer:
 
     async def Members(self, request, context):
         members = self.gateway.members()
-        return pb.MembersResponse(self_id=self.config.gateway_id,
-                                  members=[wire.member_info(m, self.config.gateway_id) for m in members])
+        breakers = self.gateway.breaker_states()
+        infos = []
+        for m in members:
+            info = wire.member_info(m, self.config.gateway_id)
+            if is_replica(m):
+                info.breaker = breakers.get(m.member_id, "closed")
+            infos.append(info)
+        return pb.MembersResponse(self_id=self.config.gateway_id, members=infos)
 
     async def GetStatus(self, request, context):
         gw = self.gateway
+        hedges = gw.hedge_stats()
         return pb.GatewayStatus(
             gateway_id=self.config.gateway_id, pid=os.getpid(), in_flight=sum(gw.in_flight.values()),
             queued=gw.queued, served_total=gw.stats.served_total, failovers_total=gw.stats.failovers_total,
             rejected_total=gw.stats.rejected_total, failed_total=gw.stats.failed_total,
             in_flight_by_replica=dict(gw.in_flight), grpc_address=self.grpc_address,
             gossip_address=gw.gossip.address if gw.gossip is not None else "",
+            breaker_by_replica=gw.breaker_states(), hedges_started=hedges["hedges_started"],
+            hedges_won=hedges["won"], hedges_lost=hedges["lost"], hedges_cancelled=hedges["cancelled"],
+            hedges_denied=hedges["policy_hedges_denied"] + hedges["denied_no_capacity"],
+            policy_hedges=hedges["policy_hedges_issued"],
         )
+
+    # ---- rolling updates ----------------------------------------------------------------------------------
+    async def StartRollout(self, request, context):
+        """Start a rolling update and stream its progress until it ends. The update runs on its own task: a
+        caller that goes away does not abort it (AbortRollout does)."""
+        from llmgw.http.admin import GatewayRolloutTarget, RoutingDrains
+        from llmgw.rollout import Rollout
+
+        if isinstance(request, wire.UndecodableRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        if self.restart_hook is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "rolling updates need a restart hook: start the gateway with --restart-command")
+        if self._rollout_task is not None and not self._rollout_task.done():
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"a rolling update to {self.rollout.new_version} is already running")
+        version = request.version.strip()
+        if not version:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "version must not be empty")
+        order = list(request.replicas) or None
+        if order is not None:
+            known = {m.member_id for m in self.gateway.members() if is_replica(m)}
+            unknown = [r for r in order if r not in known]
+            if unknown or len(set(order)) != len(order):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"replicas must be distinct known replica ids; unknown: {', '.join(unknown)}")
+        options = {name: getattr(request, name) for name in ("drain_timeout_s", "rejoin_timeout_s",
+                                                             "restart_timeout_s") if getattr(request, name) > 0}
+        if self._drains is None:
+            self._drains = RoutingDrains(self.gateway)
+        target = GatewayRolloutTarget(self.gateway, self._drains, self.restart_hook, order)
+        try:
+            rollout = Rollout(target, version, require_another_alive=not request.allow_single_replica, **options)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        self.rollout = rollout
+        events = rollout.events()
+        first = asyncio.ensure_future(events.__anext__())  # subscribe before the rollout can emit anything
+        self._rollout_task = asyncio.get_running_loop().create_task(rollout.run(), name="llmgw-grpc-rollout")
+        try:
+            try:
+                event = await first
+            except StopAsyncIteration:
+                event = None
+            while event is not None:
+                yield pb.RolloutEvent(kind=event.kind, replica_id=event.replica_id or "", step=event.step or "",
+                                      detail=event.detail, state=event.state)
+                try:
+                    event = await events.__anext__()
+                except StopAsyncIteration:
+                    event = None
+        finally:
+            first.cancel()
+            await events.aclose()
+
+    async def GetRollout(self, request, context):
+        return self._rollout_state()
+
+    async def AbortRollout(self, request, context):
+        task = self._rollout_task
+        if task is not None and not task.done():
+            self.rollout.cancel()
+            try:
+                async with asyncio.timeout(ROLLOUT_STOP_TIMEOUT_S):
+                    await asyncio.shield(task)
+            except TimeoutError:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    f"the rolling update did not stop within {ROLLOUT_STOP_TIMEOUT_S:g} s")
+        return self._rollout_state()
+
+    def _rollout_state(self) -> pb.RolloutState:
+        rollout = self.rollout
+        if rollout is None:
+            return pb.RolloutState(state="none")
+        st = rollout.status
+        return pb.RolloutState(
+            version=st.new_version, state=st.state, index=st.index, total=st.total,
+            current_replica=st.current_replica or "", failed_replica=st.failed_replica or "", error=st.error or "",
+            restored=bool(st.restored),
+            replicas=[pb.RolloutReplica(replica_id=p.replica_id, step=p.step,
+                                        old_incarnation=-1 if p.old_incarnation is None else p.old_incarnation,
+                                        new_incarnation=-1 if p.new_incarnation is None else p.new_incarnation,
+                                        error=p.error or "") for p in st.replicas])

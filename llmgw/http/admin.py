@@ -158,7 +158,7 @@ class AdminApi:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         if self.metrics is not None:
-            app.router.add_get("/metrics", aiohttp_handler(self.metrics.registry))
+            app.router.add_get("/metrics", aiohttp_handler(self.metrics))
         app.router.add_get("/admin/members", self._admin(self.members))
         app.router.add_post("/admin/replicas/{replica_id}/drain", self._admin(self.drain))
         app.router.add_post("/admin/replicas/{replica_id}/undrain", self._admin(self.undrain))

@@ -367,6 +367,7 @@ class _Outcome:
     ttft_s: float | None = None
     last_token_at: float = 0.0
     replicas: list[str] = dataclasses.field(default_factory=list)
+    reached_gateway: bool = False
 
 
 class OpenAIApi:
@@ -376,6 +377,11 @@ class OpenAIApi:
     def __init__(self, gateway, *, metrics=None, record_requests: bool = True,
                  default_max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
         self.gateway = gateway
+        # With record_requests false the gateway (llmgw.gateway.observability.ObservedGateway) measures and logs
+        # every request that reaches it; this front still counts and logs the ones refused before that (bad
+        # JSON, bad fields), which the gateway never sees.
+        self.record_requests = record_requests
+        self.request_metrics = metrics
         self.metrics = metrics if record_requests else None
         self.default_max_tokens = default_max_tokens
 
@@ -421,6 +427,7 @@ class OpenAIApi:
             if header_hedge is not None:
                 params.hedge = params.hedge or header_hedge
             prompt_chars = len(params.prompt)
+            result.reached_gateway = True
             infer_request = InferenceRequest(prompt=params.prompt, max_tokens=params.max_tokens, hedge=params.hedge,
                                              request_id=request_id, client_id=params.client_id,
                                              timeout_s=params.timeout_s)
@@ -535,11 +542,16 @@ class OpenAIApi:
             result.replicas.append(event.replica_id)
 
     def _finished(self, request_id: str, api: str, result: _Outcome, prompt_chars: int) -> None:
-        if self.metrics is not None:
-            self.metrics.request_finished(result.outcome, tokens=result.tokens)
-        request_log(log, id=request_id, api=api, replicas=result.replicas, outcome=result.outcome,
-                    status=result.status, tokens=result.tokens, prompt_chars=prompt_chars,
-                    ttft_ms=round(result.ttft_s * 1000, 3) if result.ttft_s is not None else None)
+        fields = dict(id=request_id, api=api, replicas=result.replicas, outcome=result.outcome,
+                      status=result.status, tokens=result.tokens, prompt_chars=prompt_chars,
+                      ttft_ms=round(result.ttft_s * 1000, 3) if result.ttft_s is not None else None)
+        if self.record_requests or not result.reached_gateway:
+            if self.request_metrics is not None:
+                self.request_metrics.request_finished(result.outcome, tokens=result.tokens)
+            request_log(log, **fields)
+        elif log.isEnabledFor(logging.DEBUG):
+            # The gateway wrote this request's info line; the HTTP details (status, api) stay available at debug.
+            log.debug("http request", extra=fields)
 
 
 async def _batches(gateway, request: InferenceRequest):

@@ -21,17 +21,19 @@ BODY_OVERHEAD = 64 * 1024
 class HttpFront:
     """A running HTTP front; `port` is the bound port, `await close()` stops it (idempotent)."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, openai: OpenAIApi, admin: AdminApi) -> None:
+    def __init__(self, runner: web.AppRunner, host: str, port: int, openai: OpenAIApi, admin: AdminApi,
+                 *, tls: bool = False) -> None:
         self._runner = runner
         self.host = host
         self.port = port
         self.openai = openai
         self.admin = admin
+        self.tls = tls
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     @property
     def drains(self):
@@ -66,14 +68,15 @@ async def start_http(gateway, *, host: str = "127.0.0.1", port: int = 0, admin_t
                      metrics=None, breakers=None, restart: RestartHook | None = None,
                      client_max_size: int | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
                      record_requests: bool = True, reuse_port: bool = False,
-                     shutdown_timeout_s: float = 2.0) -> HttpFront:
+                     shutdown_timeout_s: float = 2.0, ssl_context=None) -> HttpFront:
     """Serve the OpenAI API + health + metrics + admin for `gateway` on host:port (0 = a free port).
 
     Must be awaited on the gateway's event loop. `admin_token` defaults to $LLMGW_ADMIN_TOKEN; `metrics` is a
     llmgw.metrics.GatewayMetrics (one is created when omitted) and gets the HTTP requests' outcomes, TTFT,
     inter-token times and tokens unless `record_requests` is false (when the gateway records them itself);
     `breakers` (a llmgw.policy.breaker.BreakerBoard) adds breaker state to /admin/members; `restart` is the async
-    (replica_id, version) hook that POST /admin/rollout uses to restart a replica on the new version.
+    (replica_id, version) hook that POST /admin/rollout uses to restart a replica on the new version;
+    `ssl_context` (an ssl.SSLContext for the server side, see llmgw.http.tls) serves HTTPS instead of HTTP.
     """
     if not 0 <= port <= 65535:
         raise ValueError(f"HTTP port must be within 0..65535, got {port}")
@@ -97,13 +100,13 @@ async def start_http(gateway, *, host: str = "127.0.0.1", port: int = 0, admin_t
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout_s)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, ssl_context=ssl_context)
         await site.start()
         bound = runner.addresses[0][1]
     except BaseException:
         admin.drains.detach()
         await runner.cleanup()
         raise
-    front = HttpFront(runner, host, bound, openai, admin)
+    front = HttpFront(runner, host, bound, openai, admin, tls=ssl_context is not None)
     log.info("HTTP front serving on %s", front.url)
     return front

@@ -282,6 +282,32 @@ class BreakerBoard:
         elif entry.state == HALF_OPEN and not self._stale(entry, started_at):
             self._reopen(replica_id, entry, now, REASON_PROBE_FAILED)
 
+    def record_slow_start(self, replica_id: str, waited_s: float, *, started_at: float | None = None) -> None:
+        """A request on this replica was abandoned with no first token after `waited_s` because another replica
+        (a hedge) answered first.
+
+        Not a failure (the replica is alive and might have answered later), but a lower bound on its TTFT: it
+        feeds slow detection, so a replica that keeps losing hedge races by a wide margin is ejected as slow but
+        alive. As a half-open probe it decides like a successful probe with that TTFT: still slow -> OPEN, else the
+        probe slot is freed for a real probe (a lower bound cannot prove recovery).
+        """
+        waited_s = check_latency("waited_s", waited_s)
+        if waited_s is None:
+            raise ValueError("waited_s must be a number, not None")
+        now = self._clock()
+        entry = self._entry(_check_replica_id(replica_id), now)
+        self._refresh(replica_id, entry, now)
+        if entry.state == CLOSED:
+            self._outliers.observe_checked(replica_id, waited_s, None)
+            metric = self._outliers.slow_metric(replica_id) if self.config.slow_detection else None
+            if metric is not None:
+                self._trip(replica_id, entry, now, REASON_SLOW_TTFT if metric == "ttft" else REASON_SLOW_ITL)
+        elif entry.state == HALF_OPEN and not self._stale(entry, started_at):
+            if self.config.slow_detection and self._outliers.slow_sample(replica_id, waited_s, None) == "ttft":
+                self._reopen(replica_id, entry, now, REASON_PROBE_SLOW_TTFT)
+            else:
+                entry.probe_in_flight = False
+
     # ---- queries ----------------------------------------------------------------------------------------------
     def state(self, replica_id: str) -> str:
         """"closed" | "open" | "half_open"; an unknown replica is closed."""

@@ -21,6 +21,10 @@ REPLICA_SERVICES = ["LLMReplica", "ReplicaAdmin"]
 # Gossip carries load to gateways; publishing every single change would flood update_meta at thousands of
 # changes per second while gossip only disseminates a few times per second anyway.
 META_FLUSH_S = 0.02
+# How an upstream failure (llmgw.backends.openai_upstream.UpstreamError.kind) is answered: a bad request is the
+# caller's fault, a busy upstream sends the gateway elsewhere without counting a failure, anything else fails over.
+UPSTREAM_ERROR_CODES = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "busy": grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        "unavailable": grpc.StatusCode.UNAVAILABLE}
 # Upper bound on how long Drain waits for in-flight streams when the caller set no deadline.
 DRAIN_MAX_WAIT_S = 300.0
 
@@ -43,13 +47,24 @@ class ReplicaConfig:
     limits: model.Limits = dataclasses.field(default_factory=model.Limits)
     faults: model.Faults = dataclasses.field(default_factory=model.Faults)
     seed: int | None = None
+    # A real model behind an OpenAI-compatible server (llmgw.backends.OpenAIUpstreamBackend, or anything with
+    # the same `generate(prompt, max_tokens, already)` async iterator and `close()`); None = the simulator.
+    backend: object | None = None
+    # TLS for the gRPC port (llmgw.replica.wire.server_credentials); None = plaintext.
+    server_credentials: grpc.ServerCredentials | None = None
 
 
 class Replica:
     """One simulated replica. `await start()`, then serve until `await stop()`."""
 
-    def __init__(self, config: ReplicaConfig) -> None:
+    def __init__(self, config: ReplicaConfig, *, metrics=None) -> None:
         self.config = config
+        self.backend = config.backend
+        # A llmgw.metrics.ReplicaMetrics, or None for no metrics.
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.active.set_function(lambda: self.active)
+            metrics.capacity.set(config.max_capacity)
         self.faults = dataclasses.replace(config.faults)
         self.cache = model.PrefixCache(config.prefix_cache_size)
         self.active = 0
@@ -88,7 +103,7 @@ class Replica:
         ))
         names = [wire.service_name(s) for s in REPLICA_SERVICES]
         self._health = wire.add_health_and_reflection(server, names)
-        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        self.port = wire.add_port(server, f"{self.config.host}:{self.config.port}", self.config.server_credentials)
         if self.port == 0:
             raise OSError(f"cannot bind gRPC port {self.config.host}:{self.config.port}")
         await server.start()
@@ -123,6 +138,9 @@ class Replica:
                 log.exception("gossip stop failed")
         if self._server is not None:
             await self._server.stop(grace)
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            await close()
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:
@@ -165,18 +183,34 @@ class Replica:
             self.peak_active = self.active
         self._idle.clear()
         self._load_changed()
+        generate = self._generate if self.backend is None else self._generate_upstream
+        outcome, tokens = "cancelled", 0
         try:
-            async with contextlib.aclosing(self._generate(request, context)) as responses:
+            async with contextlib.aclosing(generate(request, context)) as responses:
                 async for response in responses:
+                    tokens += (1 if response.token else 0) + len(response.more_tokens)
                     if response.is_final:
                         # Counted before the yield: the caller may close the stream as soon as it has this.
                         self.served_total += 1
+                        outcome = "ok"
                     yield response
+        except grpc.aio.AbortError:
+            # context.abort set the status before raising: count the stream under that status.
+            code = context.code()
+            outcome = code.name.lower() if isinstance(code, grpc.StatusCode) else "unknown"
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            outcome = "internal"
+            raise
         finally:
             self.active -= 1
             if self.active == 0:
                 self._idle.set()
             self._load_changed()
+            if self.metrics is not None:
+                self.metrics.request_finished(outcome, tokens=tokens)
 
     async def _generate(self, request, context):
         loop = asyncio.get_running_loop()
@@ -236,10 +270,47 @@ class Replica:
             index += count
             emitted += count
 
+    async def _generate_upstream(self, request, context):
+        """Generate by streaming from the OpenAI-compatible upstream. A resumed stream (a failover) sends the
+        prompt plus the text the previous replica produced, so a real model continues where it stopped."""
+        from llmgw.backends.openai_upstream import UpstreamError
+
+        first, max_tokens = request.tokens_already_generated, request.max_tokens
+        already = list(request.generated_tokens)
+        if first and len(already) != first:
+            # Without the text so far an upstream model cannot continue it; the simulator can, a real model not.
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"resuming at token {first} needs the {first} tokens generated so far "
+                                f"(got {len(already)} in generated_tokens)")
+        if first >= max_tokens:
+            yield pb.GenerateResponse(is_final=True, index=max_tokens, finish_reason=pb.LENGTH)
+            return
+        index = first
+        try:
+            async with contextlib.aclosing(self.backend.generate(request.prompt, max_tokens, already)) as tokens:
+                async for text in tokens:
+                    if self._stopping.is_set():
+                        raise UpstreamError("replica stopping")
+                    last = index + 1 == max_tokens
+                    yield pb.GenerateResponse(token=text, index=index, is_final=last,
+                                              finish_reason=pb.LENGTH if last else pb.FINISH_UNSPECIFIED)
+                    index += 1
+                    if last:
+                        return
+        except UpstreamError as exc:
+            code = UPSTREAM_ERROR_CODES.get(exc.kind, grpc.StatusCode.UNAVAILABLE)
+            log.info("replica %s: upstream failed at token %d: %s", self.config.replica_id, index, exc.message)
+            await context.abort(code, f"upstream: {exc.message}")
+        # The upstream finished early (a stop sequence or end of text): an empty final message says so.
+        yield pb.GenerateResponse(is_final=True, index=index, finish_reason=pb.STOP)
+
     async def Drain(self, request, context: grpc.aio.ServicerContext):
         self.draining = True
         if self.gossip is not None:
             self.gossip.update_meta(draining=True)
+        if self._health is not None:
+            # Load balancers and probes that speak grpc.health stop sending work here too.
+            await wire.set_serving(self._health, [wire.service_name(s) for s in REPLICA_SERVICES], False)
         remaining = context.time_remaining()
         limit = DRAIN_MAX_WAIT_S if remaining is None else max(0.0, remaining - 0.05)
         try:

@@ -110,3 +110,47 @@ async def serve_until_signalled(stop, stop_timeout_s: float = 10.0) -> None:
         await asyncio.wait_for(stop(), timeout=stop_timeout_s)
     except asyncio.TimeoutError:
         log.warning("shutdown did not finish within %.1f s", stop_timeout_s)
+
+
+# ---- TLS ----------------------------------------------------------------------------------------------------
+class TlsConfigError(ValueError):
+    """A certificate, key or CA file is missing, unreadable or not PEM."""
+
+
+def read_pem(path: str, what: str) -> bytes:
+    """The bytes of a PEM file, or TlsConfigError naming the file and what it was meant to hold."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise TlsConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if b"-----BEGIN " not in data:
+        raise TlsConfigError(f"{what} {path} is not a PEM file")
+    return data
+
+
+def server_credentials(cert_file: str, key_file: str, client_ca_file: str | None = None) -> grpc.ServerCredentials:
+    """TLS for a gRPC server; with `client_ca_file`, clients must present a certificate signed by that CA."""
+    cert = read_pem(cert_file, "TLS certificate")
+    key = read_pem(key_file, "TLS private key")
+    client_ca = read_pem(client_ca_file, "TLS client CA") if client_ca_file else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
+def channel_credentials(ca_file: str | None = None, cert_file: str | None = None,
+                        key_file: str | None = None) -> grpc.ChannelCredentials:
+    """TLS for a gRPC client: trust `ca_file` (None = the system roots); `cert_file` + `key_file` for mutual TLS."""
+    if (cert_file is None) != (key_file is None):
+        raise TlsConfigError("a client certificate needs both its certificate and its key file")
+    ca = read_pem(ca_file, "TLS CA") if ca_file else None
+    cert = read_pem(cert_file, "TLS client certificate") if cert_file else None
+    key = read_pem(key_file, "TLS client key") if key_file else None
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+def add_port(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind `address` in plaintext or, given credentials, with TLS; returns the bound port (0 = failed)."""
+    if credentials is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, credentials)
