@@ -330,6 +330,10 @@ class ScenarioResult:
         return asdict(self)
 
 
+# How long a restarted node gets to be known ALIVE everywhere before the final convergence check.
+REJOIN_SETTLE_S = 5.0
+
+
 def run_scenario(nodes: int = 64, *, loss: float = 0.0, duration: float = 60.0, seed: int = 1, crashes: int = 0,
                  updates: int = 0, stalls: int = 0, stall_every: float = 10.0, stall_min: float = 1.0,
                  stall_max: float = 2.0, mass_restart: float = 0.0, config: GossipConfig | None = None,
@@ -417,7 +421,9 @@ def run_scenario(nodes: int = 64, *, loss: float = 0.0, duration: float = 60.0, 
 
         sim.at(ct, do_crash)
         sim.at(ct + spacing * 0.9, do_check)
-        end = max(end, ct + spacing * 0.9 + 0.1)  # every crash gets its full observation window
+        # Every crash gets its full observation window, and the last restart time to rejoin before convergence
+        # is judged at the end.
+        end = max(end, ct + spacing * 0.9 + REJOIN_SETTLE_S)
 
     def poll_dead(now: float) -> None:
         # DEAD-everywhere time: the first poll at which every running node has seen the crashed member DEAD.
