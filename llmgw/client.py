@@ -1,8 +1,10 @@
-"""Small asyncio client for the gateway (InferenceGateway.Infer) and replicas (LLMReplica.Generate)."""
+"""Small asyncio client for the gateway (InferenceGateway.Infer, or its HTTP front's streamed /v1/completions)
+and replicas (LLMReplica.Generate)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from typing import AsyncIterator
 
@@ -110,3 +112,75 @@ def open_channel(target: str, *, ca_file: str | None = None, cert_file: str | No
     from llmgw.replica.wire import channel_credentials
 
     return grpc.aio.secure_channel(target, channel_credentials(ca_file, cert_file, key_file))
+
+
+# ---- HTTP front (OpenAI-compatible) ---------------------------------------------------------------------------
+REPLICA_HEADER = "X-LLMGW-Replica"  # the replica that served the first token (llmgw.http.openai_api)
+
+
+class HttpStreamError(Exception):
+    """A streamed completion over HTTP did not end complete: an error status before the stream (`status` is the
+    HTTP status), an error event in it, or a stream cut before `data: [DONE]` (`status` 0 for those two)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}" if status else message)
+        self.status = status
+        self.message = message
+
+
+def completions_url(base_url: str) -> str:
+    """The /v1/completions URL of a gateway's HTTP front given as http(s)://host:port (a trailing /v1 is fine)."""
+    if not base_url.startswith(("http://", "https://")):
+        raise ValueError(f"the HTTP front's URL must start with http:// or https://, got {base_url!r}")
+    base = base_url.rstrip("/")
+    return (base if base.endswith("/v1") else base + "/v1") + "/completions"
+
+
+async def stream_completion_http(session, base_url: str, prompt: str, max_tokens: int, *, model: str = "llmgw",
+                                 hedge: bool = False, client_id: str = "", timeout_s: float = DEFAULT_TIMEOUT_S,
+                                 ssl=None) -> AsyncIterator[StreamedToken]:
+    """Yield tokens of a streamed /v1/completions (Server-Sent Events) from a gateway's HTTP front as they arrive.
+
+    `session` is an aiohttp.ClientSession; `ssl` an ssl.SSLContext for https (llmgw.http.tls.client_ssl_context).
+    Each token carries the serving replica (the X-LLMGW-Replica header) and the time since the request was sent;
+    the one with a finish_reason is final. Raises HttpStreamError unless the stream ends with `data: [DONE]`."""
+    import aiohttp
+
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "hedge": hedge}
+    if client_id:
+        body["user"] = client_id
+    start = time.perf_counter()
+    index = 0
+    async with session.post(completions_url(base_url), json=body, ssl=ssl,
+                            timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+        if resp.status != 200:
+            raise HttpStreamError(resp.status, _error_message(await resp.read()))
+        replica = resp.headers.get(REPLICA_HEADER, "")
+        try:
+            async for line in resp.content:
+                if not line.startswith(b"data: "):
+                    continue  # the blank line ending each event, or an SSE comment
+                data = line[6:].strip()
+                if data == b"[DONE]":
+                    return
+                event = json.loads(data)
+                if "error" in event:
+                    raise HttpStreamError(0, f"stream failed after {index} tokens: "
+                                             f"{event['error'].get('message', event['error'])}")
+                choice = event["choices"][0]
+                final = choice.get("finish_reason") is not None
+                yield StreamedToken(index, choice.get("text", ""), replica, final, time.perf_counter() - start)
+                index += 1
+        except aiohttp.ClientPayloadError as exc:
+            raise HttpStreamError(0, f"stream cut after {index} tokens: {exc}") from None
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
+            raise HttpStreamError(0, f"not an OpenAI completion stream: {type(exc).__name__}: {exc}") from None
+    raise HttpStreamError(0, f"stream ended after {index} tokens without data: [DONE]")
+
+
+def _error_message(raw: bytes) -> str:
+    """The message of an OpenAI-shaped error body, or the body itself."""
+    try:
+        return str(json.loads(raw)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return raw.decode("utf-8", "replace").strip()[:500] or "(empty body)"

@@ -163,8 +163,10 @@ class Cluster:
                       gossip_config: str | None = None) -> Node:
         grpc_port, gossip_port = free_tcp_port(), free_udp_port()
         seeds = self.seeds(exclude=name) if seeds is None else seeds
+        # No HTTP front unless the test asks for one with its own --http-port in `extra` (the later flag wins):
+        # gateways of parallel tests would otherwise all want the default port, and a taken port stops a gateway.
         args = ["--id", name, "--port", str(grpc_port), "--gossip-port", str(gossip_port),
-                "--gossip-config", gossip_config or self.gossip_config, *extra]
+                "--gossip-config", gossip_config or self.gossip_config, "--http-port", "0", *extra]
         if seeds:
             args += ["--seeds", seeds]
         return self._spawn(name, "gateway", args, grpc_port=grpc_port, gossip_port=gossip_port,

@@ -14,63 +14,17 @@ from llmgw._proto import llmgateway_pb2 as pb
 from llmgw._proto import llmgateway_pb2_grpc as pb_grpc
 from llmgw.gateway import GatewayConfig, InferenceRequest, InvalidArgument
 from llmgw.gateway.server import GatewayServer
-from llmgw.replica import Faults, Replica, ReplicaConfig
+from llmgw.replica import Faults
+
+from inprocess import FakeMember, FakeMembership, ReplicaPool, run_with
 
 
-@dataclasses.dataclass(frozen=True)
-class FakeMember:
-    member_id: str
-    grpc_address: str
-    address: str = ""
-    role: str = "replica"
-    state: str = "alive"
-    incarnation: int = 0
-    model_version: str = "v1"
-    active_requests: int = 0
-    max_capacity: int = 4
-    weight: float = 1.0
-    draining: bool = False
+class Stack(ReplicaPool):
+    """Replicas + a GatewayServer (gRPC) over the test-driven membership."""
 
-
-@dataclasses.dataclass(frozen=True)
-class FakeEvent:
-    kind: str
-    member: FakeMember
-
-
-class FakeMembership:
-    """The members()/subscribe() surface of llmgw.gossip.GossipNode, driven by the test."""
-
-    def __init__(self) -> None:
-        self._members: dict[str, FakeMember] = {}
-        self._subscribers = []
-
-    def members(self, include_self: bool = False):
-        return list(self._members.values())
-
-    def subscribe(self, cb):
-        self._subscribers.append(cb)
-        return lambda: self._subscribers.remove(cb)
-
-    def set(self, member: FakeMember, kind: str = "updated") -> None:
-        self._members[member.member_id] = member
-        for cb in list(self._subscribers):
-            cb(FakeEvent(kind, member))
-
-
-class Stack:
     def __init__(self):
-        self.replicas: dict[str, Replica] = {}
-        self.membership = FakeMembership()
+        super().__init__()
         self.server: GatewayServer | None = None
-
-    async def add_replica(self, rid, *, capacity=4, publish=True, **kw):
-        rep = Replica(ReplicaConfig(replica_id=rid, port=0, gossip_port=None, max_capacity=capacity, **kw))
-        await rep.start()
-        self.replicas[rid] = rep
-        if publish:
-            self.membership.set(FakeMember(rid, rep.grpc_address, max_capacity=capacity), "joined")
-        return rep
 
     async def start_gateway(self, **kw):
         cfg = GatewayConfig(port=0, gossip_port=None, **kw)
@@ -89,19 +43,11 @@ class Stack:
     async def close(self):
         if self.server is not None:
             await self.server.stop(0.1)
-        for rep in self.replicas.values():
-            await rep.stop(0.1)
+        await super().close()
 
 
 def run(scenario, timeout=60.0):
-    async def wrapper():
-        stack = Stack()
-        try:
-            return await asyncio.wait_for(scenario(stack), timeout)
-        finally:
-            await stack.close()
-
-    return asyncio.run(wrapper())
+    return run_with(Stack, scenario, timeout)
 
 
 def assert_exactly_once(res, n):

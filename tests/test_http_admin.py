@@ -1,10 +1,17 @@
 """Health, readiness, admin auth, member table, drain/undrain and rolling updates over the HTTP front."""
 
 import asyncio
+import dataclasses
+import shlex
+import sys
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
+from harness import free_tcp_port
+from inprocess import ReplicaPool, run_with
+from llmgw._proto import llmgateway_pb2 as pb
+from llmgw._proto import llmgateway_pb2_grpc as pb_grpc
 from llmgw.http import start_http
 from llmgw.http.admin import AdminApi, is_loopback_host
 from llmgw.http.openai_api import ApiError
@@ -30,15 +37,23 @@ def test_loopback_detection():
 
 
 def test_admin_without_token_is_refused_unless_bound_to_loopback():
+    from llmgw.gateway.operations import RolloutController, RoutingDrains
+
     class Gw:
-        exclusion_sources = []
+        def __init__(self):
+            self.exclusion_sources = []
+
+    def admin_api(bound_host, admin_token):
+        gw = Gw()
+        return AdminApi(gw, bound_host=bound_host, admin_token=admin_token, metrics=None,
+                        rollouts=RolloutController(gw, RoutingDrains(gw)))
 
     request = make_mocked_request("GET", "/admin/members")
-    AdminApi(Gw(), bound_host="127.0.0.1", admin_token=None, metrics=None)._authorize(request)
+    admin_api("127.0.0.1", None)._authorize(request)
     with pytest.raises(ApiError) as err:
-        AdminApi(Gw(), bound_host="0.0.0.0", admin_token=None, metrics=None)._authorize(request)
+        admin_api("0.0.0.0", None)._authorize(request)
     assert err.value.status == 403 and err.value.code == "admin_disabled"
-    remote = AdminApi(Gw(), bound_host="0.0.0.0", admin_token=TOKEN, metrics=None)
+    remote = admin_api("0.0.0.0", TOKEN)
     remote._authorize(make_mocked_request("GET", "/admin/members", headers=bearer()))
     for headers in ({}, bearer("wrong"), {"Authorization": f"Basic {TOKEN}"}):
         with pytest.raises(ApiError) as err:
@@ -224,3 +239,120 @@ def test_rollout_needs_a_restart_hook_and_can_be_aborted():
         assert front.drains.drained == set()
 
     run_stack(scenario)
+
+
+# ---- one rollout and one drain set per gateway, whichever front is used -------------------------------------
+class BothFronts(ReplicaPool):
+    """Replicas + the gateway exactly as `python -m llmgw gateway` wires it (cli.gateway.build_server and
+    start_gateway: gRPC server, observed Gateway, HTTP front), over a test-driven membership."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.server = self.front = self.session = self.channel = None
+
+    async def start(self, *gateway_argv: str):
+        import argparse
+
+        import aiohttp
+        import grpc
+
+        from llmgw.cli import gateway as gateway_cli
+
+        parser = argparse.ArgumentParser()
+        gateway_cli.add_arguments(parser)
+        args = parser.parse_args(["--port", "0", "--http-port", str(free_tcp_port()), *gateway_argv])
+        config = dataclasses.replace(gateway_cli.config_from_args(args), gossip_port=None)
+        self.server = gateway_cli.build_server(config, membership=self.membership)
+        self.front = await gateway_cli.start_gateway(self.server, args)
+        self.session = aiohttp.ClientSession(base_url=self.front.url, timeout=aiohttp.ClientTimeout(total=20))
+        self.channel = grpc.aio.insecure_channel(self.server.grpc_address)
+        return pb_grpc.GatewayAdminStub(self.channel)
+
+    async def grpc_draining(self, stub) -> dict[str, bool]:
+        members = (await stub.Members(pb.MembersRequest(), timeout=5)).members
+        return {m.member_id: m.draining for m in members}
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+        if self.channel is not None:
+            await self.channel.close()
+        if self.server is not None:
+            from llmgw.cli.gateway import stop_gateway
+
+            await stop_gateway(self.server, self.front)
+        await super().close()
+
+
+def test_grpc_and_http_admin_share_one_rollout_and_one_drain_set():
+    async def scenario(s: BothFronts):
+        import grpc
+
+        await s.add_replica("r1", token_delay_ms=1)
+        await s.add_replica("r2", token_delay_ms=1)
+        # The restart "hangs" (a sleep the abort kills), so the update sits in r1's restart step.
+        hang = f"{shlex.quote(sys.executable)} -c 'import time; time.sleep(30)' {{replica_id}} {{version}}"
+        stub = await s.start("--restart-command", hang)
+
+        # Started over gRPC ...
+        events = []
+
+        async def watch():
+            async for event in stub.StartRollout(pb.RolloutRequest(version="v2"), timeout=30):
+                events.append(event)
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await wait_for(lambda: s.server.rollouts.rollout is not None
+                           and s.server.rollouts.rollout.status.replicas[0].step == "restart", 10,
+                           "the gRPC-started update to reach r1's restart")
+            # ... it is the one HTTP shows, and HTTP refuses to start another.
+            async with s.session.get("/admin/rollout") as resp:
+                body = await resp.json()
+            assert resp.status == 200 and body["new_version"] == "v2" and body["state"] == "running"
+            assert body["current_replica"] == "r1"
+            async with s.session.post("/admin/rollout", json={"version": "v3"}) as resp:
+                assert resp.status == 409 and (await resp.json())["error"]["code"] == "rollout_running"
+            # The rollout's drain of r1 is in the one drain set: HTTP and gRPC both show it.
+            async with s.session.get("/admin/members") as resp:
+                rows = {m["member_id"]: m for m in (await resp.json())["members"]}
+            assert rows["r1"]["drained_in_routing"] and not rows["r2"]["drained_in_routing"]
+            assert await s.grpc_draining(stub) == {"r1": True, "r2": False}
+            # Aborted over HTTP: the gRPC stream ends with the abort, and gRPC's GetRollout agrees.
+            async with s.session.delete("/admin/rollout") as resp:
+                assert resp.status == 200 and (await resp.json())["state"] == "aborted"
+            await asyncio.wait_for(watcher, 10)
+        finally:
+            watcher.cancel()
+        assert events[-1].kind == "finished" and events[-1].state == "aborted"
+        state = await stub.GetRollout(pb.GetRolloutRequest(), timeout=5)
+        assert state.state == "aborted" and state.version == "v2" and state.restored
+        assert await s.grpc_draining(stub) == {"r1": False, "r2": False}
+
+        # Started over HTTP: gRPC refuses a second one and can abort it.
+        async with s.session.post("/admin/rollout", json={"version": "v4"}) as resp:
+            assert resp.status == 202
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in stub.StartRollout(pb.RolloutRequest(version="v5"), timeout=5):
+                pass
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS and "v4" in err.value.details()
+        state = await stub.AbortRollout(pb.GetRolloutRequest(), timeout=20)
+        assert state.state == "aborted" and state.version == "v4"
+        async with s.session.get("/admin/rollout") as resp:
+            assert (await resp.json())["state"] == "aborted"
+
+        # An operator's drain over HTTP is what GatewayAdmin.Members reports, and routing honours it. (r1 itself
+        # still drains after the aborted updates' Drain RPCs: only r2 serves, and the gossip-fed table the test
+        # drives does not say so, so a "draining" below comes from the gateway's drain set alone.)
+        async with s.session.post("/admin/replicas/r2/drain") as resp:
+            assert resp.status == 200
+        assert await s.grpc_draining(stub) == {"r1": False, "r2": True}
+        status, _, body = await complete(s, "nobody left")
+        assert status == 503, body
+        async with s.session.post("/admin/replicas/r2/undrain") as resp:
+            assert resp.status == 200
+        assert await s.grpc_draining(stub) == {"r1": False, "r2": False}
+        status, replica, _ = await complete(s, "r2 is back")
+        assert status == 200 and replica == "r2"
+
+    run_with(BothFronts, scenario, timeout=60)

@@ -5,77 +5,24 @@ test drives) + the real HTTP front, all on one event loop, every piece stopped i
 """
 
 import asyncio
-import dataclasses
 import socket
 
 import aiohttp
 import pytest
 
+from inprocess import FakeMember, ReplicaPool, run_with, wait_for  # noqa: F401 - other test modules import these
 from llmgw.gateway import Gateway, GatewayConfig
 from llmgw.http import start_http
-from llmgw.replica import Replica, ReplicaConfig
 
 
-@dataclasses.dataclass(frozen=True)
-class FakeMember:
-    member_id: str
-    grpc_address: str
-    address: str = ""
-    role: str = "replica"
-    state: str = "alive"
-    incarnation: int = 0
-    model_version: str = "v1"
-    active_requests: int = 0
-    max_capacity: int = 4
-    weight: float = 1.0
-    draining: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class FakeEvent:
-    kind: str
-    member: FakeMember
-
-
-class FakeMembership:
-    """The members()/subscribe() surface of llmgw.gossip.GossipNode, driven by the test."""
+class HttpStack(ReplicaPool):
+    """Replicas + a bare Gateway + its HTTP front, over the test-driven membership."""
 
     def __init__(self) -> None:
-        self._members: dict[str, FakeMember] = {}
-        self._subscribers = []
-
-    def members(self, include_self: bool = False):
-        return list(self._members.values())
-
-    def subscribe(self, cb):
-        self._subscribers.append(cb)
-        return lambda: self._subscribers.remove(cb)
-
-    def set(self, member: FakeMember, kind: str = "updated") -> None:
-        self._members[member.member_id] = member
-        for cb in list(self._subscribers):
-            cb(FakeEvent(kind, member))
-
-    def get(self, member_id: str) -> FakeMember:
-        return self._members[member_id]
-
-
-class HttpStack:
-    def __init__(self) -> None:
-        self.replicas: dict[str, Replica] = {}
-        self.membership = FakeMembership()
+        super().__init__()
         self.gateway: Gateway | None = None
         self.front = None
         self.session: aiohttp.ClientSession | None = None
-
-    async def add_replica(self, rid, *, capacity=4, version="v1", port=0, incarnation=0, **kw) -> Replica:
-        rep = Replica(ReplicaConfig(replica_id=rid, port=port, gossip_port=None, max_capacity=capacity,
-                                    model_version=version, **kw))
-        await rep.start()
-        self.replicas[rid] = rep
-        self.membership.set(FakeMember(rid, rep.grpc_address, max_capacity=capacity, model_version=version,
-                                       incarnation=incarnation), "joined")
-        return rep
 
     async def start(self, *, gateway=None, gateway_cls=Gateway, **http_kw):
         cfg = GatewayConfig(port=0, gossip_port=None, **(gateway or {}))
@@ -96,29 +43,12 @@ class HttpStack:
             await self.front.close()
         if self.gateway is not None:
             await self.gateway.stop()
-        for rep in self.replicas.values():
-            await rep.stop(0.1)
+        await super().close()
 
 
 def run_stack(scenario, timeout=30.0):
-    """Run `scenario(stack)` on a fresh event loop with a fresh stack, always closed afterwards."""
-    async def wrapper():
-        stack = HttpStack()
-        try:
-            return await asyncio.wait_for(scenario(stack), timeout)
-        finally:
-            await asyncio.wait_for(stack.close(), 15.0)
-
-    return asyncio.run(wrapper())
-
-
-async def wait_for(predicate, timeout=5.0, what="condition"):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
+    """Run `scenario(stack)` on a fresh event loop with a fresh HttpStack, always closed afterwards."""
+    return run_with(HttpStack, scenario, timeout)
 
 
 # ---- lifecycle tests ------------------------------------------------------------------------------------------
@@ -134,7 +64,8 @@ def test_front_binds_a_free_port_serves_and_releases_it_on_close():
         with socket.socket() as sock:  # the port is free again (SO_REUSEADDR: our client's TIME_WAIT remains)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", front.port))
-        assert front.drains.excluded not in s.gateway.exclusion_sources  # the drain source was detached
+        # The drain set is the gateway's, not the front's: it outlives the front (a restarted front keeps drains).
+        assert front.drains is s.gateway.drains and s.gateway.drains.excluded in s.gateway.exclusion_sources
 
     run_stack(scenario)
 

@@ -293,7 +293,7 @@ def test_rolling_update_v1_to_v2_under_steady_load_drops_nothing(tmp_path):
                                "every replica alive on v2")
                 assert len(loop.results) >= 20
                 assert loop.failures() == []
-                assert server._drains.drained == set()
+                assert server.gateway.drains.drained == set()
 
     run(scenario(), timeout_s=120)
 
@@ -319,7 +319,7 @@ def test_rolling_update_aborts_when_a_replica_does_not_come_back_on_the_new_vers
                 assert [r.step for r in state.replicas] == ["failed", "pending", "pending"]
                 assert events[-1].kind == "finished" and events[-1].state == "failed"
                 assert any(e.kind == "restore" for e in events)
-                assert server._drains.drained == set()
+                assert server.gateway.drains.drained == set()
                 assert first in server.gateway.view.routable()
                 assert {v for v in replica_versions(server).values()} == {("alive", "v1")}
                 assert loop.failures() == []

@@ -17,11 +17,12 @@ from llmgw.cli import status
 MEMBERS = [
     pb.MemberInfo(member_id="replica-2", address="127.0.0.1:60002", grpc_address="127.0.0.1:50002", role="replica",
                   state="suspect", incarnation=7, active_requests=3, max_capacity=4, model_version="v2", weight=0.5,
-                  draining=True),
+                  draining=True, breaker="half_open"),
     pb.MemberInfo(member_id="gateway-1", address="127.0.0.1:60000", grpc_address="127.0.0.1:50000", role="gateway",
                   state="alive", incarnation=12, is_self=True, weight=1.0),
     pb.MemberInfo(member_id="replica-1", address="127.0.0.1:60001", grpc_address="127.0.0.1:50001", role="replica",
-                  state="alive", incarnation=5, active_requests=0, max_capacity=4, model_version="v1", weight=1.0),
+                  state="alive", incarnation=5, active_requests=0, max_capacity=4, model_version="v1", weight=1.0,
+                  breaker="closed"),
 ]
 
 
@@ -66,10 +67,10 @@ def test_table_prints_the_member_table_sorted_gateway_first(admin_server, capsys
         f"gateway gateway-1 at {target}: 3 members, 1/2 replicas alive\n"
         "in flight 3, queued 1, served 10, failovers 2, rejected 0, failed 1\n"
         "\n"
-        "ID           ROLE     STATE    INC  LOAD  VERSION  WEIGHT  DRAINING  GRPC\n"
-        "gateway-1 *  gateway  ALIVE     12  -     -             -  -         127.0.0.1:50000\n"
-        "replica-1    replica  ALIVE      5  0/4   v1            1  no        127.0.0.1:50001\n"
-        "replica-2    replica  SUSPECT    7  3/4   v2          0.5  yes       127.0.0.1:50002\n"
+        "ID           ROLE     STATE    INC  LOAD  VERSION  WEIGHT  DRAINING  BREAKER    GRPC\n"
+        "gateway-1 *  gateway  ALIVE     12  -     -             -  -         -          127.0.0.1:50000\n"
+        "replica-1    replica  ALIVE      5  0/4   v1            1  no        closed     127.0.0.1:50001\n"
+        "replica-2    replica  SUSPECT    7  3/4   v2          0.5  yes       half_open  127.0.0.1:50002\n"
     )
 
 
@@ -83,7 +84,8 @@ def test_json_output_and_gateway_without_getstatus(admin_server, capsys):
     assert replica2 == {"member_id": "replica-2", "role": "replica", "state": "suspect", "incarnation": 7,
                         "active_requests": 3, "max_capacity": 4, "model_version": "v2", "weight": 0.5,
                         "draining": True, "grpc_address": "127.0.0.1:50002", "gossip_address": "127.0.0.1:60002",
-                        "is_self": False}
+                        "is_self": False, "breaker": "half_open"}
+    assert doc["members"][0]["breaker"] == ""  # a gateway has no breaker
 
 
 def test_watch_refreshes_count_times(admin_server, capsys):
@@ -115,15 +117,19 @@ def test_bad_arguments(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_breaker_column_appears_when_the_rpc_carries_it():
+def test_breaker_column_shows_each_replicas_breaker_and_nothing_for_gateways():
+    row = {"role": "replica", "state": "alive", "incarnation": 1, "active_requests": 1, "max_capacity": 2,
+           "model_version": "v1", "weight": 1.0, "draining": False, "gossip_address": "a:2", "is_self": False}
     snapshot = {"self_id": "g", "gateway": None, "members": [
-        {"member_id": "r1", "role": "replica", "state": "alive", "incarnation": 1, "active_requests": 1,
-         "max_capacity": 2, "model_version": "v1", "weight": 1.0, "draining": False, "grpc_address": "a:1",
-         "gossip_address": "a:2", "is_self": False, "breaker": "open"}]}
-    text = status.render(snapshot, "g:1")
-    assert text.splitlines()[2].split() == ["ID", "ROLE", "STATE", "INC", "LOAD", "VERSION", "WEIGHT", "DRAINING",
-                                            "BREAKER", "GRPC"]
-    assert text.splitlines()[3].split() == ["r1", "replica", "ALIVE", "1", "1/2", "v1", "1", "no", "open", "a:1"]
+        {**row, "member_id": "g", "role": "gateway", "grpc_address": "g:1", "breaker": "", "is_self": True},
+        {**row, "member_id": "r1", "grpc_address": "a:1", "breaker": "open"},
+        {**row, "member_id": "r2", "grpc_address": "b:1", "breaker": ""}]}
+    lines = status.render(snapshot, "g:1").splitlines()
+    assert lines[2].split() == ["ID", "ROLE", "STATE", "INC", "LOAD", "VERSION", "WEIGHT", "DRAINING", "BREAKER",
+                                "GRPC"]
+    assert lines[3].split() == ["g", "*", "gateway", "ALIVE", "1", "-", "v1", "-", "-", "-", "g:1"]
+    assert lines[4].split() == ["r1", "replica", "ALIVE", "1", "1/2", "v1", "1", "no", "open", "a:1"]
+    assert lines[5].split() == ["r2", "replica", "ALIVE", "1", "1/2", "v1", "1", "no", "-", "b:1"]
 
 
 # ---- ui.table ------------------------------------------------------------------------------------------------

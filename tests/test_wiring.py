@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 import urllib.request
 
 import grpc
@@ -145,6 +146,12 @@ class ScriptedGateway:
         self.stats = _Stats()
         self.admission = _Admission()
         self.config = object()
+        self.breakers = None
+        # Gateway.hedge_stats()'s keys that the hedges{result} metric reads.
+        self.hedges = {"won": 0, "lost": 0, "cancelled": 0, "policy_hedges_denied": 0, "denied_no_capacity": 0}
+
+    def hedge_stats(self) -> dict:
+        return dict(self.hedges)
 
     async def infer_batches(self, request):
         await self.admission.acquire(request)
@@ -227,34 +234,30 @@ def test_observed_gateway_reads_inflight_failovers_hedges_and_breakers_at_scrape
         def snapshot(self):
             return {"replicas": {r: {"state": s} for r, s in self.states.items()}}
 
-    class Hedging:
-        def __init__(self):
-            self.counts = {"won": 0, "lost": 0, "cancelled": 0, "policy_hedges_denied": 0}
-
-        def stats(self):
-            return dict(self.counts)
-
     metrics = GatewayMetrics(process_metrics=False)
     gw = ScriptedGateway([])
-    gw.breakers, gw.hedging = Board(), Hedging()
+    gw.breakers = Board()
     observed = ObservedGateway(gw, metrics)
     gw.in_flight = {"r1": 2, "r2": 1}
     gw.stats.failovers_total = 3
-    gw.hedging.counts.update(won=2, lost=1, policy_hedges_denied=4)
+    gw.hedges.update(won=2, lost=1, policy_hedges_denied=4, denied_no_capacity=3)
     gw.queued = 5
     body = metrics.render()[0].decode()
     assert 'llmgw_gateway_inflight{replica="r1"} 2.0' in body
     assert "llmgw_gateway_failovers_total 3.0" in body and "llmgw_gateway_queue_depth 5.0" in body
     assert 'llmgw_gateway_hedges_total{result="won"} 2.0' in body
-    assert 'llmgw_gateway_hedges_total{result="denied"} 4.0' in body
+    # Denied = refused by the budget + refused for want of a free replica.
+    assert 'llmgw_gateway_hedges_total{result="denied"} 7.0' in body
     assert 'llmgw_gateway_breaker_state{replica="r2"} 2.0' in body
     # Totals become counter increments: scraping again adds only what is new; a finished replica drops to 0.
     gw.in_flight = {"r2": 1}
     gw.view = type("View", (), {"addresses": {"r1": "127.0.0.1:1", "r2": "127.0.0.1:2"}})()
     gw.stats.failovers_total = 4
     gw.breakers.states["r2"] = "half_open"
+    gw.hedges["denied_no_capacity"] = 5
     body = metrics.render()[0].decode()
     assert 'llmgw_gateway_inflight{replica="r1"} 0.0' in body
+    assert 'llmgw_gateway_hedges_total{result="denied"} 9.0' in body
     assert "llmgw_gateway_failovers_total 4.0" in body
     assert 'llmgw_gateway_hedges_total{result="won"} 2.0' in body
     assert 'llmgw_gateway_breaker_state{replica="r2"} 1.0' in body
@@ -294,6 +297,8 @@ def test_observed_gateway_delegates_everything_else_to_the_gateway():
     (["replica", "--backend", "openai"], "--backend openai needs --upstream URL and --model NAME"),
     (["replica", "--backend", "openai", "--upstream", "ftp://x", "--model", "m"], "must be an http(s) URL"),
     (["replica", "--model", "m"], "--upstream and --model need --backend openai"),
+    (["replica", "--gossip-key-file", "/nonexistent/gossip.key"], "cannot read gossip key file /nonexistent/gossip.key"),
+    (["gateway", "--gossip-key-file", "/nonexistent/gossip.key"], "cannot read gossip key file /nonexistent/gossip.key"),
 ])
 def test_bad_startup_settings_fail_fast_with_a_clear_message(argv, fragment):
     import subprocess
@@ -304,3 +309,48 @@ def test_bad_startup_settings_fail_fast_with_a_clear_message(argv, fragment):
     assert proc.returncode != 0
     assert fragment in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_taken_http_port_stops_the_gateway_with_a_clear_error():
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "llmgw", "gateway", "--port", "0", "--http-port", str(port)],
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert f"gateway: cannot serve HTTP on 127.0.0.1:{port}" in proc.stderr and "--http-port 0" in proc.stderr
+    assert "Traceback" not in proc.stderr and "READY" not in proc.stdout
+
+
+def test_gossip_key_admits_members_with_the_same_key_and_no_one_else(tmp_path, monkeypatch):
+    key, other_key = tmp_path / "gossip.key", tmp_path / "other.key"
+    key.write_text("correct horse battery staple\n")
+    other_key.write_bytes(b"0123456789abcdef-another-cluster")
+    with Cluster(tmp_path) as c:
+        r1 = c.start_replica("replica-1", token_delay_ms=2, extra=["--gossip-key-file", str(key)])
+        # The same setting through the environment (LLMGW_REPLICA_*), as a container would get it.
+        monkeypatch.setenv("LLMGW_REPLICA_GOSSIP_KEY_FILE", str(key))
+        r2 = c.start_replica("replica-2", token_delay_ms=2)
+        monkeypatch.delenv("LLMGW_REPLICA_GOSSIP_KEY_FILE")
+        gw = c.start_gateway("gateway-1", extra=["--gossip-key-file", str(key)])
+        members = {"gateway-1": "alive", "replica-1": "alive", "replica-2": "alive"}
+        c.wait_converged([gw, r1, r2], members)
+        results = asyncio.run(c.infer_many(gw, [(f"keyed {i}", 3) for i in range(6)], timeout_s=20))
+        assert all(r.ok for r in results) and set().union(*(r.replicas for r in results)) <= {"replica-1",
+                                                                                                "replica-2"}
+        # Seeded with every member, but signing with another key: it never gets in, and never sees them.
+        rogue = c.start_replica("replica-rogue", token_delay_ms=2, seeds=f"{gw.gossip_address},{r1.gossip_address}",
+                                extra=["--gossip-key-file", str(other_key)])
+        unkeyed = c.start_replica("replica-unkeyed", token_delay_ms=2, seeds=gw.gossip_address)
+        deadline = time.monotonic() + 3.0  # many protocol periods of the "local" preset
+        while time.monotonic() < deadline:
+            assert set(c.members(gw)) == set(members)
+            time.sleep(0.1)
+        assert set(c.members(rogue)) <= {"replica-rogue"} and set(c.members(unkeyed)) <= {"replica-unkeyed"}
+        assert all(r.replicas <= {"replica-1", "replica-2"}
+                   for r in asyncio.run(c.infer_many(gw, [(f"after {i}", 2) for i in range(6)], timeout_s=20)))

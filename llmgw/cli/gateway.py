@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
+import errno
 
 HELP = "run the inference gateway (gRPC InferenceGateway + OpenAI-compatible HTTP front + gossip member)"
 
@@ -22,6 +21,9 @@ def add_arguments(p) -> None:
     p.add_argument("--host", "--bind", dest="host", default="127.0.0.1", help="address to bind")
     p.add_argument("--advertise", default="", help="host other nodes use to reach this one (default: --host)")
     p.add_argument("--gossip-config", default="lan", choices=("lan", "local", "wan"), help="gossip timing preset")
+    p.add_argument("--gossip-key-file", default="", metavar="FILE",
+                   help="shared gossip key (at least 16 bytes): sign and check every gossip datagram; members "
+                        "with another key or none are ignored")
     p.add_argument("--workers", type=int, default=1,
                    help="processes sharing the gRPC port (SO_REUSEPORT), each its own gossip member")
     p.add_argument("--queue-size", type=int, default=d.queue_size, help="admission queue waiters")
@@ -52,8 +54,8 @@ def add_arguments(p) -> None:
     p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     http = p.add_argument_group("HTTP front (OpenAI API, /metrics, /healthz, /readyz, /admin)")
     http.add_argument("--http-port", type=int, default=None,
-                      help=f"HTTP port; 0 disables (default: {DEFAULT_PORTS['gateway']['http']}, skipped with a "
-                           "warning if taken; a port set explicitly must bind)")
+                      help=f"HTTP port (default: {DEFAULT_PORTS['gateway']['http']}); 0 disables the HTTP front; "
+                           "a port that cannot be bound stops the gateway with an error")
     http.add_argument("--http-host", default="", help="address the HTTP front binds (default: --host)")
     http.add_argument("--admin-token", default=None,
                       help="bearer token for /admin (also LLMGW_ADMIN_TOKEN); without one, /admin answers only "
@@ -74,8 +76,7 @@ def add_arguments(p) -> None:
 
 
 # Flags of the resilience features (hedging, circuit breakers; docs/resilience.md), each mapped onto the
-# GatewayConfig field named by its dest. A field this GatewayConfig lacks is not offered, so the CLI never
-# advertises a knob the gateway cannot honour. (flag, dest, kind, help); kind "bool" = --x/--no-x.
+# GatewayConfig field named by its dest. (flag, dest, kind, help); kind "bool" = --x/--no-x.
 RESILIENCE_FLAGS: tuple[tuple[str, str, object, str], ...] = (
     ("--hedge-delay-ms", "hedge_delay_ms", float,
      "policy hedging: also start the next replica when no first token came within this many ms (default off)"),
@@ -83,6 +84,8 @@ RESILIENCE_FLAGS: tuple[tuple[str, str, object, str], ...] = (
      "hedge delay = observed p95 TTFT once 20 samples exist (--hedge-delay-ms until then)"),
     ("--hedge-budget", "hedge_budget", float,
      "most policy hedges per request (token bucket; 0.1 = at most ~10%% of requests)"),
+    ("--hedge-budget-burst", "hedge_budget_burst", float,
+     "policy hedges that may be saved up (the bucket starts full)"),
     ("--breaker", "breaker_enabled", "bool",
      "per-replica circuit breakers with slow-replica ejection (--no-breaker turns them off)"),
     ("--breaker-window", "breaker_window", int, "outcomes in the breaker's sliding window"),
@@ -100,8 +103,6 @@ def _add_resilience_arguments(p, defaults) -> None:
 
     group = p.add_argument_group("resilience (hedging, circuit breakers)")
     for flag, dest, kind, text in RESILIENCE_FLAGS:
-        if not hasattr(defaults, dest):
-            continue
         default = getattr(defaults, dest)
         if kind == "bool":
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=text)
@@ -112,13 +113,10 @@ def _add_resilience_arguments(p, defaults) -> None:
 
 
 def _resilience_settings(args) -> dict:
-    from llmgw.gateway.api import GatewayConfig
-
-    fields = {f for f in GatewayConfig.__dataclass_fields__}
-    out = {dest: getattr(args, dest) for _, dest, _, _ in RESILIENCE_FLAGS if dest in fields and hasattr(args, dest)}
-    if "restart_command" in fields:
-        # GatewayAdmin.StartRollout (gRPC) restarts replicas with the same template the HTTP admin uses.
-        out["restart_command"] = args.restart_command or ""
+    out = {dest: getattr(args, dest) for _, dest, _, _ in RESILIENCE_FLAGS}
+    # The gateway's one rolling-update controller (gRPC GatewayAdmin and HTTP /admin/rollout) restarts replicas
+    # with this template.
+    out["restart_command"] = args.restart_command or ""
     return out
 
 
@@ -129,6 +127,7 @@ def argparse_suppress():
 
 
 def config_from_args(args, worker: int | None = None):
+    from llmgw.cli.replica import gossip_key_from_args
     from llmgw.gateway.api import GatewayConfig
 
     gateway_id, gossip_port, reuse = args.id, args.gossip_port, args.workers > 1
@@ -139,6 +138,7 @@ def config_from_args(args, worker: int | None = None):
     cfg = GatewayConfig(
         gateway_id=gateway_id, host=args.host, port=args.port, advertise=args.advertise, gossip_port=gossip_port,
         seeds=tuple(s.strip() for s in args.seeds.split(",") if s.strip()), gossip_config=args.gossip_config,
+        gossip_key=gossip_key_from_args(args, "gateway"),
         reuse_port=reuse, queue_size=args.queue_size, queue_timeout_s=args.queue_timeout_s,
         max_attempts=args.max_attempts, first_token_timeout_s=args.first_token_timeout_s,
         inter_token_timeout_s=args.inter_token_timeout_s, request_timeout_s=args.request_timeout_s,
@@ -166,6 +166,7 @@ def run(args) -> int:
 def _serve(args, worker: int | None) -> int:
     import asyncio
     import os
+    import sys
 
     from llmgw.logs import setup_logging
 
@@ -177,11 +178,14 @@ def _serve(args, worker: int | None) -> int:
         raise SystemExit("gateway: --http-port must be within 0..65535")
     config = config_from_args(args, worker)
     tls = _tls_from_args(args)
-    restart = _restart_hook(args)
     server = build_server(config, tls)
 
-    async def main() -> None:
-        front = await start_gateway(server, args, tls, restart, reuse_port=worker is not None)
+    async def main() -> int:
+        try:
+            front = await start_gateway(server, args, tls, reuse_port=worker is not None)
+        except GatewayStartError as exc:
+            print(f"gateway: {exc}", file=sys.stderr, flush=True)
+            return 2
         gw = server.gateway
         http = f" http={front.url}" if front is not None else ""
         print(f"READY gateway {server.config.gateway_id} grpc={server.grpc_address} "
@@ -193,9 +197,9 @@ def _serve(args, worker: int | None) -> int:
         from llmgw.replica.wire import serve_until_signalled
 
         await serve_until_signalled(stop)
+        return 0
 
-    asyncio.run(main())
-    return 0
+    return asyncio.run(main())
 
 
 class TlsSettings:
@@ -227,32 +231,16 @@ def _tls_from_args(args) -> TlsSettings:
         raise SystemExit(f"gateway: {exc}") from None
 
 
-def _restart_hook(args):
-    if not args.restart_command:
-        return None
-    from llmgw.rollout import CommandTemplateRestart
-
-    try:
-        return CommandTemplateRestart(args.restart_command)
-    except ValueError as exc:
-        raise SystemExit(f"gateway: --restart-command: {exc}") from None
-
-
-def build_server(config, tls: TlsSettings | None = None, *, metrics=None):
-    """A GatewayServer whose Gateway is observed (metrics + one log line per request), with TLS when asked."""
+def build_server(config, tls: TlsSettings | None = None, *, metrics=None, membership=None):
+    """A GatewayServer whose Gateway is observed (metrics + one log line per request), with TLS when asked.
+    `membership` replaces gossip (see llmgw.gateway.Gateway), e.g. for in-process tests."""
     from llmgw.gateway.observability import ObservedGateway
     from llmgw.gateway.server import GatewayServer
     from llmgw.metrics import GatewayMetrics
 
     tls = tls or _NO_TLS
-    if tls.grpc_server is None:
-        server = GatewayServer(config)
-    elif "server_credentials" in inspect.signature(GatewayServer).parameters:
-        server = GatewayServer(config, server_credentials=tls.grpc_server)
-    else:
-        server = _tls_gateway_server_class()(config, credentials=tls.grpc_server)
-    if tls.replica_channel is not None:
-        server.gateway.pool = _TlsChannelPool(tls.replica_channel)
+    server = GatewayServer(config, membership=membership, server_credentials=tls.grpc_server,
+                           replica_credentials=tls.replica_channel)
     metrics = metrics or GatewayMetrics(gateway_id=config.gateway_id)
     # Both fronts (the gRPC servicer reads server.gateway per request, the HTTP front is handed the same object)
     # then go through one wrapper: every request is counted and logged once, whichever front it came in on.
@@ -260,16 +248,25 @@ def build_server(config, tls: TlsSettings | None = None, *, metrics=None):
     return server
 
 
-async def start_gateway(server, args, tls: TlsSettings | None = None, restart=None, *, reuse_port: bool = False):
-    """Start gRPC (+ gossip), then the HTTP front on the same loop; returns the HttpFront or None."""
-    import errno
-    import logging
+class GatewayStartError(Exception):
+    """A port the gateway was told to serve on cannot be bound; nothing is left running."""
 
+
+async def start_gateway(server, args, tls: TlsSettings | None = None, *, reuse_port: bool = False):
+    """Start gRPC (+ gossip), then the HTTP front on the same loop; returns the HttpFront or None (--http-port 0).
+
+    Every port must bind, the default HTTP port too: a gateway quietly serving without its HTTP front is worse
+    than one that refuses to start. GatewayStartError says which port and why, after stopping what did start."""
     from llmgw.config import DEFAULT_PORTS
     from llmgw.http import start_http
 
     tls = tls or _NO_TLS
-    await server.start()
+    try:
+        await server.start()
+    except (OSError, RuntimeError) as exc:  # grpc reports a failed bind as RuntimeError, gossip as OSError
+        await server.stop(0)
+        raise GatewayStartError(f"cannot start on gRPC {server.config.host}:{server.config.port}: "
+                                f"{getattr(exc, 'strerror', None) or exc}") from None
     observed = server.gateway
     gossip = observed.gossip
     if gossip is not None:
@@ -277,21 +274,17 @@ async def start_gateway(server, args, tls: TlsSettings | None = None, restart=No
     http_port = DEFAULT_PORTS["gateway"]["http"] if args.http_port is None else args.http_port
     if http_port == 0:
         return None
+    host = args.http_host or server.config.host
     try:
         return await start_http(
-            observed, host=args.http_host or server.config.host, port=http_port, admin_token=args.admin_token,
-            metrics=observed.metrics, breakers=_breakers_of(observed.gateway), restart=restart,
-            record_requests=False, reuse_port=reuse_port, ssl_context=tls.http_server)
+            observed, host=host, port=http_port, admin_token=args.admin_token, metrics=observed.metrics,
+            breakers=observed.breakers, rollouts=server.rollouts, record_requests=False, reuse_port=reuse_port,
+            ssl_context=tls.http_server)
     except OSError as exc:
-        if args.http_port is None and exc.errno == errno.EADDRINUSE:
-            # Only the implicit default may be skipped: several gateways on one host (tests, workers of an older
-            # layout) would otherwise all fight for 8080. An explicitly chosen port is a hard error below.
-            logging.getLogger("llmgw.gateway").warning(
-                "HTTP port %d is in use: serving gRPC only (set --http-port to choose one, 0 to disable)",
-                http_port)
-            return None
         await server.stop()
-        raise SystemExit(f"gateway: cannot serve HTTP on port {http_port}: {exc}") from None
+        hint = " (choose another with --http-port, or --http-port 0 to serve gRPC only)" \
+            if exc.errno == errno.EADDRINUSE else ""
+        raise GatewayStartError(f"cannot serve HTTP on {host}:{http_port}: {exc.strerror or exc}{hint}") from None
 
 
 async def stop_gateway(server, front) -> None:
@@ -304,102 +297,11 @@ async def stop_gateway(server, front) -> None:
         detach()
 
 
-def _breakers_of(gateway):
-    for name in ("breakers", "breaker_board"):
-        board = getattr(gateway, name, None)
-        if board is not None and hasattr(board, "snapshot"):
-            return board
-    return None
-
-
 class _NoTls:
     grpc_server = http_server = replica_channel = None
 
 
 _NO_TLS = _NoTls()
-
-
-@functools.cache
-def _tls_gateway_server_class():
-    """GatewayServer with its gRPC port bound over TLS, for a GatewayServer without a `server_credentials`
-    parameter: its start() binds a plaintext port itself, so this subclass repeats the start sequence with a TLS
-    port. Delete it once GatewayServer accepts server credentials itself."""
-    from llmgw.gateway import server as server_module
-
-    class TlsGatewayServer(server_module.GatewayServer):
-        def __init__(self, config, *, credentials, **kwargs) -> None:
-            super().__init__(config, **kwargs)
-            self._credentials = credentials
-
-        async def start(self) -> None:
-            import grpc
-
-            from llmgw._proto import llmgateway_pb2 as pb
-            from llmgw.replica import wire
-
-            server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if self.config.reuse_port else 0)])
-            server.add_generic_rpc_handlers(self._rpc_handlers(pb, wire))
-            names = [wire.service_name(s) for s in server_module.GATEWAY_SERVICES]
-            self._health = wire.add_health_and_reflection(server, names)
-            self.port = server.add_secure_port(f"{self.config.host}:{self.config.port}", self._credentials)
-            if self.port == 0:
-                raise OSError(f"cannot bind gRPC port {self.config.host}:{self.config.port}")
-            await server.start()
-            self._server = server
-            await self.gateway.start(self.grpc_address)
-            await wire.set_serving(self._health, names, True)
-
-        def _rpc_handlers(self, pb, wire):
-            import grpc
-
-            admin = {
-                "Members": wire.unary_unary(self.Members, pb.MembersRequest, pb.MembersResponse),
-                "GetStatus": wire.unary_unary(self.GetStatus, pb.GatewayStatusRequest, pb.GatewayStatus),
-            }
-            # The rolling-update RPCs, where this GatewayServer has them.
-            for name, kind, request, response in (
-                    ("StartRollout", wire.unary_stream, "RolloutRequest", "RolloutEvent"),
-                    ("GetRollout", wire.unary_unary, "GetRolloutRequest", "RolloutState"),
-                    ("AbortRollout", wire.unary_unary, "GetRolloutRequest", "RolloutState")):
-                if hasattr(self, name) and hasattr(pb, request):
-                    admin[name] = kind(getattr(self, name), getattr(pb, request), getattr(pb, response))
-            return (
-                grpc.method_handlers_generic_handler("llmgateway.InferenceGateway", {
-                    "Infer": wire.unary_stream(self.Infer, pb.InferRequest, pb.InferResponse),
-                }),
-                grpc.method_handlers_generic_handler("llmgateway.GatewayAdmin", admin),
-            )
-
-    return TlsGatewayServer
-
-
-def _TlsChannelPool(credentials):
-    """llmgw.gateway.pool.ChannelPool over TLS channels (the pool itself only makes plaintext ones)."""
-    return _tls_channel_pool_class()(credentials)
-
-
-@functools.cache
-def _tls_channel_pool_class():
-    import grpc
-
-    from llmgw._proto import llmgateway_pb2 as pb
-    from llmgw.gateway.pool import CHANNEL_OPTIONS, GENERATE_METHOD, ChannelPool
-
-    class TlsChannelPool(ChannelPool):
-        def __init__(self, credentials: grpc.ChannelCredentials) -> None:
-            super().__init__()
-            self._credentials = credentials
-
-        def generate(self, address: str):
-            entry = self._channels.get(address)
-            if entry is None:
-                channel = grpc.aio.secure_channel(address, self._credentials, options=CHANNEL_OPTIONS)
-                call = channel.unary_stream(GENERATE_METHOD, request_serializer=pb.GenerateRequest.SerializeToString,
-                                            response_deserializer=pb.GenerateResponse.FromString)
-                entry = self._channels[address] = (channel, call)
-            return entry[1]
-
-    return TlsChannelPool
 
 
 def _supervise(args) -> int:

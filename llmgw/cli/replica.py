@@ -17,6 +17,9 @@ def add_arguments(p) -> None:
     p.add_argument("--host", "--bind", dest="host", default="127.0.0.1", help="address to bind")
     p.add_argument("--advertise", default="", help="host other nodes use to reach this one (default: --host)")
     p.add_argument("--gossip-config", default="lan", choices=("lan", "local", "wan"), help="gossip timing preset")
+    p.add_argument("--gossip-key-file", default="", metavar="FILE",
+                   help="shared gossip key (at least 16 bytes): sign and check every gossip datagram; members "
+                        "with another key or none are ignored")
     p.add_argument("--token-delay-ms", type=float, default=100.0, help="time per generated token")
     p.add_argument("--prefill-ms-per-kchar", type=float, default=1.0,
                    help="prefill cost per 1,000 prompt characters not in the prefix cache")
@@ -70,7 +73,8 @@ def config_from_args(args):
         replica_id=args.id, host=args.host, port=args.port, advertise=args.advertise,
         gossip_port=None if args.no_gossip else args.gossip_port,
         seeds=tuple(s.strip() for s in args.seeds.split(",") if s.strip()),
-        gossip_config=args.gossip_config, token_delay_ms=args.token_delay_ms,
+        gossip_config=args.gossip_config, gossip_key=gossip_key_from_args(args, "replica"),
+        token_delay_ms=args.token_delay_ms,
         prefill_ms_per_kchar=args.prefill_ms_per_kchar, prefix_cache_size=args.prefix_cache_size,
         max_capacity=args.max_capacity, model_version=args.model_version, weight=args.weight,
         limits=Limits(max_tokens_cap=args.max_tokens_cap, max_prompt_bytes=args.max_prompt_bytes),
@@ -79,6 +83,18 @@ def config_from_args(args):
                       stall_before_first_ms=args.stall_before_first_ms),
         backend=_backend_from_args(args), server_credentials=_credentials_from_args(args),
     )
+
+
+def gossip_key_from_args(args, command: str) -> bytes | None:
+    """The key --gossip-key-file names (None without one); SystemExit with the reason when it is unusable."""
+    if not args.gossip_key_file:
+        return None
+    from llmgw.replica.wire import read_gossip_key
+
+    try:
+        return read_gossip_key(args.gossip_key_file)
+    except ValueError as exc:
+        raise SystemExit(f"{command}: {exc}") from None
 
 
 def _backend_from_args(args):

@@ -4,17 +4,8 @@ from __future__ import annotations
 
 HELP = "print the member table as a gateway sees it (--watch refreshes it like top)"
 
-# Columns of the table, in order: (header, key in a member dict). "breaker" is added when the RPC carries it.
-COLUMNS = (
-    ("id", "member_id"),
-    ("role", "role"),
-    ("state", "state"),
-    ("inc", "incarnation"),
-    ("load", "load"),
-    ("version", "model_version"),
-    ("weight", "weight"),
-    ("draining", "draining"),
-)
+# Columns of the table, in order; gateways have no load, version, weight, draining or breaker of their own.
+COLUMNS = ("id", "role", "state", "inc", "load", "version", "weight", "draining", "breaker", "grpc")
 
 
 def add_arguments(p) -> None:
@@ -31,7 +22,9 @@ def add_arguments(p) -> None:
 
 
 def member_dict(member) -> dict:
-    """A MemberInfo as a plain dict; "breaker" only when this proto version has that field."""
+    """A MemberInfo as a plain dict. "breaker" is the gateway's circuit breaker for a replica ("closed", "open",
+    "half_open"; "" for gateways); "draining" is true when the replica drains or this gateway took it out of
+    routing."""
     row = {
         "member_id": member.member_id,
         "role": member.role,
@@ -45,10 +38,8 @@ def member_dict(member) -> dict:
         "grpc_address": member.grpc_address,
         "gossip_address": member.address,
         "is_self": bool(member.is_self),
+        "breaker": member.breaker,
     }
-    if "breaker" in member.DESCRIPTOR.fields_by_name:
-        breaker = getattr(member, "breaker")
-        row["breaker"] = breaker if isinstance(breaker, str) else str(breaker)
     return row
 
 
@@ -93,19 +84,15 @@ def render(snapshot: dict, target: str) -> str:
         lines.append(f"in flight {gw['in_flight']}, queued {gw['queued']}, served {gw['served_total']}, "
                      f"failovers {gw['failovers_total']}, rejected {gw['rejected_total']}, "
                      f"failed {gw['failed_total']}")
-    with_breaker = any("breaker" in m for m in members)
-    headers = [h for h, _ in COLUMNS] + (["breaker"] if with_breaker else []) + ["grpc"]
     rows = []
     for m in members:
-        load = f"{m['active_requests']}/{m['max_capacity']}" if m["role"] == "replica" else None
-        row = [m["member_id"] + (" *" if m["is_self"] else ""), m["role"], m["state"].upper(), m["incarnation"],
-               load, m["model_version"] or None, m["weight"] if m["role"] == "replica" else None,
-               m["draining"] if m["role"] == "replica" else None]
-        if with_breaker:
-            row.append(m.get("breaker") or None)
-        row.append(m["grpc_address"] or None)
-        rows.append(row)
-    lines += ["", ui.table(headers, rows)]
+        replica = m["role"] == "replica"
+        load = f"{m['active_requests']}/{m['max_capacity']}" if replica else None
+        rows.append([m["member_id"] + (" *" if m["is_self"] else ""), m["role"], m["state"].upper(),
+                     m["incarnation"], load, m["model_version"] or None, m["weight"] if replica else None,
+                     m["draining"] if replica else None, (m["breaker"] or None) if replica else None,
+                     m["grpc_address"] or None])
+    lines += ["", ui.table(list(COLUMNS), rows)]
     return "\n".join(lines)
 
 

@@ -6,7 +6,9 @@ iterate `Gateway.infer()` and translate TokenEvent / GatewayError back.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from typing import AsyncIterator
 
 import grpc
 
@@ -28,6 +30,14 @@ class TokenEvent:
     replica_id: str
     is_final: bool = False
     finish_reason: str | None = None  # "length" | "stop" on the final event
+
+
+async def one_event_each(batches: AsyncIterator[list[TokenEvent]]) -> AsyncIterator[TokenEvent]:
+    """`infer_batches()` as `infer()`: the events of each batch one by one; closing this closes `batches`."""
+    async with contextlib.aclosing(batches) as source:
+        async for batch in source:
+            for event in batch:
+                yield event
 
 
 class GatewayError(Exception):
@@ -73,6 +83,9 @@ class GatewayConfig:
     seeds: tuple[str, ...] = ()
     gossip_config: str = "lan"
     reuse_port: bool = False  # --workers: several processes share the gRPC port
+    # Shared gossip key (HMAC-signed datagrams, llmgw.gossip.auth); None = unsigned gossip. Every member of a
+    # cluster needs the same key: a member with another key is never seen, and never sees the others.
+    gossip_key: bytes | None = dataclasses.field(default=None, repr=False)
     queue_size: int = 100
     queue_timeout_s: float = 30.0
     max_attempts: int = 3

@@ -21,17 +21,15 @@ import logging
 import uuid
 from typing import Any, AsyncIterator
 
-from llmgw.gateway.api import GatewayError, InferenceRequest, TokenEvent
+from llmgw.gateway.api import GatewayError, InferenceRequest, TokenEvent, one_event_each
 from llmgw.logs import request_log
 
 log = logging.getLogger("llmgw.gateway.requests")
 
-# Hedge race results as llmgw.metrics labels them, and the keys a gateway's hedge statistics may use for each
-# (Gateway.hedge_stats() / HedgePolicy.stats(): "won", "policy_hedges_denied", ...; GatewayStats: "hedges_won").
-_HEDGE_RESULTS = ("won", "lost", "cancelled", "denied")
-_HEDGE_STAT_KEYS = {"won": ("won", "hedges_won"), "lost": ("lost", "hedges_lost"),
-                    "cancelled": ("cancelled", "hedges_cancelled"),
-                    "denied": ("policy_hedges_denied", "denied", "hedges_denied")}
+# Hedge race results as llmgw.metrics labels them, from Gateway.hedge_stats(). "denied" is every hedge that was
+# wanted but not started: refused by the policy budget, or for want of a free replica to race against.
+_HEDGE_RESULTS = {"won": ("won",), "lost": ("lost",), "cancelled": ("cancelled",),
+                  "denied": ("policy_hedges_denied", "denied_no_capacity")}
 
 
 @dataclasses.dataclass
@@ -84,11 +82,8 @@ class ObservedGateway:
             object.__setattr__(self, "_original_acquire", None)
 
     # ---- requests -------------------------------------------------------------------------------------------
-    async def infer(self, request: InferenceRequest) -> AsyncIterator[TokenEvent]:
-        async with contextlib.aclosing(self.infer_batches(request)) as batches:
-            async for batch in batches:
-                for event in batch:
-                    yield event
+    def infer(self, request: InferenceRequest) -> AsyncIterator[TokenEvent]:
+        return one_event_each(self.infer_batches(request))
 
     async def infer_batches(self, request: InferenceRequest) -> AsyncIterator[list[TokenEvent]]:
         if not request.request_id:
@@ -180,42 +175,15 @@ class ObservedGateway:
         self._counters_seen[key] = value
 
     def _breaker_board(self):
-        for name in ("breakers", "breaker_board"):
-            board = getattr(self._gateway, name, None)
-            if board is not None and hasattr(board, "snapshot"):
-                return board
-        return None
+        return getattr(self._gateway, "breakers", None)
 
     def _hedge_counts(self) -> dict[str, int]:
-        """Hedge race results from whatever the gateway exposes: a HedgePolicy's stats() or counters on stats."""
-        gw = self._gateway
-        sources = []
-        hedge_stats = getattr(gw, "hedge_stats", None)
-        if callable(hedge_stats):
-            try:
-                sources.append(hedge_stats())
-            except Exception:  # noqa: BLE001 - a broken source costs its own series only
-                log.debug("hedge stats unavailable", exc_info=True)
-        for name in ("hedging", "hedge_policy", "hedger"):
-            policy = getattr(gw, name, None)
-            if policy is not None and hasattr(policy, "stats") and callable(policy.stats):
-                try:
-                    sources.append(policy.stats())
-                except Exception:  # noqa: BLE001 - a broken source costs its own series only
-                    log.debug("hedge stats unavailable", exc_info=True)
-                break
-        sources.append(vars(gw.stats) if hasattr(gw.stats, "__dict__") else {})
-        out: dict[str, int] = {}
-        for result in _HEDGE_RESULTS:
-            for source in sources:
-                for key in _HEDGE_STAT_KEYS[result]:
-                    value = source.get(key)
-                    if isinstance(value, int) and not isinstance(value, bool):
-                        out[result] = value
-                        break
-                if result in out:
-                    break
-        return out
+        try:
+            stats = self._gateway.hedge_stats()
+        except Exception:  # noqa: BLE001 - a broken source costs its own series only, never the scrape
+            log.debug("hedge stats unavailable", exc_info=True)
+            return {}
+        return {result: sum(int(stats.get(key, 0)) for key in keys) for result, keys in _HEDGE_RESULTS.items()}
 
     # ---- queue wait -----------------------------------------------------------------------------------------
     def _time_admission(self) -> None:

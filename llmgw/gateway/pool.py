@@ -24,14 +24,21 @@ CHANNEL_OPTIONS = [
 
 
 class ChannelPool:
-    def __init__(self) -> None:
+    """`credentials` (grpc.ChannelCredentials, see llmgw.replica.wire.channel_credentials) reaches replicas over
+    TLS; None = plaintext."""
+
+    def __init__(self, credentials: grpc.ChannelCredentials | None = None) -> None:
+        self.credentials = credentials
         self._channels: dict[str, tuple[grpc.aio.Channel, grpc.aio.UnaryStreamMultiCallable]] = {}
         self._closing: set[asyncio.Task] = set()
 
     def generate(self, address: str) -> grpc.aio.UnaryStreamMultiCallable:
         entry = self._channels.get(address)
         if entry is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            if self.credentials is None:
+                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            else:
+                channel = grpc.aio.secure_channel(address, self.credentials, options=CHANNEL_OPTIONS)
             call = channel.unary_stream(GENERATE_METHOD, request_serializer=pb.GenerateRequest.SerializeToString,
                                         response_deserializer=pb.GenerateResponse.FromString)
             entry = self._channels[address] = (channel, call)

@@ -20,9 +20,10 @@ import grpc
 from llmgw._proto import llmgateway_pb2 as pb
 from llmgw.gateway.admission import Admission, QueueFull, QueueTimeout
 from llmgw.gateway.api import (DeadlineExceeded, GatewayConfig, InferenceRequest, InvalidArgument,
-                               ResourceExhausted, TokenEvent, Unavailable, check_request)
+                               ResourceExhausted, TokenEvent, Unavailable, check_request, one_event_each)
 from llmgw.gateway.hedging import Leg, RaceFailed, race_first_token
 from llmgw.gateway.membership import MembershipView
+from llmgw.gateway.operations import RoutingDrains
 from llmgw.gateway.pool import ChannelPool
 from llmgw.policy import HEDGE_CANCELLED, HEDGE_LOST, HEDGE_WON, BreakerBoard, HedgePolicy
 from llmgw.policy.breaker import HALF_OPEN, FAILURE_ERROR, FAILURE_TIMEOUT, FAILURE_UNAVAILABLE
@@ -101,6 +102,9 @@ class Gateway:
     exclusion sources and gets every attempt's outcome; `hedger` (a HedgePolicy) decides when a request's first
     attempt is raced against a second replica (gateway/hedging.py).
 
+    `replica_credentials` (grpc.ChannelCredentials) reaches replicas over TLS. `drains` is the gateway's one set
+    of replicas taken out of routing by an operator or a rolling update (llmgw.gateway.operations).
+
     Extension seams: `exclusion_sources` (callables returning replica ids to skip, e.g. open circuit breakers) and
     `attempt_listeners` (called with (replica_id, outcome, ttft_s) after every replica attempt; outcome is "first_token"
     (with the time to first token), "ok", "error", "stall", "busy", "draining" or "cancelled"; hedge races add
@@ -108,7 +112,8 @@ class Gateway:
     (on the primary's)).
     """
 
-    def __init__(self, config: GatewayConfig, *, membership=None, router=None) -> None:
+    def __init__(self, config: GatewayConfig, *, membership=None, router=None,
+                 replica_credentials: grpc.ChannelCredentials | None = None) -> None:
         config.validate()
         self.config = config
         if router is None:
@@ -118,7 +123,7 @@ class Gateway:
         self.router = router
         self.membership = membership
         self.gossip = None
-        self.pool = ChannelPool()
+        self.pool = ChannelPool(replica_credentials)
         self.view = MembershipView(router, _NoMembers(), on_change=self._membership_changed,
                                    on_removed=self._replica_removed)
         self.admission: Admission[_Ticket] = Admission(self._try_acquire, self._give_back,
@@ -134,6 +139,8 @@ class Gateway:
         if config.breaker_enabled:
             self.breakers = BreakerBoard(config.breaker_config(), clock=time.monotonic)
             self.exclusion_sources.append(self._breaker_exclusions)
+        # Replicas an operator or a rolling update took out of routing; every admin front shares this one set.
+        self.drains = RoutingDrains(self)
         self._known_replicas: frozenset[str] = frozenset()
         self._started = False
         self._rng = random.Random()
@@ -157,7 +164,7 @@ class Gateway:
         advertise = f"{cfg.advertise}:{port}" if cfg.advertise else None
         node = GossipNode(cfg.gateway_id, bind=f"{cfg.host}:{port}", advertise=advertise, seeds=tuple(cfg.seeds),
                           role="gateway", grpc_address=grpc_address,
-                          config=GossipConfig.preset(cfg.gossip_config), threaded=True)
+                          config=GossipConfig.preset(cfg.gossip_config), key=cfg.gossip_key, threaded=True)
         await node.start()
         return node
 
@@ -185,12 +192,9 @@ class Gateway:
         return len(self.admission)
 
     # ---- the request path ------------------------------------------------------------------------------
-    async def infer(self, request: InferenceRequest) -> AsyncIterator[TokenEvent]:
+    def infer(self, request: InferenceRequest) -> AsyncIterator[TokenEvent]:
         """Every token of the answer, one event each: indices 0, 1, ... exactly once, the last with is_final."""
-        async with contextlib.aclosing(self.infer_batches(request)) as batches:
-            async for batch in batches:
-                for event in batch:
-                    yield event
+        return one_event_each(self.infer_batches(request))
 
     async def infer_batches(self, request: InferenceRequest) -> AsyncIterator[list[TokenEvent]]:
         """Like infer(), grouped as the tokens arrived from the replica (front-ends that coalesce use this)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
 import os
 
@@ -11,6 +11,7 @@ import grpc
 from llmgw._proto import llmgateway_pb2 as pb
 from llmgw.gateway.api import GatewayConfig, GatewayError, InferenceRequest
 from llmgw.gateway.membership import is_replica
+from llmgw.gateway.operations import ROLLOUT_STOP_TIMEOUT_S, RolloutController, RolloutRefused
 from llmgw.gateway.request_path import Gateway
 from llmgw.replica import wire
 
@@ -18,28 +19,33 @@ log = logging.getLogger("llmgw.gateway.server")
 
 GATEWAY_SERVICES = ["InferenceGateway", "GatewayAdmin"]
 ROLLOUT_RESTART_TIMEOUT_S = 120.0  # one replica's restart command (a real model may load for a while)
-ROLLOUT_STOP_TIMEOUT_S = 15.0  # an abort interrupts the current step and restores routing within this
+ROLLOUT_REFUSAL_CODES = {"no_restart_hook": grpc.StatusCode.FAILED_PRECONDITION,
+                         "running": grpc.StatusCode.ALREADY_EXISTS, "invalid": grpc.StatusCode.INVALID_ARGUMENT}
 FINISH_TO_PROTO = {"length": pb.LENGTH, "stop": pb.STOP, None: pb.FINISH_UNSPECIFIED}
 
 
 class GatewayServer:
     """Owns the grpc.aio server and the Gateway behind it."""
 
-    def __init__(self, config: GatewayConfig, *, membership=None, router=None) -> None:
+    def __init__(self, config: GatewayConfig, *, membership=None, router=None,
+                 server_credentials: grpc.ServerCredentials | None = None,
+                 replica_credentials: grpc.ChannelCredentials | None = None) -> None:
+        """`server_credentials` serves the gRPC port over TLS (llmgw.replica.wire.server_credentials);
+        `replica_credentials` reaches replicas over TLS (llmgw.replica.wire.channel_credentials)."""
         self.config = config
-        self.gateway = Gateway(config, membership=membership, router=router)
+        self.gateway = Gateway(config, membership=membership, router=router,
+                               replica_credentials=replica_credentials)
+        self.server_credentials = server_credentials
         self.port = config.port
         self._server: grpc.aio.Server | None = None
         self._health = None
-        # Rolling updates started over gRPC (GatewayAdmin.StartRollout); the HTTP admin keeps its own.
-        self.restart_hook = None
+        restart = None
         if config.restart_command:
             from llmgw.rollout import CommandTemplateRestart
 
-            self.restart_hook = CommandTemplateRestart(config.restart_command, timeout_s=ROLLOUT_RESTART_TIMEOUT_S)
-        self.rollout = None  # the current or last llmgw.rollout.Rollout
-        self._rollout_task = None
-        self._drains = None  # llmgw.http.admin.RoutingDrains, created with the first rollout
+            restart = CommandTemplateRestart(config.restart_command, timeout_s=ROLLOUT_RESTART_TIMEOUT_S)
+        # The gateway's one rolling update, shared with the HTTP front (cli.gateway hands it to start_http).
+        self.rollouts = RolloutController(self.gateway, self.gateway.drains, restart)
 
     @property
     def grpc_address(self) -> str:
@@ -61,7 +67,7 @@ class GatewayServer:
         ))
         names = [wire.service_name(s) for s in GATEWAY_SERVICES]
         self._health = wire.add_health_and_reflection(server, names)
-        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        self.port = wire.add_port(server, f"{self.config.host}:{self.config.port}", self.server_credentials)
         if self.port == 0:
             raise OSError(f"cannot bind gRPC port {self.config.host}:{self.config.port}")
         await server.start()
@@ -71,14 +77,7 @@ class GatewayServer:
         log.info("gateway %s serving on %s", self.config.gateway_id, self.grpc_address)
 
     async def stop(self, grace: float = 1.0) -> None:
-        task = self._rollout_task
-        if task is not None and not task.done():
-            self.rollout.cancel()  # restores routing; a replica mid-restart finishes its restart command
-            try:
-                async with asyncio.timeout(ROLLOUT_STOP_TIMEOUT_S):
-                    await asyncio.shield(task)
-            except (TimeoutError, asyncio.CancelledError):
-                task.cancel()
+        await self.rollouts.close()  # restores routing; a replica mid-restart finishes its restart command
         if self._health is not None:
             await wire.set_serving(self._health, [wire.service_name(s) for s in GATEWAY_SERVICES], False)
         if self._server is not None:
@@ -121,11 +120,15 @@ class GatewayServer:
     async def Members(self, request, context):
         members = self.gateway.members()
         breakers = self.gateway.breaker_states()
+        drained = self.gateway.drains.drained
         infos = []
         for m in members:
             info = wire.member_info(m, self.config.gateway_id)
             if is_replica(m):
                 info.breaker = breakers.get(m.member_id, "closed")
+                # This gateway sends it nothing new, whether the replica itself drains or an operator (or a
+                # rolling update) took it out of this gateway's routing.
+                info.draining = info.draining or m.member_id in drained
             infos.append(info)
         return pb.MembersResponse(self_id=self.config.gateway_id, members=infos)
 
@@ -148,73 +151,33 @@ class GatewayServer:
     async def StartRollout(self, request, context):
         """Start a rolling update and stream its progress until it ends. The update runs on its own task: a
         caller that goes away does not abort it (AbortRollout does)."""
-        from llmgw.http.admin import GatewayRolloutTarget, RoutingDrains
-        from llmgw.rollout import Rollout
-
         if isinstance(request, wire.UndecodableRequest):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        if self.restart_hook is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                "rolling updates need a restart hook: start the gateway with --restart-command")
-        if self._rollout_task is not None and not self._rollout_task.done():
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
-                                f"a rolling update to {self.rollout.new_version} is already running")
-        version = request.version.strip()
-        if not version:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "version must not be empty")
-        order = list(request.replicas) or None
-        if order is not None:
-            known = {m.member_id for m in self.gateway.members() if is_replica(m)}
-            unknown = [r for r in order if r not in known]
-            if unknown or len(set(order)) != len(order):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"replicas must be distinct known replica ids; unknown: {', '.join(unknown)}")
         options = {name: getattr(request, name) for name in ("drain_timeout_s", "rejoin_timeout_s",
                                                              "restart_timeout_s") if getattr(request, name) > 0}
-        if self._drains is None:
-            self._drains = RoutingDrains(self.gateway)
-        target = GatewayRolloutTarget(self.gateway, self._drains, self.restart_hook, order)
         try:
-            rollout = Rollout(target, version, require_another_alive=not request.allow_single_replica, **options)
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        self.rollout = rollout
-        events = rollout.events()
-        first = asyncio.ensure_future(events.__anext__())  # subscribe before the rollout can emit anything
-        self._rollout_task = asyncio.get_running_loop().create_task(rollout.run(), name="llmgw-grpc-rollout")
-        try:
-            try:
-                event = await first
-            except StopAsyncIteration:
-                event = None
-            while event is not None:
+            events = self.rollouts.start_watched(request.version, replicas=list(request.replicas) or None,
+                                                 require_another_alive=not request.allow_single_replica, **options)
+        except RolloutRefused as exc:
+            await context.abort(ROLLOUT_REFUSAL_CODES[exc.reason], exc.message)
+        async with contextlib.aclosing(events):
+            async for event in events:
                 yield pb.RolloutEvent(kind=event.kind, replica_id=event.replica_id or "", step=event.step or "",
                                       detail=event.detail, state=event.state)
-                try:
-                    event = await events.__anext__()
-                except StopAsyncIteration:
-                    event = None
-        finally:
-            first.cancel()
-            await events.aclose()
 
     async def GetRollout(self, request, context):
         return self._rollout_state()
 
     async def AbortRollout(self, request, context):
-        task = self._rollout_task
-        if task is not None and not task.done():
-            self.rollout.cancel()
-            try:
-                async with asyncio.timeout(ROLLOUT_STOP_TIMEOUT_S):
-                    await asyncio.shield(task)
-            except TimeoutError:
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                    f"the rolling update did not stop within {ROLLOUT_STOP_TIMEOUT_S:g} s")
+        try:
+            await self.rollouts.abort()
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"the rolling update did not stop within {ROLLOUT_STOP_TIMEOUT_S:g} s")
         return self._rollout_state()
 
     def _rollout_state(self) -> pb.RolloutState:
-        rollout = self.rollout
+        rollout = self.rollouts.rollout
         if rollout is None:
             return pb.RolloutState(state="none")
         st = rollout.status

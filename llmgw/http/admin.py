@@ -20,22 +20,22 @@ import asyncio
 import hmac
 import ipaddress
 import logging
-from typing import Any, Awaitable, Callable
+from typing import Any
 
-import grpc
 from aiohttp import web
 
-from llmgw._proto import llmgateway_pb2 as pb
 from llmgw.gateway.membership import is_replica
+from llmgw.gateway.operations import ROLLOUT_STOP_TIMEOUT_S, RolloutController, RolloutRefused
 from llmgw.http.openai_api import ApiError, bad_request, compact_json, decode_json_body
 from llmgw.metrics import aiohttp_handler
 
 log = logging.getLogger("llmgw.http.admin")
 
 ADMIN_TOKEN_ENV = "LLMGW_ADMIN_TOKEN"
-DRAIN_METHOD = "/llmgateway.LLMReplica/Drain"
-ROUTABLE_STATES = ("alive", "suspect")
-RestartHook = Callable[[str, str], Awaitable[None]]
+# HTTP answers to a refused rolling update (llmgw.gateway.operations.RolloutRefused.reason).
+ROLLOUT_REFUSALS = {"no_restart_hook": (501, "server_error"), "running": (409, "invalid_request_error"),
+                    "invalid": (400, "invalid_request_error")}
+ROLLOUT_REFUSAL_CODES = {"no_restart_hook": "no_restart_hook", "running": "rollout_running", "invalid": None}
 
 
 def is_loopback_host(host: str) -> bool:
@@ -51,108 +51,28 @@ def _json(obj: Any, status: int = 200) -> web.Response:
     return web.json_response(obj, status=status, dumps=compact_json)
 
 
-class RoutingDrains:
-    """Replicas an operator (or a rollout) took out of routing. Registered as one of the gateway's exclusion
-    sources, so the request path skips them exactly like draining or breaker-open replicas."""
-
-    def __init__(self, gateway) -> None:
-        self.gateway = gateway
-        self.drained: set[str] = set()
-        gateway.exclusion_sources.append(self.excluded)
-
-    def excluded(self) -> set[str]:
-        return self.drained
-
-    def drain(self, replica_id: str) -> None:
-        if replica_id not in self.drained:
-            log.info("replica %s drained in routing", replica_id)
-        self.drained.add(replica_id)
-
-    def undrain(self, replica_id: str) -> None:
-        if replica_id in self.drained:
-            self.drained.discard(replica_id)
-            log.info("replica %s undrained in routing", replica_id)
-            # Requests may be queued that only this replica can now take.
-            self.gateway.admission.capacity_changed()
-
-    def detach(self) -> None:
-        try:
-            self.gateway.exclusion_sources.remove(self.excluded)
-        except ValueError:
-            pass
-
-
-class GatewayRolloutTarget:
-    """llmgw.rollout.RolloutTarget over a running gateway: routing drains here, the Drain RPC to the replica,
-    membership for the rejoin check; the restart itself is the injected hook."""
-
-    def __init__(self, gateway, drains: RoutingDrains, restart: RestartHook,
-                 order: list[str] | None = None) -> None:
-        self.gateway = gateway
-        self.drains = drains
-        self._restart = restart
-        self._order = order
-
-    def _member(self, replica_id: str):
-        for member in self.gateway.members():
-            if member.member_id == replica_id and is_replica(member):
-                return member
-        return None
-
-    def replicas(self) -> list[str]:
-        if self._order is not None:
-            return list(self._order)
-        return sorted(m.member_id for m in self.gateway.members()
-                      if is_replica(m) and str(m.state).lower() in ROUTABLE_STATES)
-
-    async def drain_in_routing(self, replica_id: str) -> None:
-        self.drains.drain(replica_id)
-
-    async def undrain_in_routing(self, replica_id: str) -> None:
-        self.drains.undrain(replica_id)
-
-    async def drain_rpc(self, replica_id: str, timeout_s: float) -> bool:
-        member = self._member(replica_id)
-        if member is None or not member.grpc_address:
-            raise RuntimeError(f"replica {replica_id} has no known gRPC address")
-        async with grpc.aio.insecure_channel(member.grpc_address) as channel:
-            drain = channel.unary_unary(DRAIN_METHOD, request_serializer=pb.DrainRequest.SerializeToString,
-                                        response_deserializer=pb.DrainResponse.FromString)
-            try:
-                response = await drain(pb.DrainRequest(), timeout=timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    return False
-                raise RuntimeError(f"Drain RPC failed: {exc.code().name}: {exc.details()}") from None
-        return bool(response.success)
-
-    async def restart(self, replica_id: str, new_version: str) -> None:
-        await self._restart(replica_id, new_version)
-
-    def member_info(self, replica_id: str) -> tuple[str, str, int] | None:
-        member = self._member(replica_id)
-        if member is None:
-            return None
-        return str(member.state).lower(), member.model_version, int(member.incarnation)
-
-
 # Rollout options a POST may set, with their type check; they map to llmgw.rollout.Rollout's keyword arguments.
 _ROLLOUT_SECONDS = ("drain_timeout_s", "rejoin_timeout_s", "restart_timeout_s", "routing_timeout_s", "poll_s")
 _ROLLOUT_FLAGS = ("skip_up_to_date", "require_another_alive")
 
 
 class AdminApi:
-    def __init__(self, gateway, *, bound_host: str, admin_token: str | None, metrics, breakers=None,
-                 restart: RestartHook | None = None) -> None:
+    """`rollouts` is the gateway's RolloutController (its drain set is the gateway's own `drains`)."""
+
+    def __init__(self, gateway, *, bound_host: str, admin_token: str | None, metrics,
+                 rollouts: RolloutController, breakers=None) -> None:
         self.gateway = gateway
         self.token = admin_token or None
         self.bound_to_loopback = is_loopback_host(bound_host)
         self.metrics = metrics
         self.breakers = breakers
-        self.restart = restart
-        self.drains = RoutingDrains(gateway)
-        self.rollout = None  # the current or last llmgw.rollout.Rollout
-        self._rollout_task: asyncio.Task | None = None
+        self.rollouts = rollouts
+        self.drains = rollouts.drains
+
+    @property
+    def rollout(self):
+        """The current or last llmgw.rollout.Rollout, whichever front started it."""
+        return self.rollouts.rollout
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/healthz", self.healthz)
@@ -165,17 +85,6 @@ class AdminApi:
         app.router.add_post("/admin/rollout", self._admin(self.start_rollout))
         app.router.add_get("/admin/rollout", self._admin(self.rollout_status))
         app.router.add_delete("/admin/rollout", self._admin(self.cancel_rollout))
-
-    async def close(self) -> None:
-        task = self._rollout_task
-        if task is not None and not task.done():
-            self.rollout.cancel()
-            try:
-                async with asyncio.timeout(15.0):
-                    await task
-            except (TimeoutError, asyncio.CancelledError):
-                task.cancel()
-        self.drains.detach()
 
     # ---- auth ---------------------------------------------------------------------------------------------
     def _admin(self, handler):
@@ -257,14 +166,6 @@ class AdminApi:
 
     # ---- rolling update -----------------------------------------------------------------------------------
     async def start_rollout(self, request: web.Request) -> web.Response:
-        from llmgw.rollout import Rollout
-
-        if self.restart is None:
-            raise ApiError(501, "rolling updates need a restart hook; start the gateway with a restart command",
-                           type="server_error", code="no_restart_hook")
-        if self._rollout_task is not None and not self._rollout_task.done():
-            raise ApiError(409, f"a rolling update to {self.rollout.new_version} is already running",
-                           code="rollout_running")
         body = decode_json_body(await request.read())
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object")
@@ -288,19 +189,16 @@ class AdminApi:
         if order is not None:
             if not isinstance(order, list) or not order or not all(isinstance(r, str) and r for r in order):
                 raise bad_request("'replicas' must be a non-empty list of replica ids", "replicas")
-            known = {m.member_id for m in self.gateway.members() if is_replica(m)}
-            unknown = [r for r in order if r not in known]
-            if unknown:
-                raise bad_request(f"unknown replicas: {', '.join(unknown)}", "replicas")
-        target = GatewayRolloutTarget(self.gateway, self.drains, self.restart, order)
         try:
-            self.rollout = Rollout(target, version, **options)
-        except ValueError as exc:
-            raise bad_request(str(exc)) from None
-        self._rollout_task = asyncio.get_running_loop().create_task(self.rollout.run(), name="llmgw-rollout")
+            rollout = self.rollouts.start(version, replicas=order, **options)
+        except RolloutRefused as exc:
+            status, kind = ROLLOUT_REFUSALS[exc.reason]
+            param = "replicas" if exc.reason == "invalid" and order is not None else None
+            raise ApiError(status, exc.message, type=kind, code=ROLLOUT_REFUSAL_CODES[exc.reason],
+                           param=param) from None
         # Let run() mark itself running before we describe it.
         await asyncio.sleep(0)
-        return _json(self.rollout.status.to_dict(), 202)
+        return _json(rollout.status.to_dict(), 202)
 
     async def rollout_status(self, request: web.Request) -> web.Response:
         if self.rollout is None:
@@ -308,13 +206,11 @@ class AdminApi:
         return _json(self.rollout.status.to_dict())
 
     async def cancel_rollout(self, request: web.Request) -> web.Response:
-        if self.rollout is None or self._rollout_task is None:
+        if self.rollout is None:
             raise ApiError(404, "no rolling update has been started", code="no_rollout")
-        if not self._rollout_task.done():
-            self.rollout.cancel()
-            try:
-                async with asyncio.timeout(15.0):
-                    await asyncio.shield(self._rollout_task)
-            except TimeoutError:
-                raise ApiError(504, "the rolling update did not stop within 15 s", type="timeout") from None
+        try:
+            await self.rollouts.abort()
+        except TimeoutError:
+            raise ApiError(504, f"the rolling update did not stop within {ROLLOUT_STOP_TIMEOUT_S:g} s",
+                           type="timeout") from None
         return _json(self.rollout.status.to_dict())

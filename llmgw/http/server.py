@@ -8,7 +8,8 @@ import os
 
 from aiohttp import web
 
-from llmgw.http.admin import ADMIN_TOKEN_ENV, AdminApi, RestartHook
+from llmgw.gateway.operations import RestartHook, RolloutController
+from llmgw.http.admin import ADMIN_TOKEN_ENV, AdminApi
 from llmgw.http.openai_api import DEFAULT_MAX_TOKENS, ApiError, OpenAIApi
 
 log = logging.getLogger("llmgw.http")
@@ -22,8 +23,9 @@ class HttpFront:
     """A running HTTP front; `port` is the bound port, `await close()` stops it (idempotent)."""
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, openai: OpenAIApi, admin: AdminApi,
-                 *, tls: bool = False) -> None:
+                 *, tls: bool = False, owns_rollouts: bool = False) -> None:
         self._runner = runner
+        self._owns_rollouts = owns_rollouts
         self.host = host
         self.port = port
         self.openai = openai
@@ -43,7 +45,8 @@ class HttpFront:
         runner, self._runner = self._runner, None
         if runner is None:
             return
-        await self.admin.close()
+        if self._owns_rollouts:
+            await self.admin.rollouts.close()
         # Open streams get a short grace; their handlers are cancelled after it, which closes the gateway
         # streams and frees replica slots.
         await runner.cleanup()
@@ -65,7 +68,8 @@ async def _errors_as_json(request: web.Request, handler):
 
 
 async def start_http(gateway, *, host: str = "127.0.0.1", port: int = 0, admin_token: str | None = None,
-                     metrics=None, breakers=None, restart: RestartHook | None = None,
+                     metrics=None, breakers=None, rollouts: RolloutController | None = None,
+                     restart: RestartHook | None = None,
                      client_max_size: int | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
                      record_requests: bool = True, reuse_port: bool = False,
                      shutdown_timeout_s: float = 2.0, ssl_context=None) -> HttpFront:
@@ -74,8 +78,11 @@ async def start_http(gateway, *, host: str = "127.0.0.1", port: int = 0, admin_t
     Must be awaited on the gateway's event loop. `admin_token` defaults to $LLMGW_ADMIN_TOKEN; `metrics` is a
     llmgw.metrics.GatewayMetrics (one is created when omitted) and gets the HTTP requests' outcomes, TTFT,
     inter-token times and tokens unless `record_requests` is false (when the gateway records them itself);
-    `breakers` (a llmgw.policy.breaker.BreakerBoard) adds breaker state to /admin/members; `restart` is the async
-    (replica_id, version) hook that POST /admin/rollout uses to restart a replica on the new version;
+    `breakers` (a llmgw.policy.breaker.BreakerBoard) adds breaker state to /admin/members; `rollouts` is the
+    gateway's llmgw.gateway.operations.RolloutController (GatewayServer.rollouts), so /admin/rollout and the gRPC
+    GatewayAdmin rollout RPCs run one rolling update; without one, the front makes its own around `restart`, the
+    async (replica_id, version) hook that restarts a replica on the new version (None = no rolling updates).
+    Drains always go to the gateway's own drain set (Gateway.drains);
     `ssl_context` (an ssl.SSLContext for the server side, see llmgw.http.tls) serves HTTPS instead of HTTP.
     """
     if not 0 <= port <= 65535:
@@ -91,8 +98,13 @@ async def start_http(gateway, *, host: str = "127.0.0.1", port: int = 0, admin_t
     app = web.Application(client_max_size=client_max_size, middlewares=[_errors_as_json])
     openai = OpenAIApi(gateway, metrics=metrics, record_requests=record_requests,
                        default_max_tokens=default_max_tokens)
+    owns_rollouts = rollouts is None
+    if rollouts is None:
+        rollouts = RolloutController(gateway, gateway.drains, restart)
+    elif restart is not None:
+        raise ValueError("pass either rollouts (which carries its restart hook) or restart, not both")
     admin = AdminApi(gateway, bound_host=host, admin_token=admin_token, metrics=metrics, breakers=breakers,
-                     restart=restart)
+                     rollouts=rollouts)
     openai.add_routes(app)
     admin.add_routes(app)
     # handler_cancellation: a client that disconnects cancels its handler, which closes its Gateway.infer()
@@ -104,9 +116,8 @@ async def start_http(gateway, *, host: str = "127.0.0.1", port: int = 0, admin_t
         await site.start()
         bound = runner.addresses[0][1]
     except BaseException:
-        admin.drains.detach()
         await runner.cleanup()
         raise
-    front = HttpFront(runner, host, bound, openai, admin, tls=ssl_context is not None)
+    front = HttpFront(runner, host, bound, openai, admin, tls=ssl_context is not None, owns_rollouts=owns_rollouts)
     log.info("HTTP front serving on %s", front.url)
     return front

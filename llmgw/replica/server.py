@@ -38,6 +38,8 @@ class ReplicaConfig:
     gossip_port: int | None = 0  # 0 = port + 10000 (reference convention), None = no gossip
     seeds: tuple[str, ...] = ()
     gossip_config: str = "lan"
+    # Shared gossip key (llmgw.gossip.auth); None = unsigned gossip. Same key on every member of the cluster.
+    gossip_key: bytes | None = dataclasses.field(default=None, repr=False)
     token_delay_ms: float = 100.0
     prefill_ms_per_kchar: float = 1.0
     prefix_cache_size: int = 1024
@@ -123,7 +125,7 @@ class Replica:
         self.gossip = GossipNode(
             cfg.replica_id, bind=f"{cfg.host}:{gossip_port}", advertise=advertise, seeds=tuple(cfg.seeds),
             role="replica", grpc_address=self.grpc_address, model_version=cfg.model_version,
-            max_capacity=cfg.max_capacity, weight=cfg.weight, config=preset,
+            max_capacity=cfg.max_capacity, weight=cfg.weight, config=preset, key=cfg.gossip_key,
         )
         await self.gossip.start()
 

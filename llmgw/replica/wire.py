@@ -129,6 +129,23 @@ def read_pem(path: str, what: str) -> bytes:
     return data
 
 
+def read_gossip_key(path: str) -> bytes:
+    """The shared gossip key in `path` (surrounding whitespace, e.g. a trailing newline, is not part of it);
+    ValueError naming the file when it cannot be read or is too short to be a key."""
+    from llmgw.gossip.auth import MIN_KEY_SIZE
+
+    try:
+        with open(path, "rb") as fh:
+            key = fh.read(64 * 1024 + 1).strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read gossip key file {path}: {exc.strerror or exc}") from None
+    if len(key) > 64 * 1024:
+        raise ValueError(f"gossip key file {path} is over 64 KiB: not a key")
+    if len(key) < MIN_KEY_SIZE:
+        raise ValueError(f"gossip key file {path} holds {len(key)} bytes; a key needs at least {MIN_KEY_SIZE}")
+    return key
+
+
 def server_credentials(cert_file: str, key_file: str, client_ca_file: str | None = None) -> grpc.ServerCredentials:
     """TLS for a gRPC server; with `client_ca_file`, clients must present a certificate signed by that CA."""
     cert = read_pem(cert_file, "TLS certificate")
