@@ -16,7 +16,7 @@ from llmgw.gateway import GatewayConfig, InferenceRequest, InvalidArgument
 from llmgw.gateway.server import GatewayServer
 from llmgw.replica import Faults
 
-from inprocess import FakeMember, FakeMembership, ReplicaPool, run_with
+from inprocess import FakeMember, FakeMembership, ReplicaPool, run_with, wait_for
 
 
 class Stack(ReplicaPool):
@@ -122,9 +122,14 @@ def test_first_token_stall_fails_over():
         await s.add_replica("r2", token_delay_ms=5, faults=Faults(stall_after=0))
         await s.add_replica("r3", token_delay_ms=5)
         await s.start_gateway(first_token_timeout_s=0.3)
-        res = await s.infer("first", 4)
+        # A prompt whose preferred replica stalls, so the first-token timeout must fire for it to complete.
+        prompt = next(p for p in (f"first {i}" for i in range(100)) if s.gateway.router.route(p).member != "r3")
+        start = time.perf_counter()
+        res = await s.infer(prompt, 4)
         assert_exactly_once(res, 4)
         assert res.replicas == {"r3"}
+        assert s.gateway.stats.failovers_total >= 1
+        assert time.perf_counter() - start < 3.0
 
     run(scenario)
 
@@ -265,6 +270,30 @@ def test_membership_changes_dead_draining_and_gateways_are_respected():
         await asyncio.sleep(0.05)
         res = await s.infer("nobody", 2)
         assert res.code == grpc.StatusCode.UNAVAILABLE and "no replica" in res.details
+
+    run(scenario)
+
+
+def test_replica_declared_dead_mid_stream_fails_over_instead_of_cancelling_the_client():
+    """Gossip declares the serving replica DEAD while its stream is open: the gateway closes that replica's channel,
+    which cancels the pending read. That must be a failover (token-exact, on the other replica), not a cancellation
+    that leaves the client with no status."""
+
+    async def scenario(s):
+        r1 = await s.add_replica("r1", token_delay_ms=50)
+        r2 = await s.add_replica("r2", token_delay_ms=50)
+        await s.start_gateway(first_token_timeout_s=30, inter_token_timeout_s=30)
+        task = asyncio.ensure_future(s.infer("declared dead", 12, timeout=20.0))
+        await wait_for(lambda: sum(r.active for r in (r1, r2)) == 1, what="the stream to start")
+        serving = r1 if r1.active else r2
+        await asyncio.sleep(0.2)  # a few tokens out
+        s.membership.set(FakeMember(serving.config.replica_id, serving.grpc_address, state="dead"), "dead")
+        start = time.perf_counter()
+        res = await task
+        assert_exactly_once(res, 12)
+        assert res.replicas == {"r1", "r2"}
+        assert time.perf_counter() - start < 5.0  # not held until a 30 s timeout
+        assert s.gateway.stats.failovers_total == 1
 
     run(scenario)
 

@@ -469,6 +469,15 @@ class Gateway:
                 log.exception("attempt listener failed")
 
 
+def _cancelled_by_caller() -> bool:
+    """Whether a CancelledError out of a replica call is a real cancellation of this task (the client went away, a
+    lost hedge leg). If nobody cancelled the task, grpc cancelled the call because its channel was closed under it
+    -- the replica was declared DEAD and its channel discarded -- and that is a failed attempt to fail over from,
+    not a reason to leave the client without a status."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
 class _Request:
     """One request's state across attempts, and the two halves of an attempt: open() waits for the first message
     (raced by a hedge, so it is a plain coroutine that can run in its own task), stream() relays the rest in the
@@ -503,7 +512,7 @@ class _Request:
             timeout=max(0.001, deadline - started))
         opened = False
         try:
-            async with asyncio.timeout(min(deadline, started + cfg.first_token_timeout_s)):
+            async with asyncio.timeout_at(min(deadline, started + cfg.first_token_timeout_s)):
                 msg = await call.read()
             if msg is grpc.aio.EOF:
                 raise _AttemptFailed("error", "stream ended before the first token")
@@ -517,6 +526,10 @@ class _Request:
             raise _AttemptFailed("stall", f"no first token within {cfg.first_token_timeout_s:g} s") from None
         except grpc.aio.AioRpcError as exc:
             raise self._rpc_failure(ticket, exc) from None
+        except asyncio.CancelledError:
+            if _cancelled_by_caller():
+                raise
+            raise _AttemptFailed("error", "replica connection closed (replica removed from membership)") from None
         finally:
             if not opened and not call.done():
                 call.cancel()
@@ -585,6 +598,10 @@ class _Request:
             raise _AttemptFailed("stall", f"no token {expected} within {cfg.inter_token_timeout_s:g} s") from None
         except grpc.aio.AioRpcError as exc:
             raise self._rpc_failure(ticket, exc) from None
+        except asyncio.CancelledError:
+            if _cancelled_by_caller():
+                raise
+            raise _AttemptFailed("error", "replica connection closed (replica removed from membership)") from None
         finally:
             # After the final token the replica is only sending its OK status: cancelling then would make a
             # completed stream look abandoned on the replica side.
