@@ -478,6 +478,15 @@ def _cancelled_by_caller() -> bool:
     return task is None or task.cancelling() > 0
 
 
+class _CallState:
+    """Whether an attempt finished its replica call (then it must not be cancelled on the way out)."""
+
+    __slots__ = ("finished",)
+
+    def __init__(self) -> None:
+        self.finished = False
+
+
 class _Request:
     """One request's state across attempts, and the two halves of an attempt: open() waits for the first message
     (raced by a hedge, so it is a plain coroutine that can run in its own task), stream() relays the rest in the
@@ -510,20 +519,29 @@ class _Request:
                                tokens_already_generated=len(forwarded), generated_tokens=forwarded,
                                max_tokens_per_message=cfg.upstream_batch),
             timeout=max(0.001, deadline - started))
-        opened = False
-        try:
+        with self._replica_call(ticket, call, lambda: f"no first token within {cfg.first_token_timeout_s:g} s"
+                                ) as attempt:
             async with asyncio.timeout_at(min(deadline, started + cfg.first_token_timeout_s)):
                 msg = await call.read()
             if msg is grpc.aio.EOF:
                 raise _AttemptFailed("error", "stream ended before the first token")
-            opened = True
+            attempt.finished = True  # the call lives on in the returned _Opened
             ttft = loop.time() - started
             self.gateway._notify(ticket.replica_id, "first_token", ttft)
             return _Opened(call, msg, ttft)
+
+    @contextlib.contextmanager
+    def _replica_call(self, ticket: _Ticket, call, stall_detail: Callable[[], str]):
+        """How a replica call can end early, in the request path's terms: a stall (timeout), a failed RPC or a
+        closed channel is a failed attempt to fail over from; the request's own deadline and a real cancellation
+        stay what they are. A call the attempt did not finish is cancelled, so the replica frees its slot."""
+        attempt = _CallState()
+        try:
+            yield attempt
         except TimeoutError:
-            if loop.time() >= deadline:
-                raise DeadlineExceeded(f"request deadline passed after {len(forwarded)} tokens") from None
-            raise _AttemptFailed("stall", f"no first token within {cfg.first_token_timeout_s:g} s") from None
+            if asyncio.get_running_loop().time() >= self.deadline:
+                raise DeadlineExceeded(f"request deadline passed after {len(self.forwarded)} tokens") from None
+            raise _AttemptFailed("stall", stall_detail()) from None
         except grpc.aio.AioRpcError as exc:
             raise self._rpc_failure(ticket, exc) from None
         except asyncio.CancelledError:
@@ -531,7 +549,9 @@ class _Request:
                 raise
             raise _AttemptFailed("error", "replica connection closed (replica removed from membership)") from None
         finally:
-            if not opened and not call.done():
+            # After the final token the replica is only sending its OK status: cancelling then would make a
+            # completed stream look abandoned on the replica side.
+            if not attempt.finished and not call.done():
                 call.cancel()
 
     async def stream(self, ticket: _Ticket, opened: _Opened | None) -> AsyncIterator[list[TokenEvent]]:
@@ -551,8 +571,8 @@ class _Request:
         expected = len(forwarded)
         first_at = loop.time()
         later_tokens = 0  # tokens after the first message's first one: the inter-token latency's denominator
-        complete = False
-        try:
+        with self._replica_call(ticket, call, lambda: f"no token {expected} within {cfg.inter_token_timeout_s:g} s"
+                                ) as attempt:
             async with asyncio.timeout(None) as watchdog:
                 while True:
                     # Reference replicas leave index unset (0): then order is the only index there is.
@@ -560,7 +580,7 @@ class _Request:
                         raise _AttemptFailed("error", f"replica sent index {msg.index}, expected {expected}")
                     more = msg.more_tokens
                     if msg.is_final and not msg.token and not more:  # a final message with no token
-                        complete = True
+                        attempt.finished = True
                         self._succeeded(ticket, opened, first_at, later_tokens)
                         yield [TokenEvent(expected, "", replica_id, True,
                                           FINISH_REASONS.get(msg.finish_reason, "length"))]
@@ -581,7 +601,7 @@ class _Request:
                     if msg.is_final:
                         batch[-1].is_final = True
                         batch[-1].finish_reason = FINISH_REASONS.get(msg.finish_reason, "length")
-                        complete = True
+                        attempt.finished = True
                         self._succeeded(ticket, opened, first_at, later_tokens)
                         yield batch
                         gateway._notify(replica_id, "ok", None)
@@ -592,21 +612,6 @@ class _Request:
                     watchdog.reschedule(None)  # never fire while the caller holds the event
                     if msg is grpc.aio.EOF:
                         raise _AttemptFailed("error", "stream ended before the final token")
-        except TimeoutError:
-            if loop.time() >= deadline:
-                raise DeadlineExceeded(f"request deadline passed after {len(forwarded)} tokens") from None
-            raise _AttemptFailed("stall", f"no token {expected} within {cfg.inter_token_timeout_s:g} s") from None
-        except grpc.aio.AioRpcError as exc:
-            raise self._rpc_failure(ticket, exc) from None
-        except asyncio.CancelledError:
-            if _cancelled_by_caller():
-                raise
-            raise _AttemptFailed("error", "replica connection closed (replica removed from membership)") from None
-        finally:
-            # After the final token the replica is only sending its OK status: cancelling then would make a
-            # completed stream look abandoned on the replica side.
-            if not complete and not call.done():
-                call.cancel()
 
     def _succeeded(self, ticket: _Ticket, opened: _Opened, first_at: float, later_tokens: int) -> None:
         breakers = self.gateway.breakers
