@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from llmgw.cli.membership_args import add_membership_arguments
+
 import errno
 
 HELP = "run the inference gateway (gRPC InferenceGateway + OpenAI-compatible HTTP front + gossip member)"
@@ -17,13 +19,7 @@ def add_arguments(p) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORTS["gateway"]["grpc"], help="gRPC port")
     p.add_argument("--gossip-port", type=int, default=0,
                    help="gossip UDP port (0 = port + 10000); worker i uses gossip port + i")
-    p.add_argument("--seeds", default="", help="comma-separated gossip seeds host:port")
-    p.add_argument("--host", "--bind", dest="host", default="127.0.0.1", help="address to bind")
-    p.add_argument("--advertise", default="", help="host other nodes use to reach this one (default: --host)")
-    p.add_argument("--gossip-config", default="lan", choices=("lan", "local", "wan"), help="gossip timing preset")
-    p.add_argument("--gossip-key-file", default="", metavar="FILE",
-                   help="shared gossip key (at least 16 bytes): sign and check every gossip datagram; members "
-                        "with another key or none are ignored")
+    add_membership_arguments(p)
     p.add_argument("--workers", type=int, default=1,
                    help="processes sharing the gRPC port (SO_REUSEPORT), each its own gossip member")
     p.add_argument("--queue-size", type=int, default=d.queue_size, help="admission queue waiters")

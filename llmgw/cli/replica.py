@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from llmgw.cli.membership_args import add_membership_arguments
+
 HELP = "run an LLM replica (gRPC LLMReplica + gossip member): simulated, or in front of an OpenAI-compatible server"
 
 
@@ -13,13 +15,7 @@ def add_arguments(p) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORTS["replica"]["grpc"], help="gRPC port (0 = any free)")
     p.add_argument("--gossip-port", type=int, default=0, help="gossip UDP port (0 = port + 10000)")
     p.add_argument("--no-gossip", action="store_true", help="run standalone, without joining a cluster")
-    p.add_argument("--seeds", default="", help="comma-separated gossip seeds host:port")
-    p.add_argument("--host", "--bind", dest="host", default="127.0.0.1", help="address to bind")
-    p.add_argument("--advertise", default="", help="host other nodes use to reach this one (default: --host)")
-    p.add_argument("--gossip-config", default="lan", choices=("lan", "local", "wan"), help="gossip timing preset")
-    p.add_argument("--gossip-key-file", default="", metavar="FILE",
-                   help="shared gossip key (at least 16 bytes): sign and check every gossip datagram; members "
-                        "with another key or none are ignored")
+    add_membership_arguments(p)
     p.add_argument("--token-delay-ms", type=float, default=100.0, help="time per generated token")
     p.add_argument("--prefill-ms-per-kchar", type=float, default=1.0,
                    help="prefill cost per 1,000 prompt characters not in the prefix cache")
