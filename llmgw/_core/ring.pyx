@@ -3,7 +3,8 @@
 
 Points live in two parallel C arrays sorted by (hash, member id), so a lookup is a C binary search followed by a
 clockwise walk over C arrays. Per-member state that the walk consults (in-flight load, hard capacity, suspect and
-draining flags) is held in C arrays indexed by a member *slot*, so the walk touches no Python object.
+draining flags) is held in C arrays indexed by a member *slot* (the slot table shared with the picker,
+slots.pyx), so the walk touches no Python object.
 
 Bounded loads follow Mirrokni, Thorup and Zadimoghaddam, "Consistent Hashing with Bounded Loads" (2018): with
 balance factor c, a member whose load is >= ceil(c * (total_load + 1) / n) is skipped, where n counts members
@@ -12,10 +13,13 @@ accepting new work (not draining) and total_load sums their loads.
 
 from libc.math cimport ceil, isfinite
 from libc.stdint cimport INT64_MAX, int32_t, int64_t, uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc, realloc
+from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
 cimport cython
+
+from llmgw._core.slots cimport (F_DRAINING, F_IN_USE, F_SUSPECT, MemberSlots, check_capacity, check_load,
+                                check_weight, grow_array)
 
 import mmh3
 
@@ -24,10 +28,6 @@ DEFAULT_BALANCE = 1.25
 DEFAULT_PREFIX_CHARS = 64
 # A member's point count is vnodes * weight; past this a typo in a weight would eat memory instead of failing.
 MAX_POINTS_PER_MEMBER = 1 << 20
-
-cdef uint8_t F_IN_USE = 1
-cdef uint8_t F_SUSPECT = 2
-cdef uint8_t F_DRAINING = 4
 
 cdef object _hash64 = mmh3.hash64
 
@@ -54,11 +54,34 @@ cdef inline uint64_t _as_key(object key_hash) except? 0:
         raise ValueError(f"key_hash must be an integer in [0, 2**64), got {key_hash!r}") from None
 
 
-cdef inline int _check_exclude(object exclude) except -1:
-    # A bare string is a collection of characters: excluding "r1" would silently exclude members "r" and "1".
-    if isinstance(exclude, (str, bytes)):
-        raise TypeError("exclude must be a collection of member ids, not a single string")
-    return 0
+cdef class _RingSlots(MemberSlots):
+    """The shared slot table plus the ring's own per-slot arrays: point counts and walk visit marks."""
+
+    cdef int32_t* vnode_count
+    cdef uint32_t* seen          # == epoch: already met on the current walk (a member has many points)
+
+    def __cinit__(self):
+        self.vnode_count = NULL
+        self.seen = NULL
+
+    def __dealloc__(self):
+        free(self.vnode_count)
+        free(self.seen)
+
+    cdef int _resize(self, Py_ssize_t new_cap) except -1:
+        # Own arrays first: the base sets cap_slots, which must never exceed any array's length.
+        self.vnode_count = <int32_t*>grow_array(self.vnode_count, new_cap * sizeof(int32_t))
+        self.seen = <uint32_t*>grow_array(self.seen, new_cap * sizeof(uint32_t))
+        return MemberSlots._resize(self, new_cap)
+
+    cdef void _reset(self, Py_ssize_t slot) noexcept:
+        MemberSlots._reset(self, slot)
+        self.vnode_count[slot] = 0
+        self.seen[slot] = 0
+
+    cdef void _clear_marks(self) noexcept:
+        MemberSlots._clear_marks(self)
+        memset(self.seen, 0, self.cap_slots * sizeof(uint32_t))
 
 
 cdef class HashRing:
@@ -73,21 +96,7 @@ cdef class HashRing:
     cdef int32_t* _point_slot
     cdef Py_ssize_t _n_points
 
-    cdef int64_t* _load
-    cdef int64_t* _capacity
-    cdef double* _weight
-    cdef int32_t* _vnode_count
-    cdef uint8_t* _flags
-    cdef uint32_t* _seen
-    cdef uint32_t* _excluded
-    cdef uint32_t _epoch
-    cdef Py_ssize_t _n_slots
-    cdef Py_ssize_t _cap_slots
-
-    cdef list _names
-    cdef dict _slot_of
-    cdef list _free_slots
-    cdef Py_ssize_t _n_members
+    cdef _RingSlots _slots
     cdef Py_ssize_t _n_accepting
     cdef int64_t _total_load
 
@@ -98,28 +107,14 @@ cdef class HashRing:
     def __cinit__(self):
         self._points = NULL
         self._point_slot = NULL
-        self._load = NULL
-        self._capacity = NULL
-        self._weight = NULL
-        self._vnode_count = NULL
-        self._flags = NULL
-        self._seen = NULL
-        self._excluded = NULL
         self._n_points = 0
-        self._n_slots = 0
-        self._cap_slots = 0
-        self._epoch = 0
+        self._slots = _RingSlots()
+        self._n_accepting = 0
+        self._total_load = 0
 
     def __dealloc__(self):
         free(self._points)
         free(self._point_slot)
-        free(self._load)
-        free(self._capacity)
-        free(self._weight)
-        free(self._vnode_count)
-        free(self._flags)
-        free(self._seen)
-        free(self._excluded)
 
     def __init__(self, vnodes=DEFAULT_VNODES, balance=DEFAULT_BALANCE, *, point_bits=64):
         if not isinstance(vnodes, int) or isinstance(vnodes, bool) or not 1 <= vnodes <= MAX_POINTS_PER_MEMBER:
@@ -129,12 +124,6 @@ cdef class HashRing:
         self._vnodes = vnodes
         self._balance = _check_balance(balance)
         self._point_mask = <uint64_t>0xFFFFFFFFFFFFFFFF if point_bits == 64 else ((<uint64_t>1 << point_bits) - 1)
-        self._names = []
-        self._slot_of = {}
-        self._free_slots = []
-        self._n_members = 0
-        self._n_accepting = 0
-        self._total_load = 0
 
     # ------------------------------------------------------------------ configuration
 
@@ -167,101 +156,97 @@ cdef class HashRing:
     def set_member(self, str member_id, *, double weight=1.0, capacity=0, bint suspect=False,
                    bint draining=False):
         """Add a member or update an existing one. Only a weight change moves keys (and only this member's)."""
-        cdef int64_t cap = _check_capacity(capacity)
+        cdef int64_t cap = check_capacity(capacity)
         cdef int32_t count = _vnode_count_for(self._vnodes, weight)
+        cdef _RingSlots slots = self._slots
         cdef Py_ssize_t slot
-        cdef object existing = self._slot_of.get(member_id)
+        cdef object existing = slots.slot_of.get(member_id)
         if existing is None:
-            slot = self._new_slot(member_id)
-            self._weight[slot] = weight
-            self._capacity[slot] = cap
-            self._flags[slot] = F_IN_USE | (F_SUSPECT if suspect else 0) | (F_DRAINING if draining else 0)
-            self._n_members += 1
+            slot = slots.add(member_id)
+            slots.weight[slot] = weight
+            slots.capacity[slot] = cap
+            slots.flags[slot] = F_IN_USE | (F_SUSPECT if suspect else 0) | (F_DRAINING if draining else 0)
             if not draining:
                 self._n_accepting += 1
             self._insert_points(member_id, slot, count)
             return
         slot = existing
-        self._capacity[slot] = cap
-        self._set_flag(slot, F_SUSPECT, suspect)
+        slots.capacity[slot] = cap
+        slots.set_flag(slot, F_SUSPECT, suspect)
         self._set_draining(slot, draining)
-        if count != self._vnode_count[slot]:
+        if count != slots.vnode_count[slot]:
             self._remove_points(slot)
             self._insert_points(member_id, slot, count)
-        self._weight[slot] = weight
+        slots.weight[slot] = weight
 
     def remove_member(self, str member_id):
         """Remove a member; only the keys it owned move (to their next member clockwise)."""
-        cdef Py_ssize_t slot = self._slot(member_id)
+        cdef _RingSlots slots = self._slots
+        cdef Py_ssize_t slot = slots.slot(member_id)
         self._remove_points(slot)
-        if not (self._flags[slot] & F_DRAINING):
+        if not (slots.flags[slot] & F_DRAINING):
             self._n_accepting -= 1
-            self._total_load -= self._load[slot]
-        self._n_members -= 1
-        self._flags[slot] = 0
-        self._load[slot] = 0
-        self._names[slot] = None
-        del self._slot_of[member_id]
-        self._free_slots.append(slot)
+            self._total_load -= slots.load[slot]
+        slots.release(slot)
 
     def set_suspect(self, str member_id, bint suspect):
         """Mark a member SUSPECT (skipped while any ALIVE member is eligible) or ALIVE again."""
-        self._set_flag(self._slot(member_id), F_SUSPECT, suspect)
+        self._slots.set_flag(self._slots.slot(member_id), F_SUSPECT, suspect)
 
     def set_draining(self, str member_id, bint draining):
         """A draining member keeps its points (so its keys come back to it) but takes no new work."""
-        self._set_draining(self._slot(member_id), draining)
+        self._set_draining(self._slots.slot(member_id), draining)
 
     def set_capacity(self, str member_id, capacity):
         """Hard limit on in-flight requests (0 = unlimited)."""
-        self._capacity[self._slot(member_id)] = _check_capacity(capacity)
+        self._slots.capacity[self._slots.slot(member_id)] = check_capacity(capacity)
 
     def set_load(self, str member_id, active):
         """Set a member's in-flight request count."""
-        cdef Py_ssize_t slot = self._slot(member_id)
-        cdef int64_t value = _check_load(active)
-        if not (self._flags[slot] & F_DRAINING):
-            self._total_load += value - self._load[slot]
-        self._load[slot] = value
+        cdef _RingSlots slots = self._slots
+        cdef Py_ssize_t slot = slots.slot(member_id)
+        cdef int64_t value = check_load(active)
+        if not (slots.flags[slot] & F_DRAINING):
+            self._total_load += value - slots.load[slot]
+        slots.load[slot] = value
 
     def add_load(self, str member_id, delta):
         """Add `delta` (may be negative) to a member's load and return the new load; it may not go below 0."""
-        cdef Py_ssize_t slot = self._slot(member_id)
-        cdef int64_t d = delta
-        if self._load[slot] + d < 0:
-            raise ValueError(f"load of {member_id!r} would become {self._load[slot] + d} (< 0)")
-        if not (self._flags[slot] & F_DRAINING):
-            self._total_load += d
-        self._load[slot] += d
-        return self._load[slot]
+        cdef _RingSlots slots = self._slots
+        cdef Py_ssize_t slot = slots.slot(member_id)
+        cdef int64_t before = slots.load[slot]
+        cdef int64_t after = slots.add_load(slot, delta)
+        if not (slots.flags[slot] & F_DRAINING):
+            self._total_load += after - before
+        return after
 
     def load(self, str member_id) -> int:
         """A member's in-flight request count."""
-        return self._load[self._slot(member_id)]
+        return self._slots.load[self._slots.slot(member_id)]
 
     def total_load(self) -> int:
         """Sum of the loads of members accepting new work (the bound's numerator)."""
         return self._total_load
 
     def weight(self, str member_id) -> float:
-        return self._weight[self._slot(member_id)]
+        return self._slots.weight[self._slots.slot(member_id)]
 
     def capacity(self, str member_id) -> int:
-        return self._capacity[self._slot(member_id)]
+        return self._slots.capacity[self._slots.slot(member_id)]
 
     def is_suspect(self, str member_id) -> bool:
-        return bool(self._flags[self._slot(member_id)] & F_SUSPECT)
+        return bool(self._slots.flags[self._slots.slot(member_id)] & F_SUSPECT)
 
     def is_draining(self, str member_id) -> bool:
-        return bool(self._flags[self._slot(member_id)] & F_DRAINING)
+        return bool(self._slots.flags[self._slots.slot(member_id)] & F_DRAINING)
 
     def vnode_count(self, str member_id) -> int:
         """Number of points the member holds on the ring."""
-        return self._vnode_count[self._slot(member_id)]
+        return self._slots.vnode_count[self._slots.slot(member_id)]
 
     def members(self) -> list:
         """Member ids, sorted."""
-        return sorted(self._slot_of)
+        return sorted(self._slots.slot_of)
 
     @property
     def point_count(self) -> int:
@@ -269,13 +254,14 @@ cdef class HashRing:
 
     def points(self) -> list:
         """All (point_hash, member_id) pairs in ring order (for inspection and tests; allocates)."""
-        return [(self._points[i], self._names[self._point_slot[i]]) for i in range(self._n_points)]
+        cdef list names = self._slots.names
+        return [(self._points[i], names[self._point_slot[i]]) for i in range(self._n_points)]
 
     def __len__(self):
-        return self._n_members
+        return self._slots.n_members
 
     def __contains__(self, member_id):
-        return member_id in self._slot_of
+        return member_id in self._slots.slot_of
 
     # ------------------------------------------------------------------ lookups
 
@@ -286,7 +272,7 @@ cdef class HashRing:
         if self._n_points == 0:
             return None
         cdef Py_ssize_t i = self._lower_bound(h)
-        return self._names[self._point_slot[i]]
+        return self._slots.names[self._point_slot[i]]
 
     @cython.binding(False)
     def lookup(self, key_hash, exclude=()):
@@ -297,6 +283,7 @@ cdef class HashRing:
         routable but over the bound, None is returned so the caller's fallback (least connections) picks it.
         """
         cdef uint64_t h = _as_key(key_hash)
+        cdef _RingSlots slots = self._slots
         cdef bint has_exclude = False
         cdef Py_ssize_t first
         cdef int32_t slot
@@ -307,19 +294,18 @@ cdef class HashRing:
             # Fast path, the common case: the owner itself is ALIVE, accepting, under capacity and the bound.
             first = self._lower_bound(h)
             slot = self._point_slot[first]
-            load = self._load[slot]
-            cap = self._capacity[slot]
-            if self._flags[slot] == F_IN_USE and (cap == 0 or load < cap) and load < self._bound():
-                return self._names[slot]
-        self._next_epoch()
+            load = slots.load[slot]
+            cap = slots.capacity[slot]
+            if slots.flags[slot] == F_IN_USE and (cap == 0 or load < cap) and load < self._bound():
+                return slots.names[slot]
+        slots.next_epoch()
         if exclude:
-            _check_exclude(exclude)
-            self._mark_excluded(exclude)
+            slots.mark_excluded(exclude)
             has_exclude = True
         slot = self._walk(h, has_exclude)
         if slot < 0:
             return None
-        return self._names[slot]
+        return slots.names[slot]
 
     @cython.binding(False)
     def preference_list(self, key_hash, Py_ssize_t n, exclude=()):
@@ -333,24 +319,28 @@ cdef class HashRing:
         cdef list result = []
         if n == 0 or self._n_points == 0:
             return result
-        self._next_epoch()
+        cdef _RingSlots slots = self._slots
+        slots.next_epoch()
         if exclude:
-            _check_exclude(exclude)
-            self._mark_excluded(exclude)
-        cdef uint32_t epoch = self._epoch
+            slots.mark_excluded(exclude)
+        cdef uint32_t epoch = slots.epoch
+        cdef uint32_t* seen_at = slots.seen
+        cdef const uint32_t* excluded_at = slots.excluded
+        cdef const uint8_t* flags = slots.flags
+        cdef Py_ssize_t n_members = slots.n_members
         cdef Py_ssize_t i = self._lower_bound(h)
         cdef Py_ssize_t remaining = self._n_points, seen = 0
         cdef int32_t slot
         while remaining > 0:  # at most one lap of the ring
             slot = self._point_slot[i]
-            if self._seen[slot] != epoch:
-                self._seen[slot] = epoch
+            if seen_at[slot] != epoch:
+                seen_at[slot] = epoch
                 seen += 1
-                if self._excluded[slot] != epoch and not (self._flags[slot] & F_DRAINING):
-                    result.append(self._names[slot])
+                if excluded_at[slot] != epoch and not (flags[slot] & F_DRAINING):
+                    result.append(slots.names[slot])
                     if len(result) == n:
                         break
-                if seen == self._n_members:
+                if seen == n_members:
                     break
             remaining -= 1
             i += 1
@@ -378,7 +368,16 @@ cdef class HashRing:
     cdef int32_t _walk(self, uint64_t h, bint has_exclude) noexcept:
         if self._n_points == 0:
             return -1
-        cdef uint32_t epoch = self._epoch
+        cdef _RingSlots slots = self._slots
+        # Locals, not attribute reads: the loop writes seen_at[], which the compiler cannot prove leaves the
+        # array pointers held by the slot table unchanged.
+        cdef uint32_t epoch = slots.epoch
+        cdef uint32_t* seen_at = slots.seen
+        cdef const uint32_t* excluded_at = slots.excluded
+        cdef const uint8_t* flags_at = slots.flags
+        cdef const int64_t* load_at = slots.load
+        cdef const int64_t* capacity_at = slots.capacity
+        cdef Py_ssize_t n_members = slots.n_members
         cdef int64_t bound = self._bound()
         cdef Py_ssize_t i = self._lower_bound(h)
         cdef Py_ssize_t remaining = self._n_points, seen = 0
@@ -387,19 +386,19 @@ cdef class HashRing:
         cdef int64_t load, cap
         while remaining > 0:  # at most one lap of the ring
             slot = self._point_slot[i]
-            if self._seen[slot] != epoch:
-                self._seen[slot] = epoch
+            if seen_at[slot] != epoch:
+                seen_at[slot] = epoch
                 seen += 1
-                flags = self._flags[slot]
-                load = self._load[slot]
-                cap = self._capacity[slot]
+                flags = flags_at[slot]
+                load = load_at[slot]
+                cap = capacity_at[slot]
                 if (not (flags & F_DRAINING) and load < bound and (cap == 0 or load < cap)
-                        and not (has_exclude and self._excluded[slot] == epoch)):
+                        and not (has_exclude and excluded_at[slot] == epoch)):
                     if not (flags & F_SUSPECT):
                         return slot
                     if suspect_fallback < 0:
                         suspect_fallback = slot
-                if seen == self._n_members:
+                if seen == n_members:
                     break
             remaining -= 1
             i += 1
@@ -410,94 +409,35 @@ cdef class HashRing:
         return -1
 
     cdef bint _any_alive_routable(self, bint has_exclude) noexcept:
+        cdef _RingSlots slots = self._slots
         cdef Py_ssize_t s
         cdef uint8_t flags
-        for s in range(self._n_slots):
-            flags = self._flags[s]
+        for s in range(slots.n_slots):
+            flags = slots.flags[s]
             if (flags & F_IN_USE) and not (flags & (F_SUSPECT | F_DRAINING)):
-                if has_exclude and self._excluded[s] == self._epoch:
+                if has_exclude and slots.excluded[s] == slots.epoch:
                     continue
-                if self._capacity[s] == 0 or self._load[s] < self._capacity[s]:
+                if slots.capacity[s] == 0 or slots.load[s] < slots.capacity[s]:
                     return True
         return False
 
-    cdef inline void _next_epoch(self) noexcept:
-        self._epoch += 1
-        if self._epoch == 0:
-            # Wrapped after 2**32 calls: stale marks could equal the new epoch, so clear them.
-            if self._cap_slots:
-                memset(self._seen, 0, self._cap_slots * sizeof(uint32_t))
-                memset(self._excluded, 0, self._cap_slots * sizeof(uint32_t))
-            self._epoch = 1
-
-    cdef int _mark_excluded(self, object exclude) except -1:
-        cdef object slot
-        cdef dict slot_of = self._slot_of
-        for member_id in exclude:
-            slot = slot_of.get(member_id)
-            if slot is not None:
-                self._excluded[<Py_ssize_t>slot] = self._epoch
-        return 0
-
-    cdef Py_ssize_t _slot(self, str member_id) except -1:
-        slot = self._slot_of.get(member_id)
-        if slot is None:
-            raise KeyError(f"unknown member {member_id!r}")
-        return slot
-
-    cdef void _set_flag(self, Py_ssize_t slot, uint8_t flag, bint on) noexcept:
-        if on:
-            self._flags[slot] |= flag
-        else:
-            self._flags[slot] &= ~flag
-
     cdef void _set_draining(self, Py_ssize_t slot, bint draining) noexcept:
-        cdef bint was = (self._flags[slot] & F_DRAINING) != 0
+        cdef _RingSlots slots = self._slots
+        cdef bint was = (slots.flags[slot] & F_DRAINING) != 0
         if was == draining:
             return
-        self._set_flag(slot, F_DRAINING, draining)
+        slots.set_flag(slot, F_DRAINING, draining)
         if draining:
             self._n_accepting -= 1
-            self._total_load -= self._load[slot]
+            self._total_load -= slots.load[slot]
         else:
             self._n_accepting += 1
-            self._total_load += self._load[slot]
-
-    cdef Py_ssize_t _new_slot(self, str member_id) except -1:
-        cdef Py_ssize_t slot
-        if self._free_slots:
-            slot = self._free_slots.pop()
-            self._names[slot] = member_id
-        else:
-            if self._n_slots == self._cap_slots:
-                self._grow_slots(max(8, self._cap_slots * 2))
-            slot = self._n_slots
-            self._n_slots += 1
-            self._names.append(member_id)
-        self._slot_of[member_id] = slot
-        self._load[slot] = 0
-        self._capacity[slot] = 0
-        self._weight[slot] = 1.0
-        self._vnode_count[slot] = 0
-        self._flags[slot] = 0
-        self._seen[slot] = 0
-        self._excluded[slot] = 0
-        return slot
-
-    cdef int _grow_slots(self, Py_ssize_t new_cap) except -1:
-        self._load = <int64_t*>_grow(self._load, new_cap * sizeof(int64_t))
-        self._capacity = <int64_t*>_grow(self._capacity, new_cap * sizeof(int64_t))
-        self._weight = <double*>_grow(self._weight, new_cap * sizeof(double))
-        self._vnode_count = <int32_t*>_grow(self._vnode_count, new_cap * sizeof(int32_t))
-        self._flags = <uint8_t*>_grow(self._flags, new_cap * sizeof(uint8_t))
-        self._seen = <uint32_t*>_grow(self._seen, new_cap * sizeof(uint32_t))
-        self._excluded = <uint32_t*>_grow(self._excluded, new_cap * sizeof(uint32_t))
-        self._cap_slots = new_cap
-        return 0
+            self._total_load += slots.load[slot]
 
     cdef int _insert_points(self, str member_id, Py_ssize_t slot, int32_t count) except -1:
         """Merge the member's `count` points into the sorted arrays in O(total points)."""
         cdef uint64_t mask = self._point_mask
+        cdef list names = self._slots.names
         cdef list fresh = sorted([<uint64_t>(_hash64(f"{member_id}#{i}", signed=False)[0]) & mask
                                   for i in range(count)])
         cdef Py_ssize_t total = self._n_points + count
@@ -524,7 +464,7 @@ cdef class HashRing:
                 else:
                     # Collision: order by member id so the result does not depend on insertion order.
                     sa = self._point_slot[a]
-                    take_old = sa == slot or self._names[sa] < member_id
+                    take_old = sa == slot or names[sa] < member_id
             if take_old:
                 new_points[out] = self._points[a]
                 new_slots[out] = self._point_slot[a]
@@ -539,7 +479,7 @@ cdef class HashRing:
         self._points = new_points
         self._point_slot = new_slots
         self._n_points = total
-        self._vnode_count[slot] = count
+        self._slots.vnode_count[slot] = count
         return 0
 
     cdef void _remove_points(self, Py_ssize_t slot) noexcept:
@@ -550,14 +490,7 @@ cdef class HashRing:
                 self._point_slot[out] = self._point_slot[i]
                 out += 1
         self._n_points = out
-        self._vnode_count[slot] = 0
-
-
-cdef void* _grow(void* ptr, size_t size) except NULL:
-    cdef void* grown = realloc(ptr, size)
-    if grown == NULL:
-        raise MemoryError()
-    return grown
+        self._slots.vnode_count[slot] = 0
 
 
 cdef double _check_balance(object balance) except -1.0:
@@ -574,25 +507,8 @@ cdef double _check_balance(object balance) except -1.0:
     return value
 
 
-cdef int64_t _check_capacity(object capacity) except -1:
-    if not isinstance(capacity, int) or isinstance(capacity, bool):
-        raise TypeError(f"capacity must be an int, got {capacity!r}")
-    if capacity < 0 or capacity > INT64_MAX:
-        raise ValueError(f"capacity must be >= 0 (0 = unlimited), got {capacity}")
-    return capacity
-
-
-cdef int64_t _check_load(object active) except -1:
-    if not isinstance(active, int) or isinstance(active, bool):
-        raise TypeError(f"load must be an int, got {active!r}")
-    if active < 0 or active > INT64_MAX // 2:
-        raise ValueError(f"load must be >= 0, got {active}")
-    return active
-
-
 cdef int32_t _vnode_count_for(int vnodes, double weight) except -1:
-    if not isfinite(weight) or weight <= 0.0:
-        raise ValueError(f"weight must be a finite number > 0, got {weight!r}")
+    check_weight(weight)
     cdef double scaled = vnodes * weight
     if scaled > MAX_POINTS_PER_MEMBER:
         raise ValueError(f"vnodes * weight = {scaled:g} exceeds {MAX_POINTS_PER_MEMBER} points per member")
