@@ -76,6 +76,10 @@ class Node:
     gossip_port: int
     log_path: Path
     argv: list[str]
+    # Where this life's output starts in log_path: the log of a node restarted under the same name is appended
+    # to, and only a READY line past this offset means *this* process is ready.
+    log_offset: int = 0
+    ready_at: float | None = None  # time.monotonic() when wait_ready saw this life's READY line
 
     @property
     def grpc_address(self) -> str:
@@ -129,21 +133,28 @@ class Cluster:
         argv = [sys.executable, "-m", "llmgw", role, *args, "--log-level", self.log_level]
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
         with open(log_path, "ab") as log:
+            offset = log.seek(0, os.SEEK_END)
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
                                     start_new_session=True)
-        node = Node(name, role, proc, grpc_port, gossip_port, log_path, argv)
+        node = Node(name, role, proc, grpc_port, gossip_port, log_path, argv, log_offset=offset)
         self.nodes[name] = node
         if wait_ready:
             self.wait_ready(node)
         return node
 
-    def wait_ready(self, node: Node, timeout: float = READY_TIMEOUT_S) -> None:
+    def wait_ready(self, node: Node, timeout: float = READY_TIMEOUT_S) -> float:
+        """Wait for this life's READY line (printed once the node serves); returns, and records in
+        node.ready_at, the monotonic time it was seen (within ~20 ms)."""
         def ready():
             if not node.alive():
                 raise AssertionError(f"{node.name} exited with {node.proc.returncode}:\n{node.log_tail()}")
-            return "READY" in node.log_path.read_text(errors="replace")
+            with open(node.log_path, "rb") as f:
+                f.seek(node.log_offset)
+                return any(line.startswith(b"READY") for line in f.read().splitlines())
 
-        wait_until(ready, timeout, 0.05, f"{node.name} to be ready")
+        wait_until(ready, timeout, 0.02, f"{node.name} to be ready")
+        node.ready_at = time.monotonic()
+        return node.ready_at
 
     def start_replica(self, name: str, *, token_delay_ms: float = 50, max_capacity: int = 32,
                       seeds: str | None = None, extra: tuple[str, ...] | list[str] = (), wait_ready: bool = True,

@@ -228,7 +228,7 @@ async def chaos_monkey(cluster: Cluster, replica_names: list[str], *, every_s: f
         await asyncio.to_thread(cluster.kill, node)
         log_.kills.append((time.monotonic(), name))
         t0 = time.monotonic()
-        await asyncio.to_thread(restart_replica, cluster, name, seeds=cluster.seeds(exclude=name), **replica_args)
+        await asyncio.to_thread(cluster.start_replica, name, seeds=cluster.seeds(exclude=name), **replica_args)
         log_.restarts.append((time.monotonic(), name, time.monotonic() - t0))
         next_kill += every_s
 
@@ -385,7 +385,9 @@ async def gossip_under_loss(*, nodes: int, duration_s: float, loss: float, dupli
                     suspect_events=events.get("suspect", 0), events=dict(events), all_alive_at_end=final_ok,
                     dropped=sum(n.dropped for n in nets), sent=sum(s.get("messages_out", 0) for s in stats),
                     refutations=sum(s.get("refutations", 0) for s in stats),
-                    probes_failed=sum(s.get("probes_failed", 0) for s in stats))
+                    probes_failed=sum(s.get("probes_failed", 0) for s in stats),
+                    ping_reqs_sent=sum(s.get("ping_reqs_sent", 0) for s in stats),
+                    indirect_acks=sum(s.get("indirect_acks", 0) for s in stats))
     finally:
         for n in made:
             await asyncio.wait_for(n.stop(leave=False), 10)
@@ -573,36 +575,10 @@ async def fifo_probe(gateway: Node, *, requests: int, spacing_s: float, max_toke
                                       timeout_s + requests * spacing_s + 5.0)
 
 
-def wait_fresh_ready(node: Node, ready_lines_before: int, timeout: float = 30.0) -> float:
-    """Wait for a restarted node's own READY line (its log is appended to, so the previous life's READY is
-    already there: the harness's wait_ready would return at once). Returns monotonic time it was seen."""
-    def ready():
-        if not node.alive():
-            raise AssertionError(f"{node.name} exited with {node.proc.returncode}:\n{node.log_tail()}")
-        return count_ready(node.log_path) > ready_lines_before
-
-    wait_until(ready, timeout, 0.01, f"{node.name} to be ready again")
-    return time.monotonic()
-
-
-def count_ready(log_path: Path) -> int:
-    try:
-        return sum(1 for line in log_path.read_text(errors="replace").splitlines() if line.startswith("READY"))
-    except FileNotFoundError:
-        return 0
-
-
-def restart_replica(cluster: Cluster, name: str, **kwargs) -> Node:
-    before = count_ready(cluster.workdir / f"{name}.log")
-    node = cluster.start_replica(name, wait_ready=False, **kwargs)
-    wait_fresh_ready(node, before)
-    return node
-
-
 def restart_gateway(cluster: Cluster, name: str, **kwargs) -> tuple[Node, float]:
-    before = count_ready(cluster.workdir / f"{name}.log")
-    node = cluster.start_gateway(name, wait_ready=False, **kwargs)
-    return node, wait_fresh_ready(node, before)
+    """Start gateway `name` again (same id, fresh ports); (node, monotonic time its new READY line was seen)."""
+    node = cluster.start_gateway(name, **kwargs)
+    return node, node.ready_at
 
 
 # ---- agent: run inside a network namespace (tests/test_netns.py) ----------------------------------------------

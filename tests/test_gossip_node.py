@@ -172,3 +172,10 @@ def test_bind_wildcard_advertises_routable_address():
         assert await wait_for(lambda: live_ids(a) == {"b"} and live_ids(b) == {"a"}, 5.0)
 
     run_nodes(body)
+
+
+@pytest.mark.parametrize("bad", [dict(max_members=0), dict(max_self_incarnation_lead=0),
+                                 dict(max_self_incarnation_lead=2**41)])  # above max_incarnation_jump (2**40)
+def test_hostile_input_bounds_are_validated(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        GossipConfig.lan(**bad)

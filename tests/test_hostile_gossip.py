@@ -10,8 +10,11 @@ unknown message types / states dropped, a DEAD at 2**64-1 about another member i
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 import time
+
+import pytest
 
 from reliability_helpers import FUZZ_SELF, check_swim_invariants, fuzz_swim
 
@@ -31,6 +34,9 @@ def test_fuzz_100k_datagrams_keep_the_member_table_sane():
     assert min(result["kinds"].values()) > 10_000
     assert result["decodable"] > 20_000 and result["malformed"] > 20_000 and result["implausible"] > 1_000
     assert result["slowest_datagram_ms"] < 50.0  # no datagram makes the core work for long (no hang)
+    # Forged rumours about us could push our incarnation up by one whole lead at most, then one step per
+    # refutation (finding 5: before the bound, 2.2e12 in 7 refutations).
+    assert 0 < result["self_incarnation_growth"] <= LAN.max_self_incarnation_lead + result["refutations"] + 1
 
 
 # ---- one explicit test per kind ----------------------------------------------------------------------------
@@ -41,21 +47,129 @@ def _core_with_peers():
     return a
 
 
-def test_oversized_datagram_is_processed_in_bounded_time_and_invents_nothing():
+def _datagram_of_size(size: int) -> bytes:
+    """An ACK from peer-0 announcing member "edge", padded (model_version) to exactly `size` bytes."""
+    for pad in range(size, 0, -1):
+        data = encode(Message(ACK, "peer-0", "", 0, [upd("edge", ALIVE, BASE_INC, model_version="v" * pad)],
+                              addr("peer-0"), "", 0))
+        if len(data) == size:
+            return data
+    raise AssertionError(f"no padding gives a {size}-byte datagram")
+
+
+def test_oversized_datagram_is_dropped_before_decoding_and_counted():
     a = _core_with_peers()
-    before = {r[0] for r in a.members()}
+    before = a.members()
     updates = [upd(f"bulk-{i}", ALIVE, BASE_INC) for i in range(2000)]
     data = encode(Message(ACK, "peer-0", "", 0, updates, addr("peer-0"), "", 0))
     assert len(data) > 40 * LAN.max_datagram  # far beyond what any member sends
     t0 = time.perf_counter()
     a.handle_datagram(data, addr("peer-0"), 0.0)
-    assert time.perf_counter() - t0 < 0.5
-    # Outcome today: the receiver does not enforce max_datagram, so every update in it is applied (see
-    # docs/reliability.md: one spoofed 60 KB datagram adds 2,000 members without a key). The table holds exactly
-    # the named members, nothing else, and self is untouched.
+    assert time.perf_counter() - t0 < 0.05
+    assert a.members() == before and a.stats["oversized"] == 1 and a.stats["malformed"] == 0
+    # The limit is exactly what a member may send: max_datagram bytes are processed, one more is not.
+    at_limit = _datagram_of_size(LAN.max_datagram)
+    a.handle_datagram(at_limit + b"\x00", addr("peer-0"), 0.0)
+    assert a.member("edge") is None and a.stats["oversized"] == 2
+    a.handle_datagram(at_limit, addr("peer-0"), 0.0)
+    assert state_of(a, "edge") == "alive"
+
+
+def test_oversized_limit_leaves_room_for_the_auth_tag():
+    auth = Authenticator(KEY)
+    a = make(FUZZ_SELF, auth=auth)
+    # The largest message a keyed peer sends: max_datagram - tag of payload, sealed to max_datagram bytes.
+    sealed = auth.seal(_datagram_of_size(LAN.max_datagram - auth.overhead))
+    assert len(sealed) == LAN.max_datagram
+    a.handle_datagram(sealed, addr("peer-0"), 0.0)
+    assert state_of(a, "edge") == "alive"
+    a.handle_datagram(b"\x00" * (LAN.max_datagram + auth.overhead + 1), addr("peer-0"), 0.0)
+    assert a.stats["oversized"] == 1 and a.stats["auth_rejected"] == 0
+
+
+def test_member_table_is_capped_without_evicting_known_members():
+    config = GossipConfig.lan(max_members=20, dead_gc_after=1.0, tombstone_ttl=5.0)
+    a = make(FUZZ_SELF, config)
+    peers = [make(f"peer-{i}", config) for i in range(3)]
+    join_all([a] + peers)
+    for chunk in range(10):  # 200 invented members, 20 per datagram (each within max_datagram)
+        gossip(a, "peer-0", [upd(f"bulk-{chunk}-{i}", ALIVE, BASE_INC) for i in range(20)])
     ids = {r[0] for r in a.members()}
-    assert ids == before | {f"bulk-{i}" for i in range(2000)}
-    check_swim_invariants(a, ids, a.incarnation, LAN)
+    assert len(ids) == 20 and {"peer-0", "peer-1", "peer-2"} <= ids
+    assert a.stats["members_refused"] == 200 - 17
+    # Known members keep being updated at the cap.
+    gossip(a, "peer-1", [upd("peer-1", ALIVE, BASE_INC + 3)])
+    assert a.member("peer-1")[5] == BASE_INC + 3
+    # DEAD rumours about never-seen ids do not grow the tombstones past the same cap.
+    for chunk in range(5):
+        gossip(a, "peer-0", [upd(f"ghost-{chunk}-{i}", DEAD, BASE_INC) for i in range(20)])
+    assert a.stats["members_refused"] > 200 - 17
+    # Once GC frees room (members declared DEAD, then collected), newcomers are learned again.
+    gossip(a, "peer-0", [upd(f"bulk-0-{i}", DEAD, BASE_INC) for i in range(17)])
+    for step in range(1, 6):
+        a.tick(float(step))
+    gossip(a, "peer-0", [upd("late-newcomer", ALIVE, BASE_INC)], now=6.0)
+    assert state_of(a, "late-newcomer") == "alive"
+
+
+def test_forged_rumours_cannot_ratchet_our_incarnation_but_a_previous_life_is_outranked():
+    a = _core_with_peers()
+    own = a.incarnation
+    lead = LAN.max_self_incarnation_lead
+    # Far above anything a previous life of ours could have reached (but within max_incarnation_jump): dropped.
+    for state in (SUSPECT, DEAD, ALIVE):
+        gossip(a, "peer-0", [upd(FUZZ_SELF, state, own + lead + 1_000, reporter="peer-0")])
+    assert a.incarnation == own and a.stats["refutations"] == 0 and a.stats["implausible"] == 3
+    # A plausible accusation is refuted with max(own, rumoured) + 1 ...
+    gossip(a, "peer-0", [upd(FUZZ_SELF, SUSPECT, own + 500, reporter="peer-0")])
+    assert a.incarnation == own + 501 and a.stats["refutations"] == 1
+    # ... and a rumour from a previous life with a higher incarnation is moved past.
+    gossip(a, "peer-0", [upd(FUZZ_SELF, ALIVE, own + 9_000)])
+    assert a.incarnation == own + 9_001
+    # Forging at the bound over and over walks us up one step per datagram, never by a whole lead again.
+    for _ in range(50):
+        gossip(a, "peer-0", [upd(FUZZ_SELF, DEAD, own + lead, reporter="peer-0")])
+        gossip(a, "peer-0", [upd(FUZZ_SELF, DEAD, a.incarnation, reporter="peer-0")])
+    assert own + lead < a.incarnation <= own + lead + 1 + 50
+    assert a.local_member()[4] == "alive"
+
+
+def test_self_incarnation_bound_follows_the_wall_clock():
+    """Time-based incarnations: a previous life's rumour is at most a few minutes of ms ahead of our wall clock."""
+    wall_ms = 1_700_000_000_000
+    a = make(FUZZ_SELF, incarnation=wall_ms, wall_offset=wall_ms / 1000.0)
+    gossip(a, "peer-0", [upd(FUZZ_SELF, DEAD, wall_ms + 60_000, reporter="peer-0")], now=0.0)
+    assert a.incarnation == wall_ms + 60_001
+    # An hour later the allowance has moved with the clock.
+    gossip(a, "peer-0", [upd(FUZZ_SELF, DEAD, wall_ms + 3_600_000 + 500_000, reporter="peer-0")], now=3600.0)
+    assert a.incarnation == wall_ms + 4_100_001
+    gossip(a, "peer-0", [upd(FUZZ_SELF, DEAD, wall_ms + 3_600_000 + 700_000, reporter="peer-0")], now=3600.0)
+    assert a.incarnation == wall_ms + 4_100_001 and a.stats["implausible"] == 1
+
+
+def test_insane_metadata_is_clamped_and_counted_not_stored_or_spread():
+    a = _core_with_peers()
+    hostile = [upd("peer-1", ALIVE, BASE_INC + 1, weight=float("inf"), max_capacity=-7, active_requests=-3),
+               upd("peer-2", ALIVE, BASE_INC + 1, weight=float("nan")),
+               upd("newcomer", ALIVE, BASE_INC, weight=-2.0, max_capacity=4, active_requests=1)]
+    gossip(a, "peer-0", hostile)
+    assert a.stats["metadata_clamped"] == 3
+    fields = {r[0]: (r[5], r[7], r[8], r[9]) for r in a.members()}  # incarnation, active, capacity, weight
+    assert fields["peer-1"] == (BASE_INC + 1, 0, 0, 1.0)  # the state and incarnation still count
+    assert fields["peer-2"] == (BASE_INC + 1, 0, 0, 1.0)
+    assert fields["newcomer"] == (BASE_INC, 1, 4, 1.0)
+    for row in a.members():
+        assert math.isfinite(row[9]) and row[9] > 0 and row[7] >= 0 and row[8] >= 0
+    # What we pass on is the clamped version.
+    a.drain_outgoing()
+    a.tick(1.0)
+    spread = [u for _, d in a.drain_outgoing() for u in decode(d).updates if u.member_id in fields]
+    assert spread and all(math.isfinite(u.weight) and u.weight >= 0 and u.max_capacity >= 0
+                          and u.active_requests >= 0 for u in spread)
+    # Our own set_meta refuses the same values instead of publishing them.
+    for bad in (dict(weight=float("inf")), dict(weight=-1.0), dict(max_capacity=-1), dict(active_requests=-1)):
+        with pytest.raises(ValueError):
+            a.set_meta(1.0, **bad)
 
 
 def test_truncated_datagrams_never_yield_a_partial_member():

@@ -458,3 +458,55 @@ def test_metrics_and_one_request_log_line(caplog):
         assert lines[0].ttft_ms > 0 and lines[1].ttft_ms is None
 
     run_stack(scenario)
+
+
+# ---- body read timeout (slowloris; docs/reliability.md finding 7) ----------------------------------------------------
+@pytest.mark.parametrize("bad", [0, -1, float("inf"), float("nan"), "30", True, None])
+def test_body_timeout_must_be_a_finite_positive_number(bad):
+    from llmgw.http.openai_api import OpenAIApi
+
+    with pytest.raises(ValueError, match="body_timeout_s"):
+        OpenAIApi(object(), body_timeout_s=bad)
+
+
+def test_a_slow_body_within_the_timeout_is_served_and_a_stalled_one_gets_408_and_a_closed_connection():
+    async def post_in_pieces(port, pieces, pause_s):
+        body = json.dumps({"model": "v1", "prompt": "slow but steady", "max_tokens": 2}).encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body))
+            step = -(-len(body) // pieces)
+            for i in range(0, len(body), step):
+                writer.write(body[i:i + step])
+                await writer.drain()
+                await asyncio.sleep(pause_s)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            return head, await asyncio.wait_for(reader.read(4096), 10)
+        finally:
+            writer.close()
+
+    async def scenario(s):
+        await s.add_replica("r1", token_delay_ms=1)
+        await s.start(body_timeout_s=0.8)
+        head, body = await post_in_pieces(s.front.port, 4, 0.1)  # 0.4 s in all: inside the limit
+        assert head.startswith(b"HTTP/1.1 200"), head
+        # Half the body, then silence: 408 at the limit and the server closes (EOF after the answer).
+        loop = asyncio.get_running_loop()
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.front.port)
+        try:
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"model\"")
+            started = loop.time()
+            answer = await asyncio.wait_for(reader.read(-1), 10)  # until EOF
+            elapsed = loop.time() - started
+        finally:
+            writer.close()
+        status, _, rest = answer.partition(b"\r\n")
+        assert status.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert_error_shape(json.loads(rest.split(b"\r\n\r\n", 1)[1]), "body_timeout")
+        assert 0.75 <= elapsed < 3.0, elapsed
+        # The front keeps serving.
+        async with s.session.post("/v1/completions", json={"model": "v1", "prompt": "after", "max_tokens": 2}) as resp:
+            assert resp.status == 200
+
+    run_stack(scenario)

@@ -514,3 +514,59 @@ def test_authenticator_validates_key_and_bounds_its_cache():
     assert len(auth._seen) <= 4
     # an evicted entry cannot be replayed: its timestamp is at or below the watermark
     assert not auth.accept_fresh(tags[0], 1000, 1000)
+
+
+# --- restart and join (docs/reliability.md, finding 9) ------------------------------------------------------------
+
+def _sync_session(node: Swim, seeds: list[str], now: float) -> bytes:
+    node.join(seeds, now)
+    (dst, sync), = node.drain_outgoing()
+    assert decode(sync).type == SYNC
+    return sync
+
+
+def test_a_restarted_node_s_join_sync_is_answered_even_with_its_previous_life_s_sequence_numbers():
+    seed_node = make("seed")
+    first_life = make("n", seed=5)
+    seed_node.handle_datagram(_sync_session(first_life, [addr("seed")], 0.0), addr("n"), 0.0)
+    assert {decode(d).type for _, d in seed_node.drain_outgoing()} == {SYNC_ACK}
+    # Same id, same generator seed (so the same sequence numbers), a fresh time-based incarnation: a new session.
+    second_life = make("n", seed=5, incarnation=BASE_INC + 40_000, now=2.0)
+    sync = _sync_session(second_life, [addr("seed")], 2.0)
+    assert decode(sync).sequence_num == decode(_sync_session(make("n", seed=5), [addr("seed")], 0.0)).sequence_num
+    seed_node.handle_datagram(sync, addr("n"), 2.0)
+    answers = [decode(d) for _, d in seed_node.drain_outgoing()]
+    assert [m.type for m in answers] == [SYNC_ACK]
+    assert inc_of(seed_node, "n") == BASE_INC + 40_000
+    # ... and still once per session.
+    seed_node.handle_datagram(sync, addr("n"), 2.1)
+    assert seed_node.drain_outgoing() == []
+
+
+def test_sequence_numbers_do_not_restart_at_zero_in_every_process():
+    firsts = {decode(_sync_session(make("n", seed=s), [addr("seed")], 0.0)).sequence_num for s in range(20)}
+    assert len(firsts) == 20 and min(firsts) > 1
+
+
+def test_join_retries_until_a_full_state_arrives_even_when_a_peer_is_already_known():
+    seed_node = make("seed")
+    gossip(seed_node, "other", [upd("other")])
+    node = make("n")
+    _sync_session(node, [addr("seed")], 0.0)  # lost on the way
+    # The seed heard of n some other way and pings it: n now knows one live member, a bare stub.
+    deliver(node, PING, "seed", seq=9, target="n", now=0.1)
+    node.drain_outgoing()
+    assert state_of(node, "seed") == "alive" and node.member("other") is None
+    retry = []
+    run(node, LAN.join_retry_interval + 0.01,
+        lambda t: retry.extend(d for dst, d in node.drain_outgoing() if decode(d).type == SYNC))
+    assert retry, "no join retry although no full state ever arrived"
+    seed_node.handle_datagram(retry[0], addr("n"), 1.1)
+    for _, d in seed_node.drain_outgoing():
+        node.handle_datagram(d, addr("seed"), 1.2)
+    assert state_of(node, "other") == "alive" and inc_of(node, "seed") == BASE_INC
+    # Full state in: no more join SYNCs (anti-entropy goes to members, not to seeds).
+    later = []
+    run(node, 1.2 + 3 * LAN.join_retry_interval,
+        lambda t: later.extend(dst for dst, d in node.drain_outgoing() if decode(d).type == SYNC))
+    assert later.count(addr("seed")) <= 1  # at most one push-pull happens to pick it

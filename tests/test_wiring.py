@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import time
 import urllib.request
 
@@ -54,7 +55,8 @@ def test_gateway_process_counts_and_logs_each_request_once_across_grpc_and_http(
     http_port, metrics_port = free_tcp_port(), free_tcp_port()
     with Cluster(tmp_path) as c:
         rep = c.start_replica("replica-1", token_delay_ms=2, extra=["--metrics-port", str(metrics_port)])
-        gw = c.start_gateway("gateway-1", extra=["--http-port", str(http_port), "--log-json"])
+        gw = c.start_gateway("gateway-1", extra=["--http-port", str(http_port), "--log-json",
+                                                 "--http-body-timeout-s", "1"])
         c.wait_converged([gw], {"gateway-1": "alive", "replica-1": "alive"})
         base = f"http://127.0.0.1:{http_port}"
         assert http_json(base + "/readyz")[0] == 200 and http_json(base + "/healthz")[0] == 200
@@ -95,6 +97,15 @@ def test_gateway_process_counts_and_logs_each_request_once_across_grpc_and_http(
         refused = request_lines(log_text, "llmgw.http.openai")
         assert [(line["outcome"], line["status"]) for line in refused] == [("invalid_argument", 400)]
         assert rep.alive()
+
+        # --http-body-timeout-s reaches the front: a body that never finishes gets 408 after ~1 s.
+        with socket.create_connection(("127.0.0.1", http_port), timeout=10) as slow:
+            slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{")
+            started = time.monotonic()
+            answer = slow.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
+            assert time.monotonic() - started < 5.0
 
 
 def test_replica_reports_not_serving_on_grpc_health_while_draining():
@@ -290,6 +301,7 @@ def test_observed_gateway_delegates_everything_else_to_the_gateway():
 
 @pytest.mark.parametrize("argv, fragment", [
     (["gateway", "--log-level", "chatty"], "invalid log level 'chatty'"),
+    (["gateway", "--http-body-timeout-s", "0"], "--http-body-timeout-s must be > 0"),
     (["gateway", "--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"],
      "cannot read TLS certificate /nonexistent/cert.pem"),
     (["gateway", "--tls-cert", "/nonexistent/cert.pem"], "TLS needs both --tls-cert and --tls-key"),

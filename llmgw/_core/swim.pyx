@@ -15,7 +15,7 @@ Merge rule (see ``outranks``): a higher incarnation wins; at equal incarnation D
 import heapq
 import random as _random
 import zlib
-from libc.math cimport log10, ceil, floor
+from libc.math cimport log10, ceil, floor, isfinite
 
 from llmgw._core.codec cimport (Update, Message, encode_limited, decode,
                                 PING, PING_REQ, ACK, NACK, SYNC, SYNC_ACK,
@@ -46,6 +46,9 @@ cdef enum:
 
 cdef double GC_PERIOD = 1.0
 cdef double SYNC_MEMORY = 60.0  # how long a SYNC session id is remembered (answer each session once)
+# Sequence numbers start at a random point below this (not at 0): a restarted process must not reuse its previous
+# life's numbers, or peers take its join SYNC for an already-answered session and its ACKs for stale ones.
+cdef unsigned long long SEQ_START_RANGE = 1ULL << 32
 cdef Py_ssize_t MAX_SYNC_SESSIONS = 4096
 cdef unsigned long long INCARNATION_CEILING = 1ULL << 63  # never let +1 wrap around
 # ALIVE news (a join, a metadata change, a refutation) gets this many times the normal retransmit budget B: an
@@ -154,7 +157,8 @@ cdef class Swim:
     cdef double period, probe_timeout, suspicion_mult, suspicion_max_mult, gossip_interval, gossip_min_interval
     cdef double push_pull_interval, join_retry_interval, dead_gc_after, tombstone_ttl, reconnect_interval
     cdef int k_indirect, retransmit_mult, gossip_fanout, max_payload
-    cdef unsigned long long max_jump
+    cdef unsigned long long max_jump, max_self_lead
+    cdef Py_ssize_t max_members, max_datagram_in
     cdef double wall_offset
     cdef object auth
     # state
@@ -174,6 +178,7 @@ cdef class Swim:
     cdef BroadcastQueue _queue
     cdef dict _sync_sessions      # (sender_id, seq) -> time answered
     cdef list _seeds
+    cdef bint _synced             # a full state (SYNC or SYNC_ACK) reached us since join()
     cdef list _timers
     cdef long long _timer_seq
     cdef double _last_push_pull, _probe_due, _gossip_due, _last_gossip, _meta_due, _last_meta_publish
@@ -190,6 +195,7 @@ cdef class Swim:
     cdef public unsigned long long acks_received, indirect_acks, nacks_sent, nacks_received, probes_failed
     cdef public unsigned long long suspicions_raised, refutations, deaths_declared, updates_sent
     cdef public unsigned long long syncs_sent, gossip_sent, relays_served, corrections_sent, sync_bytes_out
+    cdef public unsigned long long oversized, members_refused, metadata_clamped
 
     def __init__(self, str member_id not None, str address not None, config, seed=0, double now=0.0,
                  unsigned long long incarnation=0, *, int role=ROLE_UNSPECIFIED, str grpc_address not None="",
@@ -217,8 +223,12 @@ cdef class Swim:
         self.dead_gc_after = config.dead_gc_after
         self.tombstone_ttl = config.tombstone_ttl
         self.max_jump = config.max_incarnation_jump
+        self.max_self_lead = getattr(config, "max_self_incarnation_lead", 600_000)
+        self.max_members = getattr(config, "max_members", 10_000)
         self.auth = auth
         self.max_payload = config.max_datagram - (auth.overhead if auth is not None else 0)
+        # What a peer with our settings can send: max_payload plus its tag. Anything longer is not from one.
+        self.max_datagram_in = config.max_datagram + (auth.overhead if auth is not None else 0)
         self.wall_offset = wall_offset
         if incarnation >= INCARNATION_CEILING:
             raise ValueError("incarnation must be < 2**63")
@@ -259,7 +269,8 @@ cdef class Swim:
         self._timers = []
         self._out = []
         self._events = []
-        self._seq = 0
+        # Own generator (not self._rng): drawing here would shift every later draw of a seeded core.
+        self._seq = _random.Random(f"seq:{seed!r}").getrandbits(32) % SEQ_START_RANGE
         self._last_gossip = -1e18
         self._last_meta_publish = -1e18
         self._meta_due = 1e300
@@ -336,7 +347,8 @@ cdef class Swim:
             "suspicions_raised": self.suspicions_raised, "refutations": self.refutations,
             "deaths_declared": self.deaths_declared, "updates_sent": self.updates_sent,
             "syncs_sent": self.syncs_sent, "gossip_sent": self.gossip_sent, "relays_served": self.relays_served, "sync_bytes_out": self.sync_bytes_out,
-            "corrections_sent": self.corrections_sent,
+            "corrections_sent": self.corrections_sent, "oversized": self.oversized,
+            "members_refused": self.members_refused, "metadata_clamped": self.metadata_clamped,
             "awareness": self._awareness.score, "members_live": self._n_live + 1, "incarnation": self._self.incarnation,
         }
 
@@ -359,8 +371,10 @@ cdef class Swim:
         return 1e300
 
     def join(self, seeds, double now):
-        """Contact seeds ("host:port") with a full-state SYNC now and again while no other live member is known."""
+        """Contact seeds ("host:port") with a full-state SYNC now, and again every join_retry_interval until a full
+        state has come back (or, later, whenever no other live member is known)."""
         self._now = now
+        self._synced = False
         self._seeds = [s for s in seeds if s and s != self.address]
         for s in self._seeds:
             if ":" not in s:
@@ -393,6 +407,12 @@ cdef class Swim:
         self._now = now
         cdef bint other_changed = False
         cdef bint load_changed = False
+        if active_requests is not None and int(active_requests) < 0:
+            raise ValueError(f"active_requests must be >= 0, got {active_requests!r}")
+        if max_capacity is not None and int(max_capacity) < 0:
+            raise ValueError(f"max_capacity must be >= 0, got {max_capacity!r}")
+        if weight is not None and not (isfinite(float(weight)) and float(weight) >= 0):
+            raise ValueError(f"weight must be a finite number >= 0, got {weight!r}")
         if active_requests is not None and int(active_requests) != me.active_requests:
             me.active_requests = int(active_requests)
             load_changed = True
@@ -403,8 +423,6 @@ cdef class Swim:
             me.model_version = str(model_version)
             other_changed = True
         if weight is not None and float(weight) != me.weight:
-            if not float(weight) >= 0:
-                raise ValueError(f"weight must be >= 0, got {weight!r}")
             me.weight = float(weight)
             other_changed = True
         if draining is not None and bool(draining) != me.draining:
@@ -429,6 +447,10 @@ cdef class Swim:
         self._now = now
         self.messages_in += 1
         self.bytes_in += len(data)
+        if len(data) > self.max_datagram_in:
+            # No member sends this much; decoding it would apply thousands of spoofed updates at once.
+            self.oversized += 1
+            return
         if self.auth is not None:
             opened = self.auth.open(data)
             if opened is None:
@@ -722,15 +744,25 @@ cdef class Swim:
         if not self._plausible(u.incarnation, m.incarnation if m is not None else 0):
             self.implausible += 1
             return 0
+        self._sanitize(u)
         if m is None:
             tomb = self._tombstones.get(u.member_id)
             if tomb is not None and u.incarnation <= tomb[0]:
                 return 0
             if u.state == DEAD or u.state == LEFT:
-                # Remember the death without listing a member we never saw alive.
-                self._tombstones[u.member_id] = (u.incarnation, now)
+                # Remember the death without listing a member we never saw alive -- within the same cap as the
+                # table, or rumours about invented ids would grow the tombstones instead.
+                if tomb is not None or len(self._tombstones) < self.max_members:
+                    self._tombstones[u.member_id] = (u.incarnation, now)
+                else:
+                    self.members_refused += 1
                 return 0
             if not u.address:
+                return 0
+            if len(self._members) >= self.max_members:
+                # Full: a newcomer waits (it is learned once GC frees room); known members are never evicted
+                # for it, so a flood of invented ids cannot push real ones out.
+                self.members_refused += 1
                 return 0
             self._tombstones.pop(u.member_id, None)
             m = _Member()
@@ -791,9 +823,46 @@ cdef class Swim:
             self._enqueue(u, now, NEWS_BUDGET_MULT if u.state == ALIVE else 1)
         return 0
 
+    cdef void _sanitize(self, Update u):
+        """Clamp metadata no honest member sends (set_meta refuses it): a weight that is not a finite number >= 0
+        becomes 0 ("unset", read as the default 1.0), a negative capacity becomes 0 ("unknown") and a negative
+        load 0. The rumour's state and incarnation still count; only the insane fields are replaced, and so is
+        what we rebroadcast."""
+        cdef bint clamped = False
+        if not isfinite(u.weight) or u.weight < 0:
+            u.weight = 0.0
+            clamped = True
+        if u.max_capacity < 0:
+            u.max_capacity = 0
+            clamped = True
+        if u.active_requests < 0:
+            u.active_requests = 0
+            clamped = True
+        if clamped:
+            self.metadata_clamped += 1
+
+    cdef unsigned long long _self_incarnation_bound(self, double now):
+        """Highest incarnation a rumour about ourselves may plausibly carry.
+
+        Only a node raises its own incarnation, so a rumour above ours comes from a previous life of ours (or is
+        forged). A previous life started at an earlier wall-clock ms (time-based incarnations) and added one per
+        refutation or metadata change, so it stays below max(our start incarnation, wall-clock ms now) plus a
+        lead (max_self_incarnation_lead, default 10 minutes of ms: clock steps between lives, bumps of the old
+        life). Above that the rumour is dropped, so forged rumours can only walk us up one step per datagram,
+        not by up to max_incarnation_jump each.
+        """
+        cdef unsigned long long base = self._incarnation_floor
+        cdef unsigned long long wall = self._wall_ms(now)
+        if wall > base:
+            base = wall
+        if base >= INCARNATION_CEILING - self.max_self_lead:
+            return INCARNATION_CEILING - 1
+        return base + self.max_self_lead
+
     cdef int _about_me(self, Update u, double now) except -1:
         me = self._self
-        if not self._plausible(u.incarnation, me.incarnation):
+        if not self._plausible(u.incarnation, me.incarnation) or (
+                u.incarnation > me.incarnation and u.incarnation > self._self_incarnation_bound(now)):
             self.implausible += 1
             return 0
         if u.incarnation < me.incarnation:
@@ -968,7 +1037,10 @@ cdef class Swim:
             self.sync_bytes_out += len(data)
 
     cdef _join_round(self, double now):
-        if self._seeds and self._n_live == 0:
+        # Knowing one live member is not enough to stop: a PING from a peer that has heard of us makes it known
+        # (as a bare stub, see _dispatch) long before its full state arrives, and if the seeds' answers were lost
+        # we would be left with stubs instead of the cluster's real metadata.
+        if self._seeds and (self._n_live == 0 or not self._synced):
             self._seq += 1
             for s in self._seeds:
                 self.syncs_sent += 1
@@ -1062,8 +1134,13 @@ cdef class Swim:
             if p is not None:
                 (<_Probe>p).nacks += 1
                 self.nacks_received += 1
-        elif t == SYNC:
-            key = (msg.sender_id, msg.sequence_num)
+        if sync:
+            self._synced = True
+        if t == SYNC:
+            # A session is (sender, the sender's incarnation, sequence): a restarted sender has a new incarnation,
+            # so its join SYNC is answered even when its sequence numbers repeat those of a previous life.
+            sender = self._members.get(msg.sender_id)
+            key = (msg.sender_id, sender.incarnation if sender is not None else 0, msg.sequence_num)
             if key not in self._sync_sessions:
                 if len(self._sync_sessions) >= MAX_SYNC_SESSIONS:
                     self._sync_sessions.clear()

@@ -53,6 +53,9 @@ def add_arguments(p) -> None:
                       help=f"HTTP port (default: {DEFAULT_PORTS['gateway']['http']}); 0 disables the HTTP front; "
                            "a port that cannot be bound stops the gateway with an error")
     http.add_argument("--http-host", default="", help="address the HTTP front binds (default: --host)")
+    http.add_argument("--http-body-timeout-s", type=float, default=30.0,
+                      help="a request body not fully received within this many seconds gets 408 and the "
+                           "connection is closed (slow-body protection)")
     http.add_argument("--admin-token", default=None,
                       help="bearer token for /admin (also LLMGW_ADMIN_TOKEN); without one, /admin answers only "
                            "on a loopback address")
@@ -172,6 +175,8 @@ def _serve(args, worker: int | None) -> int:
         raise SystemExit(f"gateway: {exc}") from None
     if args.http_port is not None and not 0 <= args.http_port <= 65535:
         raise SystemExit("gateway: --http-port must be within 0..65535")
+    if not args.http_body_timeout_s > 0:
+        raise SystemExit("gateway: --http-body-timeout-s must be > 0")
     config = config_from_args(args, worker)
     tls = _tls_from_args(args)
     server = build_server(config, tls)
@@ -275,7 +280,7 @@ async def start_gateway(server, args, tls: TlsSettings | None = None, *, reuse_p
         return await start_http(
             observed, host=host, port=http_port, admin_token=args.admin_token, metrics=observed.metrics,
             breakers=observed.breakers, rollouts=server.rollouts, record_requests=False, reuse_port=reuse_port,
-            ssl_context=tls.http_server)
+            ssl_context=tls.http_server, body_timeout_s=args.http_body_timeout_s)
     except OSError as exc:
         await server.stop()
         hint = " (choose another with --http-port, or --http-port 0 to serve gRPC only)" \

@@ -51,6 +51,14 @@ class GossipConfig:
     # incarnation) by more than this are dropped as implausible: a forged 2**64 - 1 cannot lock a member out.
     # 2**40 ms is ~35 years of the time-based (wall-clock ms) incarnation scheme.
     max_incarnation_jump: int = 2**40
+    # A rumour about *ourselves* above our own incarnation can only come from a previous life of ours (only a node
+    # raises its own incarnation); one more than this above max(our start incarnation, wall-clock ms now) is
+    # forged and dropped (counted as implausible) instead of being refuted at rumoured + 1. 600,000 ms = 10 min of
+    # the time-based scheme: room for clock steps between two lives and for the bumps of the previous one.
+    max_self_incarnation_lead: int = 600_000
+    # Member table cap: past it, unknown members are ignored (stat members_refused) until GC frees room; known
+    # members are never evicted for a newcomer. DEAD rumours about never-seen ids share the same cap.
+    max_members: int = 10_000
     replay_window: float = 30.0  # with a key: signed timestamps further than this from our clock are dropped
 
     def __post_init__(self) -> None:
@@ -74,6 +82,10 @@ class GossipConfig:
             raise ValueError("GossipConfig: 0 <= dead_gc_after <= tombstone_ttl")
         if self.max_incarnation_jump < 1:
             raise ValueError("GossipConfig.max_incarnation_jump must be >= 1")
+        if not 1 <= self.max_self_incarnation_lead <= self.max_incarnation_jump:
+            raise ValueError("GossipConfig.max_self_incarnation_lead must be within 1..max_incarnation_jump")
+        if self.max_members < 1:
+            raise ValueError("GossipConfig.max_members must be >= 1")
 
     @classmethod
     def lan(cls, **overrides) -> "GossipConfig":

@@ -41,6 +41,8 @@ from llmgw.logs import request_log
 log = logging.getLogger("llmgw.http.openai")
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's own default for /v1/completions; used for chat too
+# Time allowed for a whole request body to arrive (the body of a 2 MiB prompt takes ~0.2 s at 100 Mbit/s).
+DEFAULT_BODY_TIMEOUT_S = 30.0
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # Sampling knobs the backend decides on its own: type-checked so a typo'd value is an error, otherwise ignored.
 IGNORED_NUMBERS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed")
@@ -74,6 +76,21 @@ class ApiError(Exception):
         if extra_headers:
             headers.update(extra_headers)
         return web.json_response(self.body(), status=self.status, headers=headers, dumps=compact_json)
+
+
+class _BodyTimeout(ApiError):
+    def __init__(self, message: str) -> None:
+        super().__init__(408, message, code="body_timeout", headers={"Connection": "close"})
+
+
+async def _answer_and_close(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """Send `response`, then drop the connection at once. Returning it normally would let aiohttp keep reading
+    the unfinished body for its lingering time (10 s) before closing -- the slow client would stay connected."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()
+    return response
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
@@ -375,8 +392,15 @@ class OpenAIApi:
     tokens when `record_requests` is true."""
 
     def __init__(self, gateway, *, metrics=None, record_requests: bool = True,
-                 default_max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS,
+                 body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> None:
+        if isinstance(body_timeout_s, bool) or not _is_number(body_timeout_s) or not (
+                0 < body_timeout_s < float("inf")):
+            raise ValueError(f"body_timeout_s must be a finite number of seconds > 0, got {body_timeout_s!r}")
         self.gateway = gateway
+        # aiohttp has no body-read timeout of its own: without this, a client trickling its body a byte at a
+        # time holds its connection and handler for as long as it likes (slowloris).
+        self.body_timeout_s = float(body_timeout_s)
         # With record_requests false the gateway (llmgw.gateway.observability.ObservedGateway) measures and logs
         # every request that reaches it; this front still counts and logs the ones refused before that (bad
         # JSON, bad fields), which the gateway never sees.
@@ -417,10 +441,13 @@ class OpenAIApi:
         prompt_chars = 0
         try:
             try:
-                raw = await request.read()
+                async with asyncio.timeout(self.body_timeout_s):
+                    raw = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 raise bad_request(f"the request body is larger than {request.client_max_size} bytes",
                                   code="body_too_large") from None
+            except TimeoutError:
+                raise _BodyTimeout(f"the request body did not arrive within {self.body_timeout_s:g} s") from None
             params = parse(decode_json_body(raw), max_tokens_cap=self.gateway.config.max_tokens_cap,
                            default_max_tokens=min(self.default_max_tokens, self.gateway.config.max_tokens_cap))
             header_hedge = parse_hedge_header(request.headers.get(HEDGE_HEADER))
@@ -434,6 +461,9 @@ class OpenAIApi:
             if params.stream:
                 return await self._stream(request, params, infer_request, id_header, result, started)
             return await self._complete(params, infer_request, id_header, result, started)
+        except _BodyTimeout as err:
+            result.outcome, result.status = "deadline_exceeded", err.status
+            return await _answer_and_close(request, err.response(id_header))
         except ApiError as err:
             result.outcome = _outcome_name(err)
             result.status = err.status

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from llmgw.gateway.operations import RestartHook, RolloutController
 from llmgw.http.admin import ADMIN_TOKEN_ENV, AdminApi
-from llmgw.http.openai_api import DEFAULT_MAX_TOKENS, ApiError, OpenAIApi
+from llmgw.http.openai_api import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_TOKENS, ApiError, OpenAIApi
 
 log = logging.getLogger("llmgw.http")
 
@@ -72,7 +72,8 @@ async def start_http(gateway, *, host: str = "127.0.0.1", port: int = 0, admin_t
                      restart: RestartHook | None = None,
                      client_max_size: int | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
                      record_requests: bool = True, reuse_port: bool = False,
-                     shutdown_timeout_s: float = 2.0, ssl_context=None) -> HttpFront:
+                     shutdown_timeout_s: float = 2.0, ssl_context=None,
+                     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> HttpFront:
     """Serve the OpenAI API + health + metrics + admin for `gateway` on host:port (0 = a free port).
 
     Must be awaited on the gateway's event loop. `admin_token` defaults to $LLMGW_ADMIN_TOKEN; `metrics` is a
@@ -84,6 +85,8 @@ async def start_http(gateway, *, host: str = "127.0.0.1", port: int = 0, admin_t
     async (replica_id, version) hook that restarts a replica on the new version (None = no rolling updates).
     Drains always go to the gateway's own drain set (Gateway.drains);
     `ssl_context` (an ssl.SSLContext for the server side, see llmgw.http.tls) serves HTTPS instead of HTTP.
+    `body_timeout_s` bounds how long a completion request's body may take to arrive: a slower one (slowloris)
+    gets 408 in OpenAI's error shape and its connection is closed.
     """
     if not 0 <= port <= 65535:
         raise ValueError(f"HTTP port must be within 0..65535, got {port}")
@@ -97,7 +100,7 @@ async def start_http(gateway, *, host: str = "127.0.0.1", port: int = 0, admin_t
         client_max_size = 2 * gateway.config.max_prompt_bytes + BODY_OVERHEAD
     app = web.Application(client_max_size=client_max_size, middlewares=[_errors_as_json])
     openai = OpenAIApi(gateway, metrics=metrics, record_requests=record_requests,
-                       default_max_tokens=default_max_tokens)
+                       default_max_tokens=default_max_tokens, body_timeout_s=body_timeout_s)
     owns_rollouts = rollouts is None
     if rollouts is None:
         rollouts = RolloutController(gateway, gateway.drains, restart)
