@@ -164,27 +164,34 @@ def wait_converged(h: Hosts, expected: dict[str, str], timeout: float, observers
     raise AssertionError(f"no convergence to {expected} within {timeout} s: {last}")
 
 
-def test_link_cut_and_restore_between_namespaces(hosts):
+def cut_link_under_load(hosts, victim: str, observers=tuple(GATEWAYS), cut_s: float = 4.0):
+    """Load both gateways from the client host, cut `victim`'s link for `cut_s` seconds in the middle (waiting until
+    `observers` -- default both gateways -- see it DEAD), restore it, collect each gateway's load report and wait until
+    everyone is ALIVE again. Returns (results by gateway, cut_at, restored_at, seconds the re-convergence took)."""
     everyone_alive = {n: "alive" for n in REPLICAS + GATEWAYS}
     wait_converged(hosts, everyone_alive, 40.0)
-
-    # Both gateways under load from the client host; gateway-2's host loses its link for 4 s in the middle.
     loads = {g: hosts.agent_async("load", f"{hosts.addresses[g]}:{GRPC_PORT}", "12", "8", "10", g)
              for g in GATEWAYS}
     time.sleep(3.0)
     cut_at = time.monotonic()
-    hosts.link("gateway-2", up=False)
-    # While cut, gateway-1 sees gateway-2 fail (it is a real partition, not a crash).
-    wait_converged(hosts, {"gateway-2": "dead"}, 15.0, observers=["gateway-1"])
-    time.sleep(max(0.0, cut_at + 4.0 - time.monotonic()))
+    hosts.link(victim, up=False)
+    wait_converged(hosts, {victim: "dead"}, 15.0, observers=observers)
+    time.sleep(max(0.0, cut_at + cut_s - time.monotonic()))
     restored_at = time.monotonic()
-    hosts.link("gateway-2", up=True)
+    hosts.link(victim, up=True)
     results = {}
     for g, proc in loads.items():
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err[-2000:]
         results[g] = json.loads(out.strip().splitlines()[-1])
     converge_s = wait_converged(hosts, everyone_alive, 30.0)
+    return results, cut_at, restored_at, converge_s
+
+
+def test_link_cut_and_restore_between_namespaces(hosts):
+    # Both gateways under load from the client host; gateway-2's host loses its link for 4 s in the middle, and
+    # gateway-1 sees gateway-2 fail (a real partition, not a crash).
+    results, cut_at, restored_at, converge_s = cut_link_under_load(hosts, "gateway-2", observers=["gateway-1"])
     print("netns:", {g: r["summary"] for g, r in results.items()},
           f"re-converged {converge_s:.1f} s after the checks began ({time.monotonic() - restored_at:.1f} s "
           "after restore)")
@@ -206,23 +213,7 @@ def test_replica_link_cut_under_load_loses_no_request(hosts):
     """A replica's host loses its link for 4 s while both gateways carry load: streams on it stall and fail over
     (inter-token / first-token timeouts of 1 s), new requests go to the two reachable replicas, so no request is
     lost; the gateways see the replica DEAD meanwhile and ALIVE again after the restore."""
-    everyone_alive = {n: "alive" for n in REPLICAS + GATEWAYS}
-    wait_converged(hosts, everyone_alive, 40.0)
-    loads = {g: hosts.agent_async("load", f"{hosts.addresses[g]}:{GRPC_PORT}", "12", "8", "10", g)
-             for g in GATEWAYS}
-    time.sleep(3.0)
-    cut_at = time.monotonic()
-    hosts.link("replica-2", up=False)
-    wait_converged(hosts, {"replica-2": "dead"}, 15.0)
-    time.sleep(max(0.0, cut_at + 4.0 - time.monotonic()))
-    restored_at = time.monotonic()
-    hosts.link("replica-2", up=True)
-    results = {}
-    for g, proc in loads.items():
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err[-2000:]
-        results[g] = json.loads(out.strip().splitlines()[-1])
-    converge_s = wait_converged(hosts, everyone_alive, 30.0)
+    results, cut_at, restored_at, converge_s = cut_link_under_load(hosts, "replica-2")
     print("netns replica cut:", {g: r["summary"] for g, r in results.items()},
           f"re-converged {time.monotonic() - restored_at:.1f} s after restore (checks took {converge_s:.1f} s)")
     for g, r in results.items():
