@@ -6,10 +6,11 @@ asv runs the Codec class (time_* methods, parameterised by datagram and implemen
 Operations, each measured for both implementations:
 - encode: build the message from plain member records, then serialize it (what a gossip sender does per datagram)
 - encode_prebuilt: serialize an already-built message object
-- decode: parse a datagram into a message object (protobuf: GossipMessage.FromString)
-- decode_and_read: decode, then read every field of every update once, as a receiver does. upb parses into C
-  structures and makes a Python object per field only when it is read, so `decode` alone flatters it; this is the
-  cost a receiver actually pays.
+- decode: parse and validate a datagram into a message object (protobuf: GossipMessage.FromString). Both sides
+  work the same way here: the whole datagram is checked (framing, varints, UTF-8) into C structures, and Python
+  objects are made only when a field is read, so this is the like-for-like comparison.
+- decode_and_read: decode, then read every field of every update once, as a receiver does: the cost a receiver
+  actually pays, Python objects included.
 """
 
 from __future__ import annotations

@@ -719,3 +719,180 @@ def test_encode_limited_takes_the_longest_prefix_that_fits(m, updates, max_size)
     header.updates = updates[:n]
     assert decode(data) == header
     assert data == encode(header)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Lazy decoding: decode() validates everything up front, fields become Python objects when first read.
+
+HEADER_FIELDS = ("type", "sender_id", "target_id", "sequence_num", "sender_address", "target_address", "timestamp_ms")
+UPDATE_FIELDS = ("member_id", "address", "state", "incarnation", "model_version", "active_requests", "max_capacity",
+                 "grpc_address", "role", "weight", "draining", "reporter_id")
+
+
+def _same_value(a, b) -> bool:
+    return a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
+
+
+@PROPERTY
+@given(messages_st, st.permutations(HEADER_FIELDS + ("updates",)))
+def test_lazily_read_fields_equal_protobufs_eager_parse(m, order):
+    data = encode(m)
+    pb = pb_parse(data)
+    got = decode(data)
+    # Fields read one at a time, in an arbitrary order, each compared with what upb parsed.
+    for name in order:
+        if name == "updates":
+            assert len(got.updates) == len(pb.updates)
+            for ours, theirs in zip(got.updates, pb.updates):
+                for field in UPDATE_FIELDS:
+                    assert _same_value(getattr(ours, field), getattr(theirs, field)), field
+        else:
+            assert getattr(got, name) == getattr(pb, name), name
+    assert got == m
+
+
+def test_mutating_the_source_buffer_after_decode_changes_nothing():
+    m = sample_message(4)
+    for make in (bytearray, lambda b: memoryview(bytearray(b))):
+        buffer = make(encode(m))
+        got = decode(buffer)
+        target = buffer.obj if isinstance(buffer, memoryview) else buffer
+        target[:] = b"\xff" * len(target)
+        assert got == m
+        # decode released the buffer export, so the caller may even resize it.
+        if isinstance(buffer, memoryview):
+            buffer.release()
+        target.extend(b"more")
+
+
+def _with_bad_model_version(n_updates: int, bad_index: int) -> bytes:
+    marker = "MARKER"
+    m = sample_message(n_updates)
+    m.updates[bad_index].model_version = marker
+    data = encode(m)
+    assert data.count(marker.encode()) == 1
+    return data.replace(marker.encode(), b"v\xc3(ab1")  # same length, invalid UTF-8
+
+
+def test_errors_are_raised_by_decode_not_by_reading_a_field():
+    data = _with_bad_model_version(5, 2)
+    with pytest.raises(CodecError, match=r"MembershipUpdate.model_version at offset \d+ is not valid UTF-8"):
+        decode(data)
+    with pytest.raises(DecodeError):
+        pb_parse(data)
+    # The same holds for framing errors past the last header field and inside the last update.
+    good = encode(sample_message(5))
+    for bad in (good[:-1], good + b"\x2a\x05\x0a\x03ab", good + b"\x2a\x02\x1b\x00"):
+        with pytest.raises(CodecError):
+            decode(bad)
+
+
+@PROPERTY
+@given(messages_st, st.data())
+def test_once_decode_succeeds_every_read_succeeds(m, data):
+    # Bytes that decode must never fail later, whatever the field: corrupt a valid message until it still decodes.
+    raw = bytearray(encode(m))
+    if raw:
+        pos = data.draw(st.integers(0, len(raw) - 1))
+        raw[pos] = data.draw(st.integers(0, 255))
+    try:
+        got = decode(bytes(raw))
+    except CodecError:
+        return
+    for name in HEADER_FIELDS:
+        getattr(got, name)
+    for u in got.updates:
+        for field in UPDATE_FIELDS:
+            getattr(u, field)
+    assert decode(encode(got)) == got
+
+
+def test_setting_a_field_of_a_decoded_message_overrides_the_decoded_value():
+    original = sample_message(3)
+    got = decode(encode(original))
+    got.sender_id = "someone-else"
+    got.target_address = "10.9.9.9:7946"
+    assert got.sender_id == "someone-else"
+    again = decode(encode(got))
+    assert again.sender_id == "someone-else" and again.target_address == "10.9.9.9:7946"
+    assert again.target_id == original.target_id and again.updates == original.updates
+    # Replacing the updates before they were ever read, and changing one after it was read.
+    got = decode(encode(original))
+    got.updates = [Update(member_id="only")]
+    assert decode(encode(got)).updates == [Update(member_id="only")]
+    got = decode(encode(original))
+    got.updates[1].incarnation = 99
+    del got.updates[0]
+    assert [u.incarnation for u in decode(encode(got)).updates] == [99, original.updates[2].incarnation]
+    # A None set on a decoded message is reported by encode, as for a constructed one.
+    got = decode(encode(original))
+    got.target_id = None
+    with pytest.raises(TypeError, match="target_id must be str"):
+        encode(got)
+
+
+def test_a_decoded_message_outlives_its_input_and_lets_it_go_once_read():
+    import gc
+    import sys
+
+    m = sample_message(3)
+    data = bytes(bytearray(encode(m)))  # a fresh object whose references only this test holds
+    before = sys.getrefcount(data)
+    got = decode(data)
+    assert sys.getrefcount(data) == before + 1  # the message keeps its source alive ...
+    del data
+    gc.collect()
+    assert got.sender_id == m.sender_id and got.updates == m.updates and got == m
+    # ... and drops it once every lazy field has been made.
+    data = bytes(bytearray(encode(m)))
+    got = decode(data)
+    _ = (got.sender_id, got.target_id, got.sender_address, got.target_address, got.updates)
+    assert sys.getrefcount(data) == before
+    # A message with nothing left to make never holds it at all.
+    data = bytes(bytearray(encode(Message(type=codec.ACK, sequence_num=7))))
+    decode(data)
+    assert sys.getrefcount(data) == before
+
+
+def test_many_decoded_messages_alive_at_once_keep_their_own_updates():
+    # Decoded messages share a spare record array between them; none may see another's updates.
+    messages = [sample_message(n) for n in (1, 30, 0, 8, 70, 2)]
+    for m in messages:
+        m.updates = [Update(member_id=f"m{len(messages)}-{i}", incarnation=i) for i in range(len(m.updates))]
+    decoded = [decode(encode(m)) for m in messages * 3]
+    for got, m in reversed(list(zip(decoded, messages * 3))):
+        assert got.updates == m.updates
+    for _ in range(3):
+        for m in messages:
+            assert decode(encode(m)).updates == m.updates
+
+
+def test_decoded_messages_copy_compare_pickle_and_repr_like_built_ones():
+    import pickle
+
+    m = sample_message(3)
+    assert repr(decode(encode(m))) == repr(m)
+    assert pickle.loads(pickle.dumps(decode(encode(m)))) == m
+    got = decode(encode(m))
+    clone = got.copy()
+    assert clone == m
+    clone.updates[0].member_id = "changed"
+    clone.sender_id = "changed"
+    assert got == m
+    assert decode(encode(m)) == decode(encode(m))
+
+
+def test_encoding_larger_than_the_stack_buffer_and_long_updates():
+    # Bodies of 128 bytes and more need a longer length prefix; megabytes of text spill the buffer to the heap.
+    m = Message(type=codec.SYNC, sender_id="s" * 3000, target_address="t" * 200, updates=[
+        Update(member_id=f"member-{i}" * (i % 40), address="a" * (i * 37 % 300), reporter_id="é" * (i % 90))
+        for i in range(400)
+    ])
+    data = encode(m)
+    assert len(data) > 100_000
+    assert data == to_pb(m).SerializeToString()
+    assert decode(data) == m
+    limited, n = encode_limited(m, m.updates, 50_000)
+    assert 0 < n < len(m.updates) and len(limited) <= 50_000
+    assert limited == to_pb(Message(type=m.type, sender_id=m.sender_id, target_address=m.target_address,
+                                    updates=m.updates[:n])).SerializeToString()

@@ -2,9 +2,16 @@
 """Gossip wire codec: hand-written protobuf encoding of proto/gossip.proto (GossipMessage, MembershipUpdate).
 
 Byte-identical to the generated protobuf classes (and so to the reference C++ system) and faster than them,
-because it knows the schema: sizes are computed first, then every field is written straight into the final bytes
-object with no intermediate message objects; decoding builds the Python objects in one pass and reuses the str
-objects of recently seen member ids and addresses. benchmarks/bench_codec.py has the figures.
+because it knows the schema. Encoding is one pass that writes every field straight into a stack buffer (only
+a message far above a datagram's size spills to the heap) and copies it once into the result bytes.
+
+Decoding has the contract of protobuf's upb backend: decode() validates the whole datagram up front (so every
+error surfaces there) and records where each string and each update lies, in C arrays owned by the Message; the
+Python objects (header strings, the updates list, each Update) are only made when first read, and then cached.
+The message keeps a reference to its source bytes (a private copy when the input was a mutable buffer), so
+reading a field later can neither fail nor see a change the caller made. Strings are made through a small
+cache that hands back the same str object for the member ids and addresses every datagram repeats.
+benchmarks/bench_codec.py has the figures.
 
 Decoding follows proto3 rules: unknown fields of every supported wire type are skipped (also inside a
 MembershipUpdate), the last occurrence of a non-repeated field wins, a known field seen with the wrong wire type
@@ -14,14 +21,17 @@ proportion to a length it has not checked against the buffer.
 """
 
 cimport cython
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.exc cimport PyErr_Clear
-from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.object cimport PyObject
+from cpython.pyport cimport PY_SSIZE_T_MAX
+from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.math cimport HUGE_VALF
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memcmp, memcpy, memmove, memset
 
 
 cdef extern from "Python.h":
@@ -133,11 +143,16 @@ cdef const char* _utf8_slow(str s, Py_ssize_t* size, str field) except NULL:
 
 
 cdef inline const char* _utf8(str s, Py_ssize_t* size, str field) except NULL:
-    # Almost every gossip string is ASCII, whose characters are its UTF-8 bytes: read them in place.
-    if s is not None and PyUnicode_IS_COMPACT_ASCII(<PyObject*>s):
-        size[0] = PyUnicode_GET_LENGTH(<PyObject*>s)
-        return <const char*>PyUnicode_DATA(<PyObject*>s)
-    return _utf8_slow(s, size, field)
+    return _utf8_of(<PyObject*>s, size, field)
+
+
+cdef inline const char* _utf8_of(PyObject* s, Py_ssize_t* size, str field) except NULL:
+    # Takes a borrowed pointer so that reading an attribute costs no reference counting; the caller keeps the
+    # owner alive. Almost every gossip string is ASCII, whose characters are its UTF-8 bytes: read them in place.
+    if s != <PyObject*>None and PyUnicode_IS_COMPACT_ASCII(s):
+        size[0] = PyUnicode_GET_LENGTH(s)
+        return <const char*>PyUnicode_DATA(s)
+    return _utf8_slow(<str>s, size, field)
 
 
 cdef inline Py_ssize_t _str_field_size(str s, str field) except -1:
@@ -154,17 +169,6 @@ cdef inline Py_ssize_t _varint_field_size(uint64_t v) noexcept nogil:
     return 1 + _varint_size(v)
 
 
-cdef struct Writer:
-    unsigned char* p
-    unsigned char* end
-
-
-cdef int _overflow() except -1:
-    # Sizes are computed just before writing, so this means a field changed between the two passes (only
-    # possible from a finalizer run by the garbage collector); refuse rather than write out of bounds.
-    raise RuntimeError("gossip message changed while it was being encoded")
-
-
 cdef inline unsigned char* _put_varint(unsigned char* p, uint64_t v) noexcept nogil:
     while v >= 0x80:
         p[0] = <unsigned char>(v | 0x80)
@@ -174,44 +178,102 @@ cdef inline unsigned char* _put_varint(unsigned char* p, uint64_t v) noexcept no
     return p + 1
 
 
-cdef inline int _write_varint_field(Writer* w, unsigned char tag, uint64_t v) except -1:
-    if v == 0:
-        return 0
-    if w.end - w.p < 1 + _varint_size(v):
-        _overflow()
-    w.p[0] = tag
-    w.p = _put_varint(w.p + 1, v)
+# The _put_* writers do no bounds checks: callers reserve the worst case for a whole update (or header) first.
+
+cdef inline unsigned char* _put_varint_field(unsigned char* p, unsigned char tag, uint64_t v) noexcept nogil:
+    if v != 0:
+        p[0] = tag
+        if v < 0x80:
+            p[1] = <unsigned char>v
+            return p + 2
+        return _put_varint(p + 1, v)
+    return p
+
+
+cdef inline unsigned char* _put_str_field(unsigned char* p, unsigned char tag, const char* s,
+                                          Py_ssize_t n) noexcept nogil:
+    if n != 0:
+        p[0] = tag
+        if n < 0x80:
+            p[1] = <unsigned char>n
+            p += 2
+        else:
+            p = _put_varint(p + 1, <uint64_t>n)
+        _copy_short(p, s, n)
+        p += n
+    return p
+
+
+cdef inline void _copy_short(unsigned char* dst, const char* src, Py_ssize_t n) noexcept nogil:
+    # Gossip strings are mostly 4..16 bytes: two overlapping loads and stores beat a call to memcpy (and, like it,
+    # touch only src[:n] and dst[:n]).
+    cdef uint64_t a, b
+    cdef uint32_t c, d
+    if n >= 8 and n <= 16:
+        memcpy(&a, src, 8)
+        memcpy(&b, src + n - 8, 8)
+        memcpy(dst + n - 8, &b, 8)
+        memcpy(dst, &a, 8)
+    elif n >= 4 and n < 8:
+        memcpy(&c, src, 4)
+        memcpy(&d, src + n - 4, 4)
+        memcpy(dst + n - 4, &d, 4)
+        memcpy(dst, &c, 4)
+    else:
+        memcpy(dst, src, n)
+
+
+cdef inline unsigned char* _put_fixed32_field(unsigned char* p, unsigned char tag, uint32_t bits) noexcept nogil:
+    if bits != 0:
+        p[0] = tag
+        p[1] = <unsigned char>(bits & 0xFF)
+        p[2] = <unsigned char>((bits >> 8) & 0xFF)
+        p[3] = <unsigned char>((bits >> 16) & 0xFF)
+        p[4] = <unsigned char>(bits >> 24)
+        return p + 5
+    return p
+
+
+cdef enum:
+    # A full datagram (MAX_DATAGRAM) fits here, so gossip traffic never touches the heap while encoding.
+    STACK_BUFFER_SIZE = 2048
+    # Worst-case bytes of an update besides its string contents: its tag and 5-byte length prefix, 5 string tags
+    # with 5-byte length prefixes, 5 varints of up to 10 bytes (4 sign-extended int32s, 1 uint64) with tags,
+    # the float32 weight and the bool.
+    UPDATE_OVERHEAD_MAX = 6 + 5 * 6 + 5 * 11 + 5 + 2
+    # The same for the message's own fields: 3 varints with tags, 4 string tags with length prefixes.
+    HEADER_OVERHEAD_MAX = 3 * 11 + 4 * 6
+
+
+cdef struct Buffer:
+    unsigned char* start
+    unsigned char* p
+    unsigned char* end
+    unsigned char* heap     # PyMem storage once the caller's stack array is outgrown, else NULL
+
+
+cdef int _grow(Buffer* b, Py_ssize_t need) except -1:
+    cdef Py_ssize_t used = b.p - b.start
+    cdef Py_ssize_t capacity = (b.end - b.start) * 2
+    cdef unsigned char* fresh
+    while capacity - used < need:
+        capacity *= 2
+    fresh = <unsigned char*>PyMem_Malloc(capacity)
+    if fresh == NULL:
+        raise MemoryError()
+    memcpy(fresh, b.start, used)
+    PyMem_Free(b.heap)
+    b.heap = fresh
+    b.start = fresh
+    b.p = fresh + used
+    b.end = fresh + capacity
     return 0
 
 
-cdef inline int _write_str_field(Writer* w, unsigned char tag, str s, str field) except -1:
-    cdef Py_ssize_t n
-    cdef const char* data = _utf8(s, &n, field)
-    if n == 0:
-        return 0
-    if w.end - w.p < 1 + _varint_size(<uint64_t>n) + n:
-        _overflow()
-    w.p[0] = tag
-    w.p = _put_varint(w.p + 1, <uint64_t>n)
-    memcpy(w.p, data, n)
-    w.p += n
+cdef inline int _reserve(Buffer* b, Py_ssize_t need) except -1:
+    if b.end - b.p < need:
+        return _grow(b, need)
     return 0
-
-
-cdef inline int _write_fixed32_field(Writer* w, unsigned char tag, uint32_t bits) except -1:
-    if bits == 0:
-        return 0
-    if w.end - w.p < 5:
-        _overflow()
-    w.p[0] = tag
-    w.p[1] = <unsigned char>(bits & 0xFF)
-    w.p[2] = <unsigned char>((bits >> 8) & 0xFF)
-    w.p[3] = <unsigned char>((bits >> 16) & 0xFF)
-    w.p[4] = <unsigned char>(bits >> 24)
-    w.p += 5
-    return 0
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Decoding primitives
 
@@ -345,48 +407,81 @@ cdef inline bint _same_bytes(const unsigned char* a, const unsigned char* b, Py_
     return memcmp(a, b, n) == 0
 
 
-cdef str _decode_new_string(Reader* r, Py_ssize_t n, size_t slot, str field):
-    """Cache miss: decode r.p[:n] (validating UTF-8) and remember it if it is a short ASCII string."""
-    cdef PyObject* raw = _decode_utf8(<const char*>r.p, n, NULL)
-    if raw == NULL:
-        PyErr_Clear()
-        raise CodecError(f"{field} at offset {r.p - r.base} is not valid UTF-8")
-    r.p += n
-    if n <= STRING_CACHE_MAX_LENGTH and PyUnicode_IS_ASCII(raw):
+cdef str _new_span_str(const unsigned char* p, Py_ssize_t n, size_t slot):
+    """Cache miss: make the str for p[:n] (validated by decode) and remember it if it is a short ASCII one."""
+    cdef str s = PyUnicode_DecodeUTF8(<const char*>p, n, NULL)
+    if n <= STRING_CACHE_MAX_LENGTH and PyUnicode_IS_ASCII(<PyObject*>s):
         # The newest string takes the first way; the one it displaces moves to the second (least recently added).
         Py_XDECREF(_string_cache[slot + 1])
         _string_cache[slot + 1] = _string_cache[slot]
-        Py_INCREF(raw)
-        _string_cache[slot] = raw
-    # raw is a new reference and the cast takes another; hand one back (after the cast, so it stays alive).
-    s = <str>raw
-    Py_XDECREF(raw)
+        Py_INCREF(<PyObject*>s)
+        _string_cache[slot] = <PyObject*>s
     return s
 
 
-cdef inline str _read_string(Reader* r, str field):
-    cdef Py_ssize_t n
+cdef inline str _span_str(const unsigned char* base, Span span):
+    cdef const unsigned char* p = base + span.offset
+    cdef Py_ssize_t n = span.length
     cdef PyObject* cached
     cdef size_t slot = 0
-    _read_length(r, &n)
-    if n == 0:
-        return ""
     if n <= STRING_CACHE_MAX_LENGTH:
         # Two-way set associative: a pair of hot strings that hash alike must not evict each other forever.
-        slot = _string_slot(r.p, n) & ~(<size_t>1)
+        slot = _string_slot(p, n) & ~(<size_t>1)
         cached = _string_cache[slot]
         if cached != NULL and PyUnicode_GET_LENGTH(cached) == n and _same_bytes(
-                <const unsigned char*>PyUnicode_DATA(cached), r.p, n):
-            r.p += n
+                <const unsigned char*>PyUnicode_DATA(cached), p, n):
             return <str>cached
         cached = _string_cache[slot + 1]
         if cached != NULL and PyUnicode_GET_LENGTH(cached) == n and _same_bytes(
-                <const unsigned char*>PyUnicode_DATA(cached), r.p, n):
-            r.p += n
+                <const unsigned char*>PyUnicode_DATA(cached), p, n):
             return <str>cached
-    return _decode_new_string(r, n, slot, field)
+    return _new_span_str(p, n, slot)
 
 
+cdef inline uint32_t _load_u32(const unsigned char* p) noexcept nogil:
+    cdef uint32_t v
+    memcpy(&v, p, 4)
+    return v
+
+
+cdef inline bint _is_ascii(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    # Word at a time; the last (possibly overlapping) word covers the tail.
+    cdef uint64_t bits = 0
+    cdef Py_ssize_t i = 0
+    if n >= 8:
+        while i + 8 < n:
+            bits |= _load_u64(p + i)
+            i += 8
+        bits |= _load_u64(p + n - 8)
+    elif n >= 4:
+        bits = _load_u32(p) | _load_u32(p + n - 4)
+    else:
+        while i < n:
+            bits |= p[i]
+            i += 1
+    return (bits & 0x8080808080808080ULL) == 0
+
+
+cdef int _check_utf8(Reader* r, Py_ssize_t n, const char* field) except -1:
+    # Non-ASCII text is rare in gossip; CPython's own strict decoder is the reference for what valid UTF-8 is.
+    cdef PyObject* decoded = _decode_utf8(<const char*>r.p, n, NULL)
+    if decoded == NULL:
+        PyErr_Clear()
+        raise CodecError(f"{field.decode('ascii')} at offset {r.p - r.base} is not valid UTF-8")
+    Py_XDECREF(decoded)
+    return 0
+
+
+cdef inline int _read_span(Reader* r, Span* span, const char* field) except -1:
+    """Validate a string field at r.p and record where its bytes are."""
+    cdef Py_ssize_t n
+    _read_length(r, &n)
+    if n != 0 and not _is_ascii(r.p, n):
+        _check_utf8(r, n, field)
+    span.offset = <uint32_t>(r.p - r.base)
+    span.length = <uint32_t>n
+    r.p += n
+    return 0
 cdef int _skip_field(Reader* r, uint32_t tag) except -1:
     cdef uint64_t ignored
     cdef Py_ssize_t n
@@ -472,7 +567,6 @@ cdef class Update:
         if self.draining:
             size += 2
         size += _str_field_size(self.reporter_id, "reporter_id")
-        self._body_size = size
         return size
 
     cpdef Py_ssize_t encoded_size(self) except -1:
@@ -555,54 +649,172 @@ cdef class Update:
 
 @cython.freelist(16)
 cdef class Message:
-    """A GossipMessage: one UDP datagram. ``updates`` is a list of Update."""
+    """A GossipMessage: one UDP datagram. ``updates`` is a list of Update.
+
+    A message returned by decode() is fully validated but makes its strings and Update objects only when they
+    are first read (and then keeps them); assigning a field replaces its decoded value.
+    """
 
     def __cinit__(self):
-        self.sender_id = ""
-        self.target_id = ""
-        self.sender_address = ""
-        self.target_address = ""
-        self.updates = []
+        self._sender_id = ""
+        self._target_id = ""
+        self._sender_address = ""
+        self._target_address = ""
+        # The (empty) updates list is made on first access: most messages built for sending never need it.
+        self._lazy = LAZY_UPDATES
+
+    def __dealloc__(self):
+        _release_records(self._records, self._records_capacity)
 
     def __init__(self, int type=0, str sender_id not None="", str target_id not None="",
                  unsigned long long sequence_num=0, updates=None, str sender_address not None="",
                  str target_address not None="", unsigned long long timestamp_ms=0):
         self.type = type
-        self.sender_id = sender_id
-        self.target_id = target_id
+        self.set_sender_id(sender_id)
+        self.set_target_id(target_id)
         self.sequence_num = sequence_num
         if updates is not None:
-            self.updates = list(updates)
-            for i, u in enumerate(self.updates):
+            updates = list(updates)
+            for i, u in enumerate(updates):
                 if not isinstance(u, Update):
                     raise TypeError(f"updates[{i}] is {u.__class__.__name__}, expected Update")
-        self.sender_address = sender_address
-        self.target_address = target_address
+            self.set_updates(updates)
+        self.set_sender_address(sender_address)
+        self.set_target_address(target_address)
         self.timestamp_ms = timestamp_ms
 
-    cdef Py_ssize_t _header_size(self) except -1:
-        cdef Py_ssize_t size = 0
-        size += _varint_field_size(_int32_wire(self.type))
-        size += _str_field_size(self.sender_id, "sender_id")
-        size += _str_field_size(self.target_id, "target_id")
-        size += _varint_field_size(self.sequence_num)
-        size += _str_field_size(self.sender_address, "sender_address")
-        size += _str_field_size(self.target_address, "target_address")
-        size += _varint_field_size(self.timestamp_ms)
-        return size
+    @property
+    def sender_id(self):
+        return self.get_sender_id()
+
+    @sender_id.setter
+    def sender_id(self, str value):
+        self.set_sender_id(value)
+
+    @property
+    def target_id(self):
+        return self.get_target_id()
+
+    @target_id.setter
+    def target_id(self, str value):
+        self.set_target_id(value)
+
+    @property
+    def sender_address(self):
+        return self.get_sender_address()
+
+    @sender_address.setter
+    def sender_address(self, str value):
+        self.set_sender_address(value)
+
+    @property
+    def target_address(self):
+        return self.get_target_address()
+
+    @target_address.setter
+    def target_address(self, str value):
+        self.set_target_address(value)
+
+    @property
+    def updates(self):
+        return self.get_updates()
+
+    @updates.setter
+    def updates(self, list value):
+        self.set_updates(value)
+
+    cdef str _load_str(self, unsigned int field):
+        # A local reference: nothing that runs while the str is made can free the bytes the span points into.
+        cdef bytes source = self._source
+        cdef const unsigned char* base = <const unsigned char*>PyBytes_AS_STRING(source)
+        cdef str s
+        if field == LAZY_SENDER_ID:
+            s = _span_str(base, self._sender_id_span)
+            self._sender_id = s
+        elif field == LAZY_TARGET_ID:
+            s = _span_str(base, self._target_id_span)
+            self._target_id = s
+        elif field == LAZY_SENDER_ADDRESS:
+            s = _span_str(base, self._sender_address_span)
+            self._sender_address = s
+        else:
+            s = _span_str(base, self._target_address_span)
+            self._target_address = s
+        self._lazy &= ~field
+        if self._lazy == 0:
+            self._source = None
+        return s
+
+    cdef list _load_updates(self):
+        # The records are detached first, so that even a re-entrant access (from a finalizer run by an
+        # allocation below) finds a consistent message rather than records being freed under this loop.
+        cdef UpdateRecord* records = self._records
+        cdef Py_ssize_t n = self._n_records
+        cdef Py_ssize_t capacity = self._records_capacity
+        cdef bytes source = self._source
+        cdef const unsigned char* base
+        cdef UpdateRecord* rec
+        cdef Update u
+        cdef list updates
+        cdef Py_ssize_t i
+        self._records = NULL
+        self._n_records = 0
+        self._records_capacity = 0
+        try:
+            updates = PyList_New(n)
+            if n:
+                base = <const unsigned char*>PyBytes_AS_STRING(source)
+                for i in range(n):
+                    rec = &records[i]
+                    u = Update.__new__(Update)
+                    if rec.member_id.length:
+                        u.member_id = _span_str(base, rec.member_id)
+                    if rec.address.length:
+                        u.address = _span_str(base, rec.address)
+                    u.state = rec.state
+                    u.incarnation = rec.incarnation
+                    if rec.model_version.length:
+                        u.model_version = _span_str(base, rec.model_version)
+                    u.active_requests = rec.active_requests
+                    u.max_capacity = rec.max_capacity
+                    if rec.grpc_address.length:
+                        u.grpc_address = _span_str(base, rec.grpc_address)
+                    u.role = rec.role
+                    u.weight = <double>rec.weight
+                    u.draining = rec.draining
+                    if rec.reporter_id.length:
+                        u.reporter_id = _span_str(base, rec.reporter_id)
+                    Py_INCREF(<PyObject*>u)  # PyList_SET_ITEM steals it
+                    PyList_SET_ITEM(updates, i, u)
+        except BaseException:
+            # Only MemoryError can get here (decode validated everything): keep the records for a later retry.
+            if self._records == NULL:
+                self._records = records
+                self._n_records = n
+                self._records_capacity = capacity
+                records = NULL
+            raise
+        finally:
+            _release_records(records, capacity)
+        self._updates = updates
+        self._lazy &= ~LAZY_UPDATES
+        if self._lazy == 0:
+            self._source = None
+        return updates
 
     cpdef Message copy(self):
         """A copy whose updates list and Update objects are new (changing it never changes self)."""
         cdef Message other = Message.__new__(Message)
+        cdef list updates = self.get_updates()
         other.type = self.type
-        other.sender_id = self.sender_id
-        other.target_id = self.target_id
+        other.set_sender_id(self.get_sender_id())
+        other.set_target_id(self.get_target_id())
         other.sequence_num = self.sequence_num
-        other.sender_address = self.sender_address
-        other.target_address = self.target_address
+        other.set_sender_address(self.get_sender_address())
+        other.set_target_address(self.get_target_address())
         other.timestamp_ms = self.timestamp_ms
-        if self.updates is not None:
-            other.updates = [(<Update?>u).copy() for u in self.updates]
+        if updates is not None:
+            other.set_updates([(<Update?>u).copy() for u in updates])
         return other
 
     def __eq__(self, other):
@@ -611,20 +823,21 @@ cdef class Message:
         cdef Message o = <Message>other
         return (
             self.type == o.type
-            and self.sender_id == o.sender_id
-            and self.target_id == o.target_id
+            and self.get_sender_id() == o.get_sender_id()
+            and self.get_target_id() == o.get_target_id()
             and self.sequence_num == o.sequence_num
-            and self.sender_address == o.sender_address
-            and self.target_address == o.target_address
+            and self.get_sender_address() == o.get_sender_address()
+            and self.get_target_address() == o.get_target_address()
             and self.timestamp_ms == o.timestamp_ms
-            and (self.updates or []) == (o.updates or [])
+            and (self.get_updates() or []) == (o.get_updates() or [])
         )
 
     __hash__ = None
 
     def __reduce__(self):
-        return (Message, (self.type, self.sender_id, self.target_id, self.sequence_num, self.updates,
-                          self.sender_address, self.target_address, self.timestamp_ms))
+        return (Message, (self.type, self.get_sender_id(), self.get_target_id(), self.sequence_num,
+                          self.get_updates(), self.get_sender_address(), self.get_target_address(),
+                          self.timestamp_ms))
 
     def __repr__(self):
         parts = [f"type={_enum_repr(self.type, _MESSAGE_TYPE_NAMES)}"]
@@ -664,58 +877,113 @@ cdef inline Py_ssize_t _update_field_size(Update u) except -1:
     return 1 + _varint_size(<uint64_t>body) + body
 
 
-cdef int _write_update(Writer* w, Update u) except -1:
-    cdef Py_ssize_t body = u._body_size
-    cdef unsigned char* body_end
-    if w.end - w.p < 1 + _varint_size(<uint64_t>body) + body:
-        _overflow()
-    w.p[0] = TAG_UPDATES
-    w.p = _put_varint(w.p + 1, <uint64_t>body)
-    body_end = w.p + body
-    # A Writer bounded by this update's body makes a size mismatch fail here instead of corrupting the next one.
-    cdef Writer inner
-    inner.p = w.p
-    inner.end = body_end
-    _write_str_field(&inner, TAG_MEMBER_ID, u.member_id, "member_id")
-    _write_str_field(&inner, TAG_ADDRESS, u.address, "address")
-    _write_varint_field(&inner, TAG_STATE, _int32_wire(u.state))
-    _write_varint_field(&inner, TAG_INCARNATION, u.incarnation)
-    _write_str_field(&inner, TAG_MODEL_VERSION, u.model_version, "model_version")
-    _write_varint_field(&inner, TAG_ACTIVE_REQUESTS, _int32_wire(u.active_requests))
-    _write_varint_field(&inner, TAG_MAX_CAPACITY, _int32_wire(u.max_capacity))
-    _write_str_field(&inner, TAG_GRPC_ADDRESS, u.grpc_address, "grpc_address")
-    _write_varint_field(&inner, TAG_ROLE, _int32_wire(u.role))
-    _write_fixed32_field(&inner, TAG_WEIGHT, _float32_bits(u.weight))
-    _write_varint_field(&inner, TAG_DRAINING, 1 if u.draining else 0)
-    _write_str_field(&inner, TAG_REPORTER_ID, u.reporter_id, "reporter_id")
-    if inner.p != body_end:
-        _overflow()
-    w.p = body_end
+cdef int _append_update(Buffer* b, Update u) except -1:
+    """Write u as one `updates` field at b.p, in field-number order as protobuf writes it."""
+    cdef Py_ssize_t n_member, n_address, n_version, n_grpc, n_reporter
+    # Nothing between here and the writes below runs Python code, so these pointers into u's strings stay valid.
+    cdef const char* member = _utf8_of(<PyObject*>u.member_id, &n_member, "member_id")
+    cdef const char* address = _utf8_of(<PyObject*>u.address, &n_address, "address")
+    cdef const char* version = _utf8_of(<PyObject*>u.model_version, &n_version, "model_version")
+    cdef const char* grpc = _utf8_of(<PyObject*>u.grpc_address, &n_grpc, "grpc_address")
+    cdef const char* reporter = _utf8_of(<PyObject*>u.reporter_id, &n_reporter, "reporter_id")
+    cdef unsigned char* head
+    cdef unsigned char* p
+    cdef Py_ssize_t body
+    cdef Py_ssize_t extra
+    _reserve(b, UPDATE_OVERHEAD_MAX + n_member + n_address + n_version + n_grpc + n_reporter)
+    head = b.p
+    # The body is written after a one-byte length prefix, which is what every update shorter than 128 bytes gets.
+    p = head + 2
+    p = _put_str_field(p, TAG_MEMBER_ID, member, n_member)
+    p = _put_str_field(p, TAG_ADDRESS, address, n_address)
+    p = _put_varint_field(p, TAG_STATE, _int32_wire(u.state))
+    p = _put_varint_field(p, TAG_INCARNATION, u.incarnation)
+    p = _put_str_field(p, TAG_MODEL_VERSION, version, n_version)
+    p = _put_varint_field(p, TAG_ACTIVE_REQUESTS, _int32_wire(u.active_requests))
+    p = _put_varint_field(p, TAG_MAX_CAPACITY, _int32_wire(u.max_capacity))
+    p = _put_str_field(p, TAG_GRPC_ADDRESS, grpc, n_grpc)
+    p = _put_varint_field(p, TAG_ROLE, _int32_wire(u.role))
+    p = _put_fixed32_field(p, TAG_WEIGHT, _float32_bits(u.weight))
+    if u.draining:
+        p[0] = TAG_DRAINING
+        p[1] = 1
+        p += 2
+    p = _put_str_field(p, TAG_REPORTER_ID, reporter, n_reporter)
+    body = p - (head + 2)
+    head[0] = TAG_UPDATES
+    if body < 0x80:
+        head[1] = <unsigned char>body
+    else:
+        # A longer body needs a longer prefix: slide the body up (the reservation counted a 5-byte prefix).
+        extra = _varint_size(<uint64_t>body) - 1
+        memmove(head + 2 + extra, head + 2, body)
+        _put_varint(head + 1, <uint64_t>body)
+        p += extra
+    b.p = p
     return 0
 
 
-cdef bytes _encode(Message msg, list updates, Py_ssize_t n_updates, Py_ssize_t total):
-    """Write msg's header fields and updates[:n_updates] (sizes already computed) into a new bytes object."""
-    cdef bytes out = PyBytes_FromStringAndSize(NULL, total)
-    cdef Writer w
-    cdef Py_ssize_t i
-    w.p = <unsigned char*>PyBytes_AS_STRING(out)
-    w.end = w.p + total
-    # Field-number order, as protobuf writes it, so the bytes are identical to SerializeToString().
-    _write_varint_field(&w, TAG_TYPE, _int32_wire(msg.type))
-    _write_str_field(&w, TAG_SENDER_ID, msg.sender_id, "sender_id")
-    _write_str_field(&w, TAG_TARGET_ID, msg.target_id, "target_id")
-    _write_varint_field(&w, TAG_SEQUENCE_NUM, msg.sequence_num)
-    if n_updates > 0 and (updates is None or PyList_GET_SIZE(updates) < n_updates):
-        _overflow()
-    for i in range(n_updates):
-        _write_update(&w, _update_at(updates, i))
-    _write_str_field(&w, TAG_SENDER_ADDRESS, msg.sender_address, "sender_address")
-    _write_str_field(&w, TAG_TARGET_ADDRESS, msg.target_address, "target_address")
-    _write_varint_field(&w, TAG_TIMESTAMP_MS, msg.timestamp_ms)
-    if w.p != w.end:
-        _overflow()
-    return out
+cdef inline Py_ssize_t _str_size(Py_ssize_t n) noexcept nogil:
+    if n == 0:
+        return 0
+    return 1 + _varint_size(<uint64_t>n) + n
+
+
+cdef bytes _encode(Message msg, list updates, Py_ssize_t max_size, Py_ssize_t* n_written):
+    """Encode msg's own fields and the longest prefix of updates that keeps the result <= max_size bytes."""
+    cdef unsigned char stack[STACK_BUFFER_SIZE]
+    cdef Buffer b
+    cdef Py_ssize_t n_sender, n_target, n_sender_address, n_target_address
+    cdef Py_ssize_t head_size, tail_size, mark
+    cdef Py_ssize_t i = 0
+    cdef unsigned char* p
+    cdef uint64_t type_wire = _int32_wire(msg.type)
+    # Owned references: the pointers below stay valid whatever the loop over updates runs.
+    cdef str sender_id = msg.get_sender_id()
+    cdef str target_id = msg.get_target_id()
+    cdef str sender_address = msg.get_sender_address()
+    cdef str target_address = msg.get_target_address()
+    cdef const char* sender = _utf8(sender_id, &n_sender, "sender_id")
+    cdef const char* target = _utf8(target_id, &n_target, "target_id")
+    cdef const char* sender_addr = _utf8(sender_address, &n_sender_address, "sender_address")
+    cdef const char* target_addr = _utf8(target_address, &n_target_address, "target_address")
+    # Fields 6..8 follow the updates (field 5) on the wire, so their size is set aside before packing updates.
+    tail_size = (_str_size(n_sender_address) + _str_size(n_target_address)
+                 + _varint_field_size(msg.timestamp_ms))
+    head_size = (_varint_field_size(type_wire) + _str_size(n_sender) + _str_size(n_target)
+                 + _varint_field_size(msg.sequence_num))
+    if head_size + tail_size > max_size:
+        raise CodecError(f"the message header alone is {head_size + tail_size} bytes, over the limit of "
+                         f"{max_size}")
+    b.start = stack
+    b.p = stack
+    b.end = stack + STACK_BUFFER_SIZE
+    b.heap = NULL
+    try:
+        _reserve(&b, HEADER_OVERHEAD_MAX + n_sender + n_target + n_sender_address + n_target_address)
+        p = b.p
+        p = _put_varint_field(p, TAG_TYPE, type_wire)
+        p = _put_str_field(p, TAG_SENDER_ID, sender, n_sender)
+        p = _put_str_field(p, TAG_TARGET_ID, target, n_target)
+        b.p = _put_varint_field(p, TAG_SEQUENCE_NUM, msg.sequence_num)
+        if updates is not None:
+            # The size is re-read every time: _update_at may run Python code (isinstance) that changes the list.
+            while i < PyList_GET_SIZE(updates):
+                mark = b.p - b.start
+                _append_update(&b, _update_at(updates, i))
+                if b.p - b.start + tail_size > max_size:
+                    b.p = b.start + mark
+                    break
+                i += 1
+        _reserve(&b, 2 * 6 + 11 + n_sender_address + n_target_address)
+        p = b.p
+        p = _put_str_field(p, TAG_SENDER_ADDRESS, sender_addr, n_sender_address)
+        p = _put_str_field(p, TAG_TARGET_ADDRESS, target_addr, n_target_address)
+        b.p = _put_varint_field(p, TAG_TIMESTAMP_MS, msg.timestamp_ms)
+        n_written[0] = i
+        return PyBytes_FromStringAndSize(<char*>b.start, b.p - b.start)
+    finally:
+        PyMem_Free(b.heap)
 
 
 cpdef bytes encode(Message msg):
@@ -724,17 +992,10 @@ cpdef bytes encode(Message msg):
     Raises TypeError for a None string field or a non-Update in msg.updates, CodecError for a string that is not
     encodable as UTF-8.
     """
+    cdef Py_ssize_t n
     if msg is None:
         raise TypeError("encode() needs a Message, not None")
-    cdef list updates = msg.updates
-    cdef Py_ssize_t total = msg._header_size()
-    cdef Py_ssize_t n = 0
-    cdef Py_ssize_t i
-    if updates is not None:
-        n = PyList_GET_SIZE(updates)
-        for i in range(n):
-            total += _update_field_size(_update_at(updates, i))
-    return _encode(msg, updates, n, total)
+    return _encode(msg, msg.get_updates(), PY_SSIZE_T_MAX, &n)
 
 
 cpdef tuple encode_limited(Message msg, list updates, Py_ssize_t max_size=MAX_DATAGRAM):
@@ -743,154 +1004,280 @@ cpdef tuple encode_limited(Message msg, list updates, Py_ssize_t max_size=MAX_DA
     msg.updates is ignored. Returns (bytes, number of updates included). Raises CodecError if the header alone
     does not fit.
     """
+    cdef Py_ssize_t n
+    cdef bytes data
     if msg is None:
         raise TypeError("encode_limited() needs a Message, not None")
-    cdef Py_ssize_t total = msg._header_size()
-    cdef Py_ssize_t n = 0
-    cdef Py_ssize_t size
-    cdef Py_ssize_t count
-    if total > max_size:
-        raise CodecError(f"the message header alone is {total} bytes, over the limit of {max_size}")
-    if updates is not None:
-        count = PyList_GET_SIZE(updates)
-        while n < count:
-            size = _update_field_size(_update_at(updates, n))
-            if total + size > max_size:
-                break
-            total += size
-            n += 1
-    return (_encode(msg, updates, n, total), n)
+    data = _encode(msg, updates, max_size, &n)
+    return (data, n)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Decoding
 
-cdef Update _decode_update(Reader* r):
-    """Decode one MembershipUpdate from r.p up to r.end."""
-    cdef Update u = Update.__new__(Update)
+cdef enum:
+    # First allocation of update records is sized from the datagram (an update takes ~40 bytes on the wire) but
+    # capped, so a huge buffer does not reserve memory for updates it may not hold; it doubles from there.
+    MIN_UPDATE_BYTES_GUESS = 24
+    INITIAL_RECORDS_MAX = 64
+    SPARE_RECORDS_MAX = 64
+    # Spans are 32-bit; protobuf itself refuses messages of 2 GiB or more.
+    MAX_MESSAGE_BYTES = 0x7FFFFFFF
+
+
+# One spare record array, kept when a message is done with its records, so that the next decode reuses it
+# instead of paying for a malloc and a free per datagram (arrays over SPARE_RECORDS_MAX are always freed).
+cdef UpdateRecord* _spare_records = NULL
+cdef Py_ssize_t _spare_capacity = 0
+
+
+cdef void _release_records(UpdateRecord* records, Py_ssize_t capacity) noexcept:
+    global _spare_records, _spare_capacity
+    if records == NULL:
+        return
+    if _spare_capacity < capacity <= SPARE_RECORDS_MAX:
+        PyMem_Free(_spare_records)
+        _spare_records = records
+        _spare_capacity = capacity
+    else:
+        PyMem_Free(records)
+
+
+cdef UpdateRecord* _grow_records(Message msg, Py_ssize_t size, Py_ssize_t max_updates) except NULL:
+    global _spare_records, _spare_capacity
+    cdef Py_ssize_t wanted
+    cdef UpdateRecord* grown
+    if msg._records_capacity == 0 and _spare_records != NULL:
+        msg._records = _spare_records
+        msg._records_capacity = _spare_capacity
+        _spare_records = NULL
+        _spare_capacity = 0
+        return msg._records
+    if msg._records_capacity == 0:
+        wanted = size // MIN_UPDATE_BYTES_GUESS + 1
+        if wanted > INITIAL_RECORDS_MAX:
+            wanted = INITIAL_RECORDS_MAX
+    else:
+        wanted = msg._records_capacity * 2
+    if wanted > max_updates:
+        wanted = max_updates
+    # Owned by msg as soon as it exists, so that __dealloc__ frees it if decoding fails further on.
+    grown = <UpdateRecord*>PyMem_Realloc(msg._records, wanted * sizeof(UpdateRecord))
+    if grown == NULL:
+        raise MemoryError()
+    msg._records = grown
+    msg._records_capacity = wanted
+    return grown
+
+
+cdef inline int _tag_byte(Reader* r, uint32_t* tag) except -1:
+    # Every known field has a one-byte tag; longer tags are read (and checked) by _read_tag.
+    if r.p[0] < 0x80:
+        tag[0] = r.p[0]
+        r.p += 1
+        if tag[0] < 8:
+            raise CodecError(f"field number 0 at offset {r.p - 1 - r.base}")
+        return 0
+    return _read_tag(r, tag)
+
+
+cdef int _parse_update(Reader* r, UpdateRecord* rec) except -1:
+    """Validate one MembershipUpdate body (r.p up to r.end) into rec, which the caller has zeroed."""
     cdef uint32_t tag
     cdef uint64_t v
-    cdef uint32_t bits
-    cdef float f
+    # Fast path: the fields in field-number order, as protobuf (and this codec) write them. Each check is its own
+    # well-predicted branch, where one dispatch on the tag would be an indirect jump mispredicted on most fields.
+    # Whatever does not follow that order (absent fields aside) is left to the general loop below, which resumes
+    # where this stopped, so fields are still applied in stream order and the last occurrence wins.
+    if r.p < r.end and r.p[0] == TAG_MEMBER_ID:
+        r.p += 1
+        _read_span(r, &rec.member_id, "MembershipUpdate.member_id")
+    if r.p < r.end and r.p[0] == TAG_ADDRESS:
+        r.p += 1
+        _read_span(r, &rec.address, "MembershipUpdate.address")
+    if r.p < r.end and r.p[0] == TAG_STATE:
+        r.p += 1
+        _read_varint(r, &v)
+        rec.state = _as_int32(v)
+    if r.p < r.end and r.p[0] == TAG_INCARNATION:
+        r.p += 1
+        _read_varint(r, &v)
+        rec.incarnation = v
+    if r.p < r.end and r.p[0] == TAG_MODEL_VERSION:
+        r.p += 1
+        _read_span(r, &rec.model_version, "MembershipUpdate.model_version")
+    if r.p < r.end and r.p[0] == TAG_ACTIVE_REQUESTS:
+        r.p += 1
+        _read_varint(r, &v)
+        rec.active_requests = _as_int32(v)
+    if r.p < r.end and r.p[0] == TAG_MAX_CAPACITY:
+        r.p += 1
+        _read_varint(r, &v)
+        rec.max_capacity = _as_int32(v)
+    if r.p < r.end and r.p[0] == TAG_GRPC_ADDRESS:
+        r.p += 1
+        _read_span(r, &rec.grpc_address, "MembershipUpdate.grpc_address")
+    if r.p < r.end and r.p[0] == TAG_ROLE:
+        r.p += 1
+        _read_varint(r, &v)
+        rec.role = _as_int32(v)
+    if r.p < r.end and r.p[0] == TAG_WEIGHT:
+        r.p += 1
+        _read_weight(r, rec)
+    if r.p < r.end and r.p[0] == TAG_DRAINING:
+        r.p += 1
+        _read_varint(r, &v)
+        rec.draining = v != 0
+    if r.p < r.end and r.p[0] == TAG_REPORTER_ID:
+        r.p += 1
+        _read_span(r, &rec.reporter_id, "MembershipUpdate.reporter_id")
     while r.p < r.end:
-        if r.p[0] < 0x80:
-            tag = r.p[0]
-            r.p += 1
-            if tag < 8:
-                raise CodecError(f"field number 0 at offset {r.p - 1 - r.base}")
-        else:
-            _read_tag(r, &tag)
+        _tag_byte(r, &tag)
         if tag == TAG_MEMBER_ID:
-            u.member_id = _read_string(r, "MembershipUpdate.member_id")
+            _read_span(r, &rec.member_id, "MembershipUpdate.member_id")
         elif tag == TAG_ADDRESS:
-            u.address = _read_string(r, "MembershipUpdate.address")
+            _read_span(r, &rec.address, "MembershipUpdate.address")
         elif tag == TAG_STATE:
             _read_varint(r, &v)
-            u.state = _as_int32(v)
+            rec.state = _as_int32(v)
         elif tag == TAG_INCARNATION:
             _read_varint(r, &v)
-            u.incarnation = v
+            rec.incarnation = v
         elif tag == TAG_MODEL_VERSION:
-            u.model_version = _read_string(r, "MembershipUpdate.model_version")
+            _read_span(r, &rec.model_version, "MembershipUpdate.model_version")
         elif tag == TAG_ACTIVE_REQUESTS:
             _read_varint(r, &v)
-            u.active_requests = _as_int32(v)
+            rec.active_requests = _as_int32(v)
         elif tag == TAG_MAX_CAPACITY:
             _read_varint(r, &v)
-            u.max_capacity = _as_int32(v)
+            rec.max_capacity = _as_int32(v)
         elif tag == TAG_GRPC_ADDRESS:
-            u.grpc_address = _read_string(r, "MembershipUpdate.grpc_address")
+            _read_span(r, &rec.grpc_address, "MembershipUpdate.grpc_address")
         elif tag == TAG_ROLE:
             _read_varint(r, &v)
-            u.role = _as_int32(v)
+            rec.role = _as_int32(v)
         elif tag == TAG_WEIGHT:
-            if r.end - r.p < 4:
-                raise CodecError(f"truncated MembershipUpdate.weight at offset {r.p - r.base}")
-            bits = (<uint32_t>r.p[0] | (<uint32_t>r.p[1] << 8) | (<uint32_t>r.p[2] << 16)
-                    | (<uint32_t>r.p[3] << 24))
-            memcpy(&f, &bits, 4)
-            u.weight = <double>f
-            r.p += 4
+            _read_weight(r, rec)
         elif tag == TAG_DRAINING:
             _read_varint(r, &v)
-            u.draining = v != 0
+            rec.draining = v != 0
         elif tag == TAG_REPORTER_ID:
-            u.reporter_id = _read_string(r, "MembershipUpdate.reporter_id")
+            _read_span(r, &rec.reporter_id, "MembershipUpdate.reporter_id")
         else:
             _skip_field(r, tag)
-    return u
+    return 0
 
 
-cdef Message _decode_message(const unsigned char* data, Py_ssize_t size, Py_ssize_t max_updates):
-    cdef Reader r
-    cdef Reader sub
+cdef inline int _read_weight(Reader* r, UpdateRecord* rec) except -1:
+    cdef uint32_t bits
+    if r.end - r.p < 4:
+        raise CodecError(f"truncated MembershipUpdate.weight at offset {r.p - r.base}")
+    bits = (<uint32_t>r.p[0] | (<uint32_t>r.p[1] << 8) | (<uint32_t>r.p[2] << 16)
+            | (<uint32_t>r.p[3] << 24))
+    memcpy(&rec.weight, &bits, 4)
+    r.p += 4
+    return 0
+
+
+cdef Message _decode_message(bytes source, Py_ssize_t max_updates):
+    cdef const unsigned char* data = <const unsigned char*>PyBytes_AS_STRING(source)
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(source)
     cdef Message msg = Message.__new__(Message)
-    cdef list updates = msg.updates
+    cdef UpdateRecord* records = NULL
+    cdef Py_ssize_t capacity = 0
     cdef Py_ssize_t n_updates = 0
     cdef Py_ssize_t length
+    cdef Reader r
+    cdef Reader sub
+    cdef Span sender_id, target_id, sender_address, target_address
     cdef uint32_t tag
     cdef uint64_t v
+    cdef unsigned int lazy = LAZY_UPDATES
+    if size > MAX_MESSAGE_BYTES:
+        raise CodecError(f"{size} bytes is over protobuf's 2 GiB message limit")
+    memset(&sender_id, 0, sizeof(Span))
+    memset(&target_id, 0, sizeof(Span))
+    memset(&sender_address, 0, sizeof(Span))
+    memset(&target_address, 0, sizeof(Span))
     r.base = data
     r.p = data
     r.end = data + size
     while r.p < r.end:
-        if r.p[0] < 0x80:
-            tag = r.p[0]
-            r.p += 1
-            if tag < 8:
-                raise CodecError(f"field number 0 at offset {r.p - 1 - r.base}")
-        else:
-            _read_tag(&r, &tag)
+        _tag_byte(&r, &tag)
         if tag == TAG_UPDATES:
             _read_length(&r, &length)
             if n_updates >= max_updates:
                 raise CodecError(f"more than {max_updates} updates in one message")
+            if n_updates == capacity:
+                records = _grow_records(msg, size, max_updates)
+                capacity = msg._records_capacity
+            memset(&records[n_updates], 0, sizeof(UpdateRecord))
             sub.base = r.base
             sub.p = r.p
             sub.end = r.p + length
-            updates.append(_decode_update(&sub))
+            _parse_update(&sub, &records[n_updates])
             n_updates += 1
             r.p = sub.end
         elif tag == TAG_TYPE:
             _read_varint(&r, &v)
             msg.type = _as_int32(v)
         elif tag == TAG_SENDER_ID:
-            msg.sender_id = _read_string(&r, "sender_id")
+            _read_span(&r, &sender_id, "sender_id")
         elif tag == TAG_TARGET_ID:
-            msg.target_id = _read_string(&r, "target_id")
+            _read_span(&r, &target_id, "target_id")
         elif tag == TAG_SEQUENCE_NUM:
             _read_varint(&r, &v)
             msg.sequence_num = v
         elif tag == TAG_SENDER_ADDRESS:
-            msg.sender_address = _read_string(&r, "sender_address")
+            _read_span(&r, &sender_address, "sender_address")
         elif tag == TAG_TARGET_ADDRESS:
-            msg.target_address = _read_string(&r, "target_address")
+            _read_span(&r, &target_address, "target_address")
         elif tag == TAG_TIMESTAMP_MS:
             _read_varint(&r, &v)
             msg.timestamp_ms = v
         else:
             _skip_field(&r, tag)
+    # Empty strings need no span: __cinit__ already set every string field to "".
+    if sender_id.length:
+        msg._sender_id_span = sender_id
+        lazy |= LAZY_SENDER_ID
+    if target_id.length:
+        msg._target_id_span = target_id
+        lazy |= LAZY_TARGET_ID
+    if sender_address.length:
+        msg._sender_address_span = sender_address
+        lazy |= LAZY_SENDER_ADDRESS
+    if target_address.length:
+        msg._target_address_span = target_address
+        lazy |= LAZY_TARGET_ADDRESS
+    msg._n_records = n_updates
+    msg._lazy = lazy
+    if lazy != LAZY_UPDATES or n_updates:
+        msg._source = source
     return msg
 
 
-cpdef Message decode(data, Py_ssize_t max_updates=MAX_UPDATES):
-    """Parse one datagram (bytes, bytearray, memoryview or any buffer) into a Message.
-
-    Raises CodecError for malformed input (including more than max_updates updates) and TypeError for an object
-    that is not a buffer.
-    """
+cdef bytes _private_copy(data):
+    """data's bytes as a new bytes object: the message must not change when the caller reuses its buffer."""
     cdef Py_buffer view
-    cdef Message msg
-    if PyBytes_CheckExact(data):
-        return _decode_message(<const unsigned char*>PyBytes_AS_STRING(data), len(<bytes>data), max_updates)
     try:
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
     except BufferError:
-        # A non-contiguous view cannot be exported as one span; copy it once.
-        data = bytes(memoryview(data))
-        return _decode_message(<const unsigned char*>PyBytes_AS_STRING(data), len(<bytes>data), max_updates)
+        # A non-contiguous view cannot be exported as one span.
+        return bytes(memoryview(data))
     try:
-        msg = _decode_message(<const unsigned char*>view.buf, view.len, max_updates)
+        return PyBytes_FromStringAndSize(<const char*>view.buf, view.len)
     finally:
         PyBuffer_Release(&view)
-    return msg
+
+
+cpdef Message decode(data, Py_ssize_t max_updates=MAX_UPDATES):
+    """Parse and validate one datagram (bytes, bytearray, memoryview or any buffer) into a Message.
+
+    Every error is raised here; the message's strings and Update objects are made when first read, which cannot
+    fail. Raises CodecError for malformed input (including more than max_updates updates) and TypeError for an
+    object that is not a buffer.
+    """
+    if PyBytes_CheckExact(data):
+        return _decode_message(<bytes>data, max_updates)
+    return _decode_message(_private_copy(data), max_updates)

@@ -467,7 +467,7 @@ cdef class Swim:
         if self.auth is not None and not self.auth.accept_fresh(tag, msg.timestamp_ms, self._wall_ms(now)):
             self.replays_rejected += 1
             return
-        if msg.sender_id == self.member_id or not msg.sender_id:
+        if msg.get_sender_id() == self.member_id or not msg.get_sender_id():
             self.misdirected += 1
             return
         if self.leaving:
@@ -665,19 +665,19 @@ cdef class Swim:
             if not p.acked:
                 p.acked = True
                 self.acks_received += 1
-                if msg.sender_id != p.target_id:
+                if msg.get_sender_id() != p.target_id:
                     self.indirect_acks += 1
             return
         r = self._relays.pop(msg.sequence_num, None)
-        if r is not None and msg.sender_id == r.target_id:
+        if r is not None and msg.get_sender_id() == r.target_id:
             self._send(ACK, r.requester_address, r.target_id, r.requester_seq, "", None, True)
 
     cdef _handle_ping_req(self, Message msg, str reply_address, double now):
         cdef _Relay r
-        cdef _Member target = self._members.get(msg.target_id)
-        target_address = msg.target_address or (target.address if target is not None else "")
-        if not target_address or msg.target_id == self.member_id:
-            if msg.target_id == self.member_id:  # asked to probe ourselves: we are obviously alive
+        cdef _Member target = self._members.get(msg.get_target_id())
+        target_address = msg.get_target_address() or (target.address if target is not None else "")
+        if not target_address or msg.get_target_id() == self.member_id:
+            if msg.get_target_id() == self.member_id:  # asked to probe ourselves: we are obviously alive
                 self._send(ACK, reply_address, self.member_id, msg.sequence_num, "", None, True)
             return
         self.relays_served += 1
@@ -685,10 +685,10 @@ cdef class Swim:
         r = _Relay()
         r.requester_address = reply_address
         r.requester_seq = msg.sequence_num
-        r.target_id = msg.target_id
+        r.target_id = msg.get_target_id()
         self._relays[self._seq] = r
         self._push(now + self.probe_timeout * self._scale(), T_RELAY_TIMEOUT, None, self._seq)
-        self._send(PING, target_address, msg.target_id, self._seq, "", self._buddy(target) if target else None,
+        self._send(PING, target_address, r.target_id, self._seq, "", self._buddy(target) if target else None,
                    True)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -963,11 +963,11 @@ cdef class Swim:
         cdef Py_ssize_t n
         cdef Broadcast b
         msg.type = mtype
-        msg.sender_id = self.member_id
-        msg.target_id = target_id
+        msg.set_sender_id(self.member_id)
+        msg.set_target_id(target_id)
         msg.sequence_num = seq
-        msg.sender_address = self.address
-        msg.target_address = target_address
+        msg.set_sender_address(self.address)
+        msg.set_target_address(target_address)
         msg.timestamp_ms = self._wall_ms(self._now)
         if first:
             updates = list(first)
@@ -1022,9 +1022,9 @@ cdef class Swim:
         cdef Py_ssize_t pos = 0
         cdef Py_ssize_t n
         msg.type = mtype
-        msg.sender_id = self.member_id
+        msg.set_sender_id(self.member_id)
         msg.sequence_num = seq
-        msg.sender_address = self.address
+        msg.set_sender_address(self.address)
         msg.timestamp_ms = self._wall_ms(self._now)
         while pos < len(ups):
             data, n = encode_limited(msg, ups[pos:], self.max_payload)
@@ -1095,36 +1095,37 @@ cdef class Swim:
 
     cdef _dispatch(self, Message msg, str source_address, double now):
         cdef int t = msg.type
-        cdef str reply_address = msg.sender_address or source_address
+        cdef str sender_id = msg.get_sender_id()
+        cdef str reply_address = msg.get_sender_address() or source_address
         cdef bint sync = t == SYNC or t == SYNC_ACK
         cdef Update u
         cdef list corrections = None
-        cdef _Member sender = self._members.get(msg.sender_id)
+        cdef _Member sender = self._members.get(sender_id)
         if t < PING or t > SYNC_ACK:
             self.malformed += 1
             return
-        if t == PING and msg.target_id and msg.target_id != self.member_id:
+        if t == PING and msg.get_target_id() and msg.get_target_id() != self.member_id:
             # Meant for whoever had this address before us (e.g. a restarted node under a new id).
             self.misdirected += 1
             return
-        for u in msg.updates:
+        for u in msg.get_updates():
             # Anti-entropy state is not re-gossiped (it is a full table); only news about the sender itself is.
-            if self._apply(u, now, (not sync) or u.member_id == msg.sender_id, msg.sender_id):
+            if self._apply(u, now, (not sync) or u.member_id == sender_id, sender_id):
                 if corrections is None:
                     corrections = []
                 corrections.append(self._self.to_update() if u.member_id == self.member_id
                                    else (<_Member>self._members[u.member_id]).to_update())
-        if (sender is None and reply_address and msg.sender_id not in self._members
-                and msg.sender_id not in self._tombstones):
+        if (sender is None and reply_address and sender_id not in self._members
+                and sender_id not in self._tombstones):
             # Unknown sender that did not describe itself: learn it as ALIVE at incarnation 0; its own rumours
             # will carry its real incarnation and metadata.
-            self._apply(Update(msg.sender_id, reply_address, ALIVE, 0), now, False, "")
+            self._apply(Update(sender_id, reply_address, ALIVE, 0), now, False, "")
         if corrections is not None and t != PING:
             # The sender missed a refutation: answer its stale rumour directly rather than hope gossip reaches it.
             self.corrections_sent += 1
-            self._send(ACK, reply_address, msg.sender_id, 0, "", corrections, False)
+            self._send(ACK, reply_address, sender_id, 0, "", corrections, False)
         if t == PING:
-            self._send(ACK, reply_address, msg.sender_id, msg.sequence_num, "", corrections, True)
+            self._send(ACK, reply_address, sender_id, msg.sequence_num, "", corrections, True)
         elif t == ACK:
             self._handle_ack(msg, now)
         elif t == PING_REQ:
@@ -1139,8 +1140,8 @@ cdef class Swim:
         if t == SYNC:
             # A session is (sender, the sender's incarnation, sequence): a restarted sender has a new incarnation,
             # so its join SYNC is answered even when its sequence numbers repeat those of a previous life.
-            sender = self._members.get(msg.sender_id)
-            key = (msg.sender_id, sender.incarnation if sender is not None else 0, msg.sequence_num)
+            sender = self._members.get(sender_id)
+            key = (sender_id, sender.incarnation if sender is not None else 0, msg.sequence_num)
             if key not in self._sync_sessions:
                 if len(self._sync_sessions) >= MAX_SYNC_SESSIONS:
                     self._sync_sessions.clear()
