@@ -17,8 +17,10 @@ import json
 import multiprocessing
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -83,7 +85,9 @@ def loadgen(target: str, mode: str, prompts: list[str], max_tokens: int, concurr
                 "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall if wall else 0.0,
                 "ok": len(ttfts), "errors": errors, "loadgen_cpu_share": cpu / wall if wall else 0.0}
 
-    return asyncio.run(main())
+    from llmgw import eventloop
+
+    return eventloop.run(main())
 
 
 class LoadGenerator:
@@ -119,24 +123,70 @@ def cpu_seconds(pid: int) -> float:
 
 
 # ---- scenarios -------------------------------------------------------------------------------------------
-def scenario_ttft(lg, workdir, n):
+class BareRelay:
+    """benchmarks/bare_relay.py in its own process: grpc.aio relaying bytes to one replica, nothing of llmgw."""
+
+    def __init__(self, upstream: str) -> None:
+        self._proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "bare_relay.py"),
+                                       "--upstream", upstream], stdout=subprocess.PIPE, text=True)
+        # The relay prints its port once it serves; a thread reads it so the wait can be bounded.
+        ready: concurrent.futures.Future = concurrent.futures.Future()
+        threading.Thread(target=lambda: ready.set_result(self._proc.stdout.readline()), daemon=True).start()
+        try:
+            port = ready.result(timeout=30).strip()
+        except concurrent.futures.TimeoutError:
+            port = ""
+        if not port.isdigit():
+            self.close()
+            raise RuntimeError("bare relay did not start within 30 s")
+        self.address = f"127.0.0.1:{port}"
+        self.pid = self._proc.pid
+
+    def close(self) -> None:
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout=10)
+        except Exception:
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+
+
+def scenario_ttft(lg, workdir, n, rounds=3):
+    """One stream at a time, 1 token: time to first token direct, through a bare grpc.aio relay (the floor
+    grpc.aio itself sets) and through the gateway. The three paths alternate in `rounds` rounds so a noisy
+    stretch of the machine hits all of them; each figure is the median of the rounds' percentiles."""
     with _cluster(workdir / "ttft") as c:
         r = c.start_replica("replica-1", token_delay_ms=10, max_capacity=64, extra=["--prefill-ms-per-kchar", "0"])
         gw = c.start_gateway("gateway-1")
         _converge(c, [gw, r])
-        prompts = [f"ttft probe {i}" for i in range(n)]
-        lg.run(gw.grpc_address, "infer", prompts[:20], 1, 1)  # warm both paths
-        lg.run(r.grpc_address, "direct", prompts[:20], 1, 1)
-        direct = lg.run(r.grpc_address, "direct", prompts, 1, 1)
-        via = lg.run(gw.grpc_address, "infer", prompts, 1, 1)
-    return {"direct": direct, "gateway": via,
-            "added_p50_ms": via["ttft_p50_ms"] - direct["ttft_p50_ms"],
-            "added_p99_ms": via["ttft_p99_ms"] - direct["ttft_p99_ms"]}
+        bare = BareRelay(r.grpc_address)
+        try:
+            paths = {"direct": (r.grpc_address, "direct"), "bare_relay": (bare.address, "direct"),
+                     "gateway": (gw.grpc_address, "infer")}
+            prompts = [f"ttft probe {i}" for i in range(n)]
+            for target, mode in paths.values():  # warm every path
+                lg.run(target, mode, prompts[:20], 1, 1)
+            runs = {name: [] for name in paths}
+            per_round = max(20, n // rounds)
+            for k in range(rounds):
+                for name, (target, mode) in paths.items():
+                    runs[name].append(lg.run(target, mode, prompts[k * per_round:(k + 1) * per_round], 1, 1))
+        finally:
+            bare.close()
+    out = {name: {key: statistics.median(run[key] for run in rs) for key in ("ttft_p50_ms", "ttft_p99_ms")}
+           for name, rs in runs.items()}
+    out["rounds"] = rounds
+    out["added_p50_ms"] = out["gateway"]["ttft_p50_ms"] - out["direct"]["ttft_p50_ms"]
+    out["added_p99_ms"] = out["gateway"]["ttft_p99_ms"] - out["direct"]["ttft_p99_ms"]
+    out["bare_added_p50_ms"] = out["bare_relay"]["ttft_p50_ms"] - out["direct"]["ttft_p50_ms"]
+    return out
 
 
-def scenario_relay(lg, workdir, rounds):
+def scenario_relay(lg, workdir, rounds, repeats=3):
     """16 streams x 200 tokens at 0 ms/token: how many tokens/s the gateway relays compared with a client
-    talking to the replica directly (one token per message to the client in both cases)."""
+    talking to the replica directly (one token per message to the client in both cases). Direct and gateway runs
+    alternate `repeats` times and the ratio is the median of the per-pair ratios, so one noisy stretch of a shared
+    machine cannot decide it."""
     out = {}
     for label, upstream in (("batched", "64"), ("per_token", "1")):
         with _cluster(workdir / f"relay-{label}") as c:
@@ -146,36 +196,66 @@ def scenario_relay(lg, workdir, rounds):
             _converge(c, [gw, r])
             prompts = [f"relay {i}" for i in range(16 * rounds)]
             lg.run(gw.grpc_address, "infer", prompts[:16], 50, 16)
-            direct = lg.run(r.grpc_address, "direct", prompts, 200, 16)
-            gw_cpu0 = cpu_seconds(gw.pid)
-            via = lg.run(gw.grpc_address, "infer", prompts, 200, 16)
-            gw_cpu = cpu_seconds(gw.pid) - gw_cpu0
-        out[label] = {"direct": direct, "gateway": via, "ratio": via["tokens_per_s"] / direct["tokens_per_s"],
+            pairs = []
+            for _ in range(repeats):
+                direct = lg.run(r.grpc_address, "direct", prompts, 200, 16)
+                gw_cpu0 = cpu_seconds(gw.pid)
+                via = lg.run(gw.grpc_address, "infer", prompts, 200, 16)
+                gw_cpu = cpu_seconds(gw.pid) - gw_cpu0
+                pairs.append((via["tokens_per_s"] / direct["tokens_per_s"], direct, via, gw_cpu))
+        pairs.sort(key=lambda pair: pair[0])
+        ratio, direct, via, gw_cpu = pairs[len(pairs) // 2]
+        out[label] = {"direct": direct, "gateway": via, "ratio": ratio, "ratios": [pair[0] for pair in pairs],
                       "gateway_cpu_us_per_token": gw_cpu / max(1, via["tokens"]) * 1e6,
                       "gateway_cpu_share": gw_cpu / via["wall_s"]}
     return out
 
 
 def scenario_streams(lg, workdir, streams, tokens, delay_ms, replicas, name, per_message):
+    """`streams` concurrent streams, all started at once. Runs, in this order: direct to one replica, through the
+    gateway (replica sessions, the default), and through a second gateway started with --no-replica-sessions (one
+    Generate call per request, as the reference) -- first with clients reading one token per message, then with
+    clients opting in to coalescing (not the per-call gateway)."""
     with _cluster(workdir / name) as c:
         reps = [c.start_replica(f"replica-{i}", token_delay_ms=delay_ms, max_capacity=streams,
                                 extra=["--prefill-ms-per-kchar", "0"]) for i in range(replicas)]
         gw = c.start_gateway("gateway-1", extra=["--queue-size", str(streams)])
-        _converge(c, [gw, *reps])
+        calls_gw = c.start_gateway("gateway-2", extra=["--queue-size", str(streams), "--no-replica-sessions"])
+        _converge(c, [gw, calls_gw, *reps])
         prompts = [f"{name} stream {i}" for i in range(streams)]
         channels = max(1, streams // 100)
-        lg.run(gw.grpc_address, "infer", prompts[:32], 2, 32)
+        for g in (gw, calls_gw):  # warm: channels, and the sessions to every replica
+            lg.run(g.grpc_address, "infer", prompts[:32], 2, 32)
         out = {}
         for label, pm in (("per_token", 0), ("coalescing", per_message)):
             if streams <= 256:
                 out[f"direct_{label}"] = lg.run(reps[0].grpc_address, "direct", prompts, tokens, streams,
                                                 channels=channels, per_message=pm)
-            cpu0 = {n.name: cpu_seconds(n.pid) for n in (gw, *reps)}
-            res = lg.run(gw.grpc_address, "infer", prompts, tokens, streams, channels=channels, per_message=pm)
-            res["cpu_share"] = {name: (cpu_seconds(n.pid) - cpu0[name]) / res["wall_s"]
-                                for name, n in ((n.name, n) for n in (gw, *reps))}
-            out[f"gateway_{label}"] = res
+            targets = [("gateway", gw)] + ([("gateway_calls", calls_gw)] if label == "per_token" else [])
+            for kind, g in targets:
+                cpu0 = {n.name: cpu_seconds(n.pid) for n in (g, *reps)}
+                res = lg.run(g.grpc_address, "infer", prompts, tokens, streams, channels=channels, per_message=pm)
+                res["cpu_share"] = {n.name: (cpu_seconds(n.pid) - cpu0[n.name]) / res["wall_s"] for n in (g, *reps)}
+                out[f"{kind}_{label}"] = res
     return out
+
+
+def scenario_burst(lg, workdir, streams):
+    """`streams` one-token requests started at once on a replica with no token delay: the call set-up burst alone,
+    with nothing to generate -- the floor under the many-stream TTFT figures."""
+    with _cluster(workdir / "burst") as c:
+        r = c.start_replica("replica-0", token_delay_ms=0, max_capacity=streams, extra=["--prefill-ms-per-kchar", "0"])
+        gw = c.start_gateway("gateway-1", extra=["--queue-size", str(streams)])
+        _converge(c, [gw, r])
+        prompts = [f"burst {i}" for i in range(streams)]
+        channels = max(1, streams // 100)
+        lg.run(gw.grpc_address, "infer", prompts[:32], 1, 32)
+        runs = {"direct": [], "gateway": []}
+        for _ in range(3):
+            runs["direct"].append(lg.run(r.grpc_address, "direct", prompts, 1, streams, channels=channels))
+            runs["gateway"].append(lg.run(gw.grpc_address, "infer", prompts, 1, streams, channels=channels))
+    return {name: {key: statistics.median(run[key] for run in rs) for key in ("ttft_p50_ms", "ttft_p99_ms")}
+            for name, rs in runs.items()}
 
 
 def scenario_routing(lg, workdir, requests):
@@ -217,27 +297,37 @@ def report(results: dict) -> str:
     lines += ["| scenario | via gateway | direct | ratio / target |", "|---|---|---|---|"]
     t = results.get("ttft")
     if t:
-        lines.append(f"| TTFT, 10 ms/token, one stream, p50 / p99 (ms) | {_fmt(t['gateway']['ttft_p50_ms'], 2)} / "
-                     f"{_fmt(t['gateway']['ttft_p99_ms'], 2)} | {_fmt(t['direct']['ttft_p50_ms'], 2)} / "
-                     f"{_fmt(t['direct']['ttft_p99_ms'], 2)} | added p50 {_fmt(t['added_p50_ms'], 2)} ms "
-                     f"(target <= 1 ms) |")
+        lines.append(f"| TTFT, 10 ms/token, one stream, p50 / p99 (ms), median of {t['rounds']} alternating rounds | "
+                     f"{_fmt(t['gateway']['ttft_p50_ms'], 2)} / {_fmt(t['gateway']['ttft_p99_ms'], 2)} | "
+                     f"{_fmt(t['direct']['ttft_p50_ms'], 2)} / {_fmt(t['direct']['ttft_p99_ms'], 2)} | "
+                     f"added p50 {_fmt(t['added_p50_ms'], 2)} ms (target <= 1 ms) |")
+        lines.append(f"| TTFT through a bare grpc.aio relay (benchmarks/bare_relay.py: bytes forwarded, no llmgw code), "
+                     f"p50 / p99 (ms) | {_fmt(t['bare_relay']['ttft_p50_ms'], 2)} / "
+                     f"{_fmt(t['bare_relay']['ttft_p99_ms'], 2)} | (same direct) | added p50 "
+                     f"{_fmt(t['bare_added_p50_ms'], 2)} ms: the floor grpc.aio sets for any relay |")
     for label, r in (results.get("relay") or {}).items():
         what = ("replica->gateway batched (default)" if label == "batched"
                 else "one message per token on both hops (--upstream-batch 1)")
         lines.append(f"| relay ceiling, 0 ms/token, 16 x 200 tokens, {what} (tokens/s) | "
                      f"{_fmt(r['gateway']['tokens_per_s'], 0)} (gateway CPU {_fmt(r['gateway_cpu_us_per_token'])} "
                      f"us/token, {_fmt(r['gateway_cpu_share'] * 100, 0)}% of a core) | "
-                     f"{_fmt(r['direct']['tokens_per_s'], 0)} | {_fmt(r['ratio'], 2)}x (target >= 0.8x) |")
+                     f"{_fmt(r['direct']['tokens_per_s'], 0)} | median {_fmt(r['ratio'], 2)}x of "
+                     f"{', '.join(f'{x:.2f}' for x in r['ratios'])} (target >= 0.8x) |")
     for key, title, target in (("streams256", "256 streams x 100 tokens @ 20 ms/token", "target <= 60 / 150 ms"),
                                ("streams1000", "1,000 streams x {tokens} tokens @ {delay_ms:g} ms/token, one gateway "
                                                "process", "target 0 errors, p99 <= 1,000 ms")):
         s = results.get(key)
         if not s:
             continue
-        for label in ("per_token", "coalescing"):
-            g, d = s.get(f"gateway_{label}"), s.get(f"direct_{label}")
+        for key_label, label in (("gateway_per_token", "per_token"), ("gateway_calls_per_token", "per_token"),
+                                 ("gateway_coalescing", "coalescing")):
+            g, d = s.get(key_label), s.get(f"direct_{label}")
+            if g is None:
+                continue
             mode = "client reads one token per message" if label == "per_token" else \
                 f"client opts in to coalescing (max {s['per_message']} tokens/message)"
+            if key_label == "gateway_calls_per_token":
+                mode += ", gateway with --no-replica-sessions (one Generate call per request)"
             direct_txt = (f"{_fmt(d['ttft_p50_ms'])} / {_fmt(d['ttft_p99_ms'])}, errors {sum(d['errors'].values())}"
                           if d else "—")
             cpu = ", ".join(f"{name} {share * 100:.0f}%" for name, share in g["cpu_share"].items())
@@ -245,6 +335,12 @@ def report(results: dict) -> str:
                          f"{_fmt(g['ttft_p99_ms'])}, ok {g['ok']}, errors {sum(g['errors'].values())}, "
                          f"{_fmt(g['tokens_per_s'], 0)} tokens/s; CPU: {cpu}, load generator "
                          f"{g['loadgen_cpu_share'] * 100:.0f}% | {direct_txt} | {target} |")
+    b = results.get("burst")
+    if b:
+        lines.append(f"| 256 one-token requests started at once, 0 ms/token (the call set-up burst alone), TTFT p50 / "
+                     f"p99 (ms), median of 3 | {_fmt(b['gateway']['ttft_p50_ms'])} / {_fmt(b['gateway']['ttft_p99_ms'])}"
+                     f" | {_fmt(b['direct']['ttft_p50_ms'])} / {_fmt(b['direct']['ttft_p99_ms'])} | floor under the "
+                     f"256-stream target (60 / 150 ms) |")
     rt = results.get("routing")
     if rt:
         lines.append("")
@@ -259,7 +355,7 @@ def report(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench dataplane", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests (smoke run)")
-    parser.add_argument("--only", default="", help="comma-separated scenarios: ttft,relay,streams256,"
+    parser.add_argument("--only", default="", help="comma-separated scenarios: ttft,relay,streams256,burst,"
                                                    "streams1000,routing")
     parser.add_argument("--json", default="", help="also write the raw results to this file")
     parser.add_argument("--thousand-delay-ms", type=float, default=100.0)
@@ -281,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
             res = scenario_streams(lg, workdir, 256, 100, 20, 1, "s256", args.per_message)
             res.update(tokens=100, delay_ms=20, per_message=args.per_message)
             results["streams256"] = res
+        if want("burst"):
+            results["burst"] = scenario_burst(lg, workdir, 256)
         if want("streams1000"):
             res = scenario_streams(lg, workdir, 1000, args.thousand_tokens, args.thousand_delay_ms, 2, "s1000",
                                    args.per_message)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from llmgw.cli.membership_args import add_membership_arguments
-
+import argparse
 import errno
+
+from llmgw import eventloop
+from llmgw.cli.membership_args import add_membership_arguments
 
 HELP = "run the inference gateway (gRPC InferenceGateway + OpenAI-compatible HTTP front + gossip member)"
 
@@ -20,6 +22,7 @@ def add_arguments(p) -> None:
     p.add_argument("--gossip-port", type=int, default=0,
                    help="gossip UDP port (0 = port + 10000); worker i uses gossip port + i")
     add_membership_arguments(p)
+    eventloop.add_argument(p)
     p.add_argument("--workers", type=int, default=1,
                    help="processes sharing the gRPC port (SO_REUSEPORT), each its own gossip member")
     p.add_argument("--queue-size", type=int, default=d.queue_size, help="admission queue waiters")
@@ -36,6 +39,9 @@ def add_arguments(p) -> None:
                    help="replica choice: prefix affinity (default) or a prompt-blind baseline")
     p.add_argument("--upstream-batch", type=int, default=d.upstream_batch,
                    help="max tokens per replica->gateway message when several are ready (1 = one each)")
+    p.add_argument("--replica-sessions", action=argparse.BooleanOptionalAction, default=d.replica_sessions,
+                   help="multiplex requests to a replica on one GenerateSession call (replicas without it get "
+                        "one Generate call per request)")
     p.add_argument("--vnodes", type=int, default=d.vnodes, help="virtual nodes per replica on the hash ring")
     p.add_argument("--balance", type=float, default=d.balance,
                    help="bounded-loads factor: affinity yields when a replica exceeds balance x average load")
@@ -141,7 +147,8 @@ def config_from_args(args, worker: int | None = None):
         reuse_port=reuse, queue_size=args.queue_size, queue_timeout_s=args.queue_timeout_s,
         max_attempts=args.max_attempts, first_token_timeout_s=args.first_token_timeout_s,
         inter_token_timeout_s=args.inter_token_timeout_s, request_timeout_s=args.request_timeout_s,
-        routing=args.routing, upstream_batch=args.upstream_batch, vnodes=args.vnodes, balance=args.balance, prefix_chars=args.prefix_chars,
+        routing=args.routing, upstream_batch=args.upstream_batch,
+        replica_sessions=args.replica_sessions, vnodes=args.vnodes, balance=args.balance, prefix_chars=args.prefix_chars,
         max_tokens_cap=args.max_tokens_cap, max_prompt_bytes=args.max_prompt_bytes,
         **_resilience_settings(args),
     )
@@ -200,7 +207,7 @@ def _serve(args, worker: int | None) -> int:
         await serve_until_signalled(stop)
         return 0
 
-    return asyncio.run(main())
+    return eventloop.run(main(), args.event_loop)
 
 
 class TlsSettings:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from llmgw import eventloop
 from llmgw.cli.membership_args import add_membership_arguments
 
 HELP = "run an LLM replica (gRPC LLMReplica + gossip member): simulated, or in front of an OpenAI-compatible server"
@@ -15,7 +16,11 @@ def add_arguments(p) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORTS["replica"]["grpc"], help="gRPC port (0 = any free)")
     p.add_argument("--gossip-port", type=int, default=0, help="gossip UDP port (0 = port + 10000)")
     p.add_argument("--no-gossip", action="store_true", help="run standalone, without joining a cluster")
+    p.add_argument("--no-sessions", action="store_true",
+                   help="serve Generate only, not GenerateSession (gateways then open one call per request, "
+                        "as with the reference replica)")
     add_membership_arguments(p)
+    eventloop.add_argument(p)
     p.add_argument("--token-delay-ms", type=float, default=100.0, help="time per generated token")
     p.add_argument("--prefill-ms-per-kchar", type=float, default=1.0,
                    help="prefill cost per 1,000 prompt characters not in the prefix cache")
@@ -78,6 +83,7 @@ def config_from_args(args):
                       crash_after=args.crash_after, slow_factor=args.slow_factor,
                       stall_before_first_ms=args.stall_before_first_ms),
         backend=_backend_from_args(args), server_credentials=_credentials_from_args(args),
+        sessions=not args.no_sessions,
     )
 
 
@@ -160,7 +166,7 @@ def run(args) -> int:
         await serve_until_signalled(replica.stop)
 
     try:
-        asyncio.run(main())
+        eventloop.run(main(), args.event_loop)
     finally:
         if metrics_server is not None:
             metrics_server.close()

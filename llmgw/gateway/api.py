@@ -103,6 +103,10 @@ class GatewayConfig:
     # Tokens per replica message the gateway asks for (GenerateRequest.max_tokens_per_message): when a replica
     # has several tokens ready at once they cross the internal hop in one message. 1 = one message per token.
     upstream_batch: int = 64
+    # Requests to a replica share one GenerateSession call (llmgw.gateway.session) when the replica serves it:
+    # no call set-up per request, and one message carries the ready tokens of every stream. False = one
+    # Generate call per request, as the reference did.
+    replica_sessions: bool = True
     # A replica that answered RESOURCE_EXHAUSTED is treated as full for this long unless gossip says otherwise.
     busy_backoff_s: float = 0.25
     # ---- resilience (docs/resilience.md) ----

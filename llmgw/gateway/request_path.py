@@ -123,7 +123,7 @@ class Gateway:
         self.router = router
         self.membership = membership
         self.gossip = None
-        self.pool = ChannelPool(replica_credentials)
+        self.pool = ChannelPool(replica_credentials, sessions=config.replica_sessions)
         self.view = MembershipView(router, _NoMembers(), on_change=self._membership_changed,
                                    on_removed=self._replica_removed)
         self.admission: Admission[_Ticket] = Admission(self._try_acquire, self._give_back,

@@ -27,6 +27,20 @@ UPSTREAM_ERROR_CODES = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "busy": grp
                         "unavailable": grpc.StatusCode.UNAVAILABLE}
 # Upper bound on how long Drain waits for in-flight streams when the caller set no deadline.
 DRAIN_MAX_WAIT_S = 300.0
+# Most events in one SessionResponse: far below grpc's 4 MB message limit even with long tokens.
+SESSION_MAX_EVENTS = 1024
+# How long a closing session waits for its cancelled streams to finish their bookkeeping.
+SESSION_CLOSE_TIMEOUT_S = 5.0
+
+
+class ReplicaAbort(Exception):
+    """A stream ends with this gRPC status instead of its final token. Generate turns it into the call's status,
+    GenerateSession into the stream's closing event."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
 
 
 @dataclasses.dataclass
@@ -54,6 +68,8 @@ class ReplicaConfig:
     backend: object | None = None
     # TLS for the gRPC port (llmgw.replica.wire.server_credentials); None = plaintext.
     server_credentials: grpc.ServerCredentials | None = None
+    # Serve GenerateSession (many streams on one call from a gateway); False = Generate only, as the reference.
+    sessions: bool = True
 
 
 class Replica:
@@ -84,6 +100,8 @@ class Replica:
         # Stalled streams wait on this so stop() can release them instead of leaving tasks behind.
         self._stopping = asyncio.Event()
         self._meta_dirty = False
+        self.sessions_open = 0
+        self.session_streams_total = 0
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     @property
@@ -92,11 +110,15 @@ class Replica:
 
     async def start(self) -> None:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        replica_methods = {
+            "Generate": wire.unary_stream(self.Generate, pb.GenerateRequest, pb.GenerateResponse),
+            "Drain": wire.unary_unary(self.Drain, pb.DrainRequest, pb.DrainResponse),
+        }
+        if self.config.sessions:
+            replica_methods["GenerateSession"] = wire.stream_stream(self.GenerateSession, pb.SessionRequest,
+                                                                    pb.SessionResponse)
         server.add_generic_rpc_handlers((
-            grpc.method_handlers_generic_handler("llmgateway.LLMReplica", {
-                "Generate": wire.unary_stream(self.Generate, pb.GenerateRequest, pb.GenerateResponse),
-                "Drain": wire.unary_unary(self.Drain, pb.DrainRequest, pb.DrainResponse),
-            }),
+            grpc.method_handlers_generic_handler("llmgateway.LLMReplica", replica_methods),
             grpc.method_handlers_generic_handler("llmgateway.ReplicaAdmin", {
                 "SetFaults": wire.unary_unary(self.SetFaults, pb.Faults, pb.Faults),
                 "GetStatus": wire.unary_unary(self.GetStatus, pb.StatusRequest, pb.ReplicaStatus),
@@ -164,22 +186,56 @@ class Replica:
     async def Generate(self, request, context: grpc.aio.ServicerContext):
         if isinstance(request, wire.UndecodableRequest):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        try:
+            async with contextlib.aclosing(self._serve(request)) as responses:
+                async for response in responses:
+                    yield response
+        except ReplicaAbort as exc:
+            await context.abort(exc.code, exc.details)
+
+    async def GenerateSession(self, requests, context: grpc.aio.ServicerContext):
+        session = _Session(self)
+        reader = asyncio.get_running_loop().create_task(session.read(requests))
+        self.sessions_open += 1
+        try:
+            yield pb.SessionResponse()  # no events: tells the gateway the session is accepted
+            while True:
+                events = await session.next_events()
+                if events is None:
+                    break
+                yield pb.SessionResponse(events=events)
+        finally:
+            self.sessions_open -= 1
+            reader.cancel()
+            await session.close()
+        if session.invalid is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, session.invalid)
+
+    def _refusal(self, request) -> ReplicaAbort | None:
+        """Why this stream cannot start here (counted as a rejection when it is about state, not the request)."""
         problem = model.check_generate(request.prompt, request.max_tokens, request.tokens_already_generated,
                                        self.config.limits)
         if problem:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        faults = self.faults
+            return ReplicaAbort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         if self.draining:
             self.rejected_total += 1
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
-        if faults.reject_all:
+            return ReplicaAbort(grpc.StatusCode.UNAVAILABLE, "draining")
+        if self.faults.reject_all:
             self.rejected_total += 1
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "rejecting all requests (fault injection)")
-        # Check and increment with no await in between: the loop makes the pair atomic.
+            return ReplicaAbort(grpc.StatusCode.UNAVAILABLE, "rejecting all requests (fault injection)")
         if self.active >= self.config.max_capacity:
             self.rejected_total += 1
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+            return ReplicaAbort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"replica {self.config.replica_id} at capacity {self.config.max_capacity}")
+        return None
+
+    async def _serve(self, request):
+        """One stream, whichever RPC carries it: admission against capacity, generation, accounting. Ends after
+        the final response or raises ReplicaAbort."""
+        # Check and increment with no await in between: the loop makes the pair atomic.
+        refusal = self._refusal(request)
+        if refusal is not None:
+            raise refusal
         self.active += 1
         if self.active > self.peak_active:
             self.peak_active = self.active
@@ -188,7 +244,7 @@ class Replica:
         generate = self._generate if self.backend is None else self._generate_upstream
         outcome, tokens = "cancelled", 0
         try:
-            async with contextlib.aclosing(generate(request, context)) as responses:
+            async with contextlib.aclosing(generate(request)) as responses:
                 async for response in responses:
                     tokens += (1 if response.token else 0) + len(response.more_tokens)
                     if response.is_final:
@@ -196,12 +252,10 @@ class Replica:
                         self.served_total += 1
                         outcome = "ok"
                     yield response
-        except grpc.aio.AbortError:
-            # context.abort set the status before raising: count the stream under that status.
-            code = context.code()
-            outcome = code.name.lower() if isinstance(code, grpc.StatusCode) else "unknown"
+        except ReplicaAbort as exc:
+            outcome = exc.code.name.lower()
             raise
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception:
             outcome = "internal"
@@ -214,7 +268,7 @@ class Replica:
             if self.metrics is not None:
                 self.metrics.request_finished(outcome, tokens=tokens)
 
-    async def _generate(self, request, context):
+    async def _generate(self, request):
         loop = asyncio.get_running_loop()
         prompt, max_tokens, first = request.prompt, request.max_tokens, request.tokens_already_generated
         per_message = max(1, request.max_tokens_per_message)
@@ -240,9 +294,9 @@ class Replica:
                 log.warning("replica %s stalling after %d tokens (fault injection)", self.config.replica_id,
                             emitted)
                 await self._stopping.wait()
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "replica stopped while stalled")
+                raise ReplicaAbort(grpc.StatusCode.UNAVAILABLE, "replica stopped while stalled")
             if emitted == fail_at:
-                await context.abort(grpc.StatusCode.INTERNAL, "injected error (fault injection)")
+                raise ReplicaAbort(grpc.StatusCode.INTERNAL, "injected error (fault injection)")
             step = delay * faults.effective_slow_factor()
             due += step
             wait = due - loop.time()
@@ -272,7 +326,7 @@ class Replica:
             index += count
             emitted += count
 
-    async def _generate_upstream(self, request, context):
+    async def _generate_upstream(self, request):
         """Generate by streaming from the OpenAI-compatible upstream. A resumed stream (a failover) sends the
         prompt plus the text the previous replica produced, so a real model continues where it stopped."""
         from llmgw.backends.openai_upstream import UpstreamError
@@ -281,9 +335,9 @@ class Replica:
         already = list(request.generated_tokens)
         if first and len(already) != first:
             # Without the text so far an upstream model cannot continue it; the simulator can, a real model not.
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"resuming at token {first} needs the {first} tokens generated so far "
-                                f"(got {len(already)} in generated_tokens)")
+            raise ReplicaAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"resuming at token {first} needs the {first} tokens generated so far "
+                               f"(got {len(already)} in generated_tokens)")
         if first >= max_tokens:
             yield pb.GenerateResponse(is_final=True, index=max_tokens, finish_reason=pb.LENGTH)
             return
@@ -302,7 +356,7 @@ class Replica:
         except UpstreamError as exc:
             code = UPSTREAM_ERROR_CODES.get(exc.kind, grpc.StatusCode.UNAVAILABLE)
             log.info("replica %s: upstream failed at token %d: %s", self.config.replica_id, index, exc.message)
-            await context.abort(code, f"upstream: {exc.message}")
+            raise ReplicaAbort(code, f"upstream: {exc.message}") from None
         # The upstream finished early (a stop sequence or end of text): an empty final message says so.
         yield pb.GenerateResponse(is_final=True, index=index, finish_reason=pb.STOP)
 
@@ -361,7 +415,8 @@ class Replica:
             prefix_cache_hits=self.cache.hits, pid=os.getpid(), rejected_total=self.rejected_total,
             grpc_address=self.grpc_address,
             gossip_address=self.gossip.address if self.gossip is not None else "", peak_active=self.peak_active,
-            prefix_cache_lookups=self.cache.lookups,
+            prefix_cache_lookups=self.cache.lookups, sessions_open=self.sessions_open,
+            session_streams_total=self.session_streams_total,
         )
 
     async def Members(self, request, context):
@@ -370,3 +425,88 @@ class Replica:
         members = self.gossip.members(include_self=True)
         return pb.MembersResponse(self_id=self.config.replica_id,
                                   members=[wire.member_info(m, self.config.replica_id) for m in members])
+
+
+class _Session:
+    """The replica's half of one GenerateSession: the streams it started, and the events waiting to be sent.
+
+    Events of every stream go out together, as many as are ready when the previous message has been written, so
+    a busy replica sends one message per round instead of one per token per stream.
+    """
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+        self.streams: dict[int, asyncio.Task] = {}
+        self.outbox: list[pb.SessionEvent] = []
+        self.ready = asyncio.Event()
+        self.requests_done = False
+        self.invalid: str | None = None  # set when the gateway sent something undecodable: the session ends
+
+    async def read(self, requests) -> None:
+        try:
+            async for message in requests:
+                if isinstance(message, wire.UndecodableRequest):
+                    self.invalid = message.message
+                    return
+                for start in message.start:
+                    self._start(start.stream_id, start.request)
+                for stream_id in message.cancel:
+                    task = self.streams.pop(stream_id, None)
+                    if task is not None:
+                        task.cancel()
+        except grpc.aio.AioRpcError:
+            pass  # the gateway went away: close() ends what is left
+        finally:
+            self.requests_done = True
+            self.ready.set()
+
+    def _start(self, stream_id: int, request) -> None:
+        if stream_id in self.streams:
+            self._emit(pb.SessionEvent(stream_id=stream_id, status_code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                                       status_details=f"stream id {stream_id} is already in use"))
+            return
+        self.replica.session_streams_total += 1
+        self.streams[stream_id] = asyncio.get_running_loop().create_task(self._run(stream_id, request))
+
+    async def _run(self, stream_id: int, request) -> None:
+        try:
+            async with contextlib.aclosing(self.replica._serve(request)) as responses:
+                async for response in responses:
+                    self._emit(pb.SessionEvent(stream_id=stream_id, response=response))
+        except ReplicaAbort as exc:
+            self._emit(pb.SessionEvent(stream_id=stream_id, status_code=exc.code.value[0],
+                                       status_details=exc.details))
+        except asyncio.CancelledError:
+            pass  # the gateway cancelled it, or the session is closing: nobody waits for more
+        except Exception as exc:  # a bug must end this stream, not the session and every stream on it
+            log.exception("replica %s: session stream %d failed", self.replica.config.replica_id, stream_id)
+            self._emit(pb.SessionEvent(stream_id=stream_id, status_code=grpc.StatusCode.INTERNAL.value[0],
+                                       status_details=f"replica error: {exc!r}"))
+        finally:
+            if self.streams.get(stream_id) is asyncio.current_task():
+                del self.streams[stream_id]
+            self.ready.set()
+
+    def _emit(self, event: pb.SessionEvent) -> None:
+        self.outbox.append(event)
+        self.ready.set()
+
+    async def next_events(self) -> list[pb.SessionEvent] | None:
+        """The events ready to send (waiting for some), or None once the gateway closed its side and every
+        stream has ended."""
+        while not self.outbox:
+            if self.invalid is not None or (self.requests_done and not self.streams):
+                return None
+            self.ready.clear()
+            await self.ready.wait()
+        events = self.outbox[:SESSION_MAX_EVENTS]
+        del self.outbox[:SESSION_MAX_EVENTS]
+        return events
+
+    async def close(self) -> None:
+        tasks = list(self.streams.values())
+        self.streams.clear()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=SESSION_CLOSE_TIMEOUT_S)

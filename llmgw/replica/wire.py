@@ -45,6 +45,14 @@ def unary_stream(handler, request_cls, response_cls=None):
     )
 
 
+def stream_stream(handler, request_cls, response_cls):
+    return grpc.stream_stream_rpc_method_handler(
+        handler,
+        request_deserializer=tolerant_deserializer(request_cls),
+        response_serializer=response_cls.SerializeToString,
+    )
+
+
 def unary_unary(handler, request_cls, response_cls):
     return grpc.unary_unary_rpc_method_handler(
         handler,

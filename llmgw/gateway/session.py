@@ -1,0 +1,259 @@
+"""Many Generate streams to one replica over one GenerateSession call (proto: LLMReplica.GenerateSession).
+
+A grpc.aio call costs a few hundred microseconds of CPU to set up and tens per message on each side, and a busy
+gateway pays them per request and per token. On a session the gateway sends starts and cancels in batches and the
+replica sends, in one message, every event ready since its last one. A SessionStream stands in for the grpc.aio
+call of a Generate in everything the request path does with one -- read(), cancel(), done() -- so route -> admit
+-> stream -> fail over reads the same whichever carries the tokens.
+
+When the session ends (the replica crashed, its channel was closed), every stream on it fails with UNAVAILABLE
+and the request path fails each over from its next token, exactly as when a Generate call breaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+
+import grpc
+
+from llmgw._proto import llmgateway_pb2 as pb
+
+log = logging.getLogger("llmgw.gateway.session")
+
+GENERATE_SESSION_METHOD = "/llmgateway.LLMReplica/GenerateSession"
+# The replica's first (empty) message must come within this, or the session is given up and retried later.
+OPEN_TIMEOUT_S = 5.0
+
+_STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
+
+_OPEN, _FINISHED, _FAILED, _CANCELLED = range(4)
+
+
+class SessionUnsupported(Exception):
+    """The replica does not serve GenerateSession (a reference replica, or one started with --no-sessions)."""
+
+
+class ReplicaSession:
+    """The gateway's half of one GenerateSession: `await open()`, then `start(request)` per stream."""
+
+    def __init__(self, channel: grpc.aio.Channel, address: str) -> None:
+        self.address = address
+        self._open_call = channel.stream_stream(GENERATE_SESSION_METHOD,
+                                                request_serializer=pb.SessionRequest.SerializeToString,
+                                                response_deserializer=pb.SessionResponse.FromString)
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._streams: dict[int, SessionStream] = {}
+        self._next_id = 1
+        self._starts: list[pb.SessionStart] = []
+        self._cancels: list[int] = []
+        self._pending = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self.closed = False
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    async def open(self, timeout_s: float = OPEN_TIMEOUT_S) -> None:
+        """Start the call and wait for the replica's first message. SessionUnsupported when the replica answers
+        UNIMPLEMENTED; grpc.aio.AioRpcError or TimeoutError for anything else."""
+        self._call = self._open_call()
+        try:
+            async with asyncio.timeout(timeout_s):
+                hello = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            self.closed = True
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise SessionUnsupported(self.address) from None
+            raise
+        except BaseException:
+            self.closed = True
+            self._call.cancel()
+            raise
+        if hello is grpc.aio.EOF:
+            self.closed = True
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, details="replica ended the session at once")
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._read_events()), loop.create_task(self._write_requests())]
+
+    def start(self, request: pb.GenerateRequest, timeout: float | None = None) -> "SessionStream":
+        """Start one stream; the same call shape as the Generate multicallable. `timeout` is not sent: the
+        request path enforces the request's deadline and cancels the stream when it passes."""
+        stream_id = self._next_id
+        self._next_id += 1
+        stream = SessionStream(self, stream_id)
+        if self.closed:
+            stream._fail("replica session closed before the stream could start")
+            return stream
+        self._streams[stream_id] = stream
+        self._starts.append(pb.SessionStart(stream_id=stream_id, request=request))
+        self._pending.set()
+        return stream
+
+    def _cancel(self, stream_id: int) -> None:
+        if self._streams.pop(stream_id, None) is not None and not self.closed:
+            self._cancels.append(stream_id)
+            self._pending.set()
+
+    def _forget(self, stream_id: int) -> None:
+        self._streams.pop(stream_id, None)
+
+    async def _write_requests(self) -> None:
+        # One write in flight at a time (grpc allows no more): whatever piled up meanwhile goes in the next one.
+        try:
+            while True:
+                await self._pending.wait()
+                self._pending.clear()
+                if not (self._starts or self._cancels):
+                    continue
+                message = pb.SessionRequest(start=self._starts, cancel=self._cancels)
+                self._starts, self._cancels = [], []
+                await self._call.write(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the call broke: the reader sees it too and fails every stream
+            self._end(f"sending to the replica failed: {exc!r}")
+
+    async def _read_events(self) -> None:
+        reason = "replica ended the session"
+        try:
+            while True:
+                message = await self._call.read()
+                if message is grpc.aio.EOF:
+                    break
+                streams = self._streams
+                for event in message.events:
+                    stream = streams.get(event.stream_id)
+                    if stream is not None:
+                        stream._deliver(event)
+        except grpc.aio.AioRpcError as exc:
+            reason = f"{exc.code().name}: {exc.details()}"
+        except asyncio.CancelledError:
+            reason = "replica session closed"
+            raise
+        finally:
+            self._end(reason)
+
+    def _end(self, reason: str) -> None:
+        if self.closed and not self._streams:
+            return
+        self.closed = True
+        streams = list(self._streams.values())
+        self._streams.clear()
+        if streams:
+            log.info("session to %s ended with %d streams open: %s", self.address, len(streams), reason)
+        for stream in streams:
+            stream._fail(f"replica session ended: {reason}")
+
+    async def close(self) -> None:
+        """End the session: the replica stops its streams, and any still read here fail over."""
+        self._end("replica session closed")
+        if self._call is not None:
+            self._call.cancel()
+        current = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not current]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+
+
+class SessionStream:
+    """One Generate stream on a session, read like a grpc.aio UnaryStreamCall.
+
+    read() returns the next GenerateResponse -- every response that arrived since the last read, merged into one
+    when they are consecutive tokens, so tokens that are already here reach the client together -- then
+    grpc.aio.EOF; it raises grpc.aio.AioRpcError when the replica ended the stream with an error or the session
+    broke, and asyncio.CancelledError after cancel().
+    """
+
+    __slots__ = ("_session", "stream_id", "_responses", "_state", "_error", "_waiter")
+
+    def __init__(self, session: ReplicaSession, stream_id: int) -> None:
+        self._session = session
+        self.stream_id = stream_id
+        self._responses: collections.deque[pb.GenerateResponse] = collections.deque()
+        self._state = _OPEN
+        self._error: grpc.aio.AioRpcError | None = None
+        self._waiter: asyncio.Future | None = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _deliver(self, event: pb.SessionEvent) -> None:
+        if self._state != _OPEN:
+            return
+        if event.status_code:
+            code = _STATUS_BY_CODE.get(event.status_code, grpc.StatusCode.UNKNOWN)
+            self._error = grpc.aio.AioRpcError(code, details=event.status_details)
+            self._state = _FAILED
+            self._session._forget(self.stream_id)
+        else:
+            self._responses.append(event.response)
+            if event.response.is_final:
+                self._state = _FINISHED
+                self._session._forget(self.stream_id)
+        self._wake()
+
+    def _fail(self, details: str) -> None:
+        if self._state != _OPEN:
+            return
+        self._error = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, details=details)
+        self._state = _FAILED
+        self._wake()
+
+    async def read(self):
+        while True:
+            if self._state == _CANCELLED:
+                raise asyncio.CancelledError()
+            if self._responses:
+                return self._take()
+            if self._error is not None:
+                raise self._error
+            if self._state == _FINISHED:
+                return grpc.aio.EOF
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def _take(self) -> pb.GenerateResponse:
+        responses = self._responses
+        first = responses.popleft()
+        if not responses or not first.token or first.is_final:
+            return first
+        # Consecutive token-carrying responses become one: the request path relays it as one batch.
+        tokens = [first.token, *first.more_tokens]
+        last = first
+        while responses:
+            nxt = responses[0]
+            if not nxt.token or nxt.index != first.index + len(tokens):
+                break
+            responses.popleft()
+            tokens.append(nxt.token)
+            tokens.extend(nxt.more_tokens)
+            last = nxt
+            if nxt.is_final:
+                break
+        if last is first:
+            return first
+        return pb.GenerateResponse(token=tokens[0], more_tokens=tokens[1:], index=first.index,
+                                   is_final=last.is_final, finish_reason=last.finish_reason)
+
+    def cancel(self) -> bool:
+        if self._state != _OPEN:
+            return False
+        self._state = _CANCELLED
+        self._session._cancel(self.stream_id)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.cancel()
+        return True
+
+    def done(self) -> bool:
+        return self._state != _OPEN
