@@ -1,7 +1,7 @@
 """The floor under the gateway: a bare grpc.aio relay with nothing of llmgw in it.
 
 It serves llmgateway.LLMReplica/Generate and forwards each call, bytes untouched (no protobuf parsing, no routing,
-admission, failover, metrics or logging), to one fixed replica. Measured side by side with the gateway, it tells
+admission, failover, metrics or logging), to one fixed replica, on the gateway's event loop. Measured side by side with the gateway, it tells
 how much of the gateway's added latency and CPU is grpc.aio itself and how much is llmgw's own work.
 
     python benchmarks/bare_relay.py --upstream 127.0.0.1:50051 --port 0   # prints the bound port, then serves
@@ -51,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.upstream, args.host, args.port,
-                      ready=lambda port: print(port, flush=True)))
+    # The same event loop as the gateway (uvloop when installed), so the two are compared like for like.
+    from llmgw import eventloop
+
+    eventloop.run(serve(args.upstream, args.host, args.port, ready=lambda port: print(port, flush=True)))
     return 0
 
 

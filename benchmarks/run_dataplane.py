@@ -213,9 +213,10 @@ def scenario_relay(lg, workdir, rounds, repeats=3):
 
 def scenario_streams(lg, workdir, streams, tokens, delay_ms, replicas, name, per_message):
     """`streams` concurrent streams, all started at once. Runs, in this order: direct to one replica, through the
-    gateway (replica sessions, the default), and through a second gateway started with --no-replica-sessions (one
-    Generate call per request, as the reference) -- first with clients reading one token per message, then with
-    clients opting in to coalescing (not the per-call gateway)."""
+    gateway (replica sessions, the default), through a second gateway started with --no-replica-sessions (one
+    Generate call per request, as the reference) and through a bare grpc.aio relay to replica-0 (the floor for any
+    relay) -- first with clients reading one token per message, then with clients opting in to coalescing (the
+    gateway only)."""
     with _cluster(workdir / name) as c:
         reps = [c.start_replica(f"replica-{i}", token_delay_ms=delay_ms, max_capacity=streams,
                                 extra=["--prefill-ms-per-kchar", "0"]) for i in range(replicas)]
@@ -237,6 +238,11 @@ def scenario_streams(lg, workdir, streams, tokens, delay_ms, replicas, name, per
                 res = lg.run(g.grpc_address, "infer", prompts, tokens, streams, channels=channels, per_message=pm)
                 res["cpu_share"] = {n.name: (cpu_seconds(n.pid) - cpu0[n.name]) / res["wall_s"] for n in (g, *reps)}
                 out[f"{kind}_{label}"] = res
+        bare = BareRelay(reps[0].grpc_address)
+        try:
+            out["bare_relay_per_token"] = lg.run(bare.address, "direct", prompts, tokens, streams, channels=channels)
+        finally:
+            bare.close()
     return out
 
 
@@ -320,7 +326,7 @@ def report(results: dict) -> str:
         if not s:
             continue
         for key_label, label in (("gateway_per_token", "per_token"), ("gateway_calls_per_token", "per_token"),
-                                 ("gateway_coalescing", "coalescing")):
+                                 ("gateway_coalescing", "coalescing"), ("bare_relay_per_token", "per_token")):
             g, d = s.get(key_label), s.get(f"direct_{label}")
             if g is None:
                 continue
@@ -328,9 +334,11 @@ def report(results: dict) -> str:
                 f"client opts in to coalescing (max {s['per_message']} tokens/message)"
             if key_label == "gateway_calls_per_token":
                 mode += ", gateway with --no-replica-sessions (one Generate call per request)"
+            if key_label == "bare_relay_per_token":
+                mode += ", through a bare grpc.aio relay instead of the gateway (no llmgw code: the floor)"
             direct_txt = (f"{_fmt(d['ttft_p50_ms'])} / {_fmt(d['ttft_p99_ms'])}, errors {sum(d['errors'].values())}"
                           if d else "—")
-            cpu = ", ".join(f"{name} {share * 100:.0f}%" for name, share in g["cpu_share"].items())
+            cpu = ", ".join(f"{name} {share * 100:.0f}%" for name, share in g.get("cpu_share", {}).items()) or "n/a"
             lines.append(f"| {title.format(**s)}, {mode}: TTFT p50 / p99 (ms) | {_fmt(g['ttft_p50_ms'])} / "
                          f"{_fmt(g['ttft_p99_ms'])}, ok {g['ok']}, errors {sum(g['errors'].values())}, "
                          f"{_fmt(g['tokens_per_s'], 0)} tokens/s; CPU: {cpu}, load generator "
