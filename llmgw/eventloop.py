@@ -42,7 +42,14 @@ def loop_factory(choice: str = "auto") -> Callable[[], asyncio.AbstractEventLoop
 
 def run(main: Awaitable[Any], choice: str | None = None) -> Any:
     """asyncio.run(main) on the chosen loop (None = $LLMGW_EVENT_LOOP, else auto)."""
-    with asyncio.Runner(loop_factory=loop_factory(choice or default_choice())) as runner:
+    try:
+        factory = loop_factory(choice or default_choice())
+    except ValueError:
+        close = getattr(main, "close", None)
+        if close is not None:  # never awaited: close it rather than leave a "never awaited" warning behind
+            close()
+        raise
+    with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)
 
 
