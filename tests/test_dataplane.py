@@ -145,13 +145,43 @@ async def _stream_and_sabotage(c, gw, prompt, sabotage_after, sabotage):
     return tokens, time.monotonic() - start
 
 
-def test_item3_failover_after_sigkill_is_token_exact(cluster):
-    c = cluster
+def _item3_cluster(c, carrier):
+    """3 replicas at 100 ms/token and a gateway whose replica streams travel on `carrier`: "sessions" (the
+    default; opened to every replica before the test so the stream under test really is on one) or "calls"
+    (--no-replica-sessions: one Generate call per request). Returns (replicas by id, gateway, a check that the
+    replica serving the stream under test carries it the expected way)."""
     replicas = {f"replica-{i}": c.start_replica(f"replica-{i}", token_delay_ms=100) for i in range(3)}
-    gw = c.start_gateway("gateway-1")
+    gw = c.start_gateway("gateway-1", extra=[] if carrier == "sessions" else ["--no-replica-sessions"])
     c.wait_converged([gw, *replicas.values()])
-    tokens, elapsed = asyncio.run(_stream_and_sabotage(c, gw, "kill me mid-stream", 10,
-                                                       lambda rid: c.kill(replicas[rid])))
+    if carrier == "sessions":
+        served, i = set(), 0
+        while served != set(replicas):  # a request to every replica opens the gateway's session to it
+            assert i < 300, f"only {sorted(served)} got requests"
+            res = c.infer(gw, f"warm {i}", 1)
+            assert res.ok, res.details
+            served |= res.replicas
+            i += 1
+        wait_until(lambda: all(c.replica_status(r).sessions_open == 1 for r in replicas.values()), 10,
+                   what="a session from the gateway to every replica")
+    before = {rid: c.replica_status(r).session_streams_total for rid, r in replicas.items()}
+
+    def check_carrier(rid):
+        on_session = c.replica_status(replicas[rid]).session_streams_total - before[rid]
+        assert on_session == (1 if carrier == "sessions" else 0), (carrier, on_session)
+
+    return replicas, gw, check_carrier
+
+
+@pytest.mark.parametrize("carrier", ["sessions", "calls"])
+def test_item3_failover_after_sigkill_is_token_exact(cluster, carrier):
+    c = cluster
+    replicas, gw, check_carrier = _item3_cluster(c, carrier)
+
+    def kill(rid):
+        check_carrier(rid)
+        c.kill(replicas[rid])
+
+    tokens, elapsed = asyncio.run(_stream_and_sabotage(c, gw, "kill me mid-stream", 10, kill))
     assert [t.index for t in tokens] == list(range(20))
     assert [t.token for t in tokens] == [f"token_{i}" for i in range(20)]
     assert [t.is_final for t in tokens] == [False] * 19 + [True]
@@ -160,14 +190,17 @@ def test_item3_failover_after_sigkill_is_token_exact(cluster):
     assert elapsed < 15
 
 
-def test_item3_failover_after_silent_stall_is_token_exact(cluster):
+@pytest.mark.parametrize("carrier", ["sessions", "calls"])
+def test_item3_failover_after_silent_stall_is_token_exact(cluster, carrier):
     c = cluster
-    replicas = {f"replica-{i}": c.start_replica(f"replica-{i}", token_delay_ms=100) for i in range(3)}
-    gw = c.start_gateway("gateway-1")  # default inter-token timeout (5 s)
-    c.wait_converged([gw, *replicas.values()])
-    # The serving replica is told to go silent right after its 10th token (it stays alive in gossip).
-    tokens, elapsed = asyncio.run(_stream_and_sabotage(
-        c, gw, "stall me mid-stream", 1, lambda rid: c.set_faults(replicas[rid], stall_after=10)))
+    replicas, gw, check_carrier = _item3_cluster(c, carrier)  # default inter-token timeout (5 s)
+
+    def stall(rid):
+        check_carrier(rid)
+        # The serving replica goes silent right after its 10th token (it stays alive in gossip).
+        c.set_faults(replicas[rid], stall_after=10)
+
+    tokens, elapsed = asyncio.run(_stream_and_sabotage(c, gw, "stall me mid-stream", 1, stall))
     assert [t.index for t in tokens] == list(range(20))
     assert [t.is_final for t in tokens] == [False] * 19 + [True]
     assert len({t.replica_id for t in tokens}) >= 2
