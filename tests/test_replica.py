@@ -40,6 +40,18 @@ def test_check_generate_accepts_edges():
     assert model.check_generate("x" * 100, 10, 10, limits) is None
 
 
+def test_prefix_cache_costs_time_linear_in_prompt_length():
+    # Hashing every prefix whole made a 1 MiB prompt cost seconds of the replica's loop; chained block keys do not.
+    cache = PrefixCache(capacity=1 << 20)
+    long_prompt = "x" * (1 << 20)
+    start = time.perf_counter()
+    assert cache.lookup_and_insert(long_prompt) == 0
+    assert cache.lookup_and_insert(long_prompt + "different tail") == len(long_prompt)
+    assert time.perf_counter() - start < 2.0  # O(n^2) took 10+ s here
+    # Same text in another position is another prefix: a block's key depends on everything before it.
+    assert cache.lookup_and_insert("y" * 64 + long_prompt[:64]) == 0
+
+
 def test_prefix_cache_counts_shared_blocks_and_evicts_lru():
     cache = PrefixCache(capacity=4)
     base = "a" * 128

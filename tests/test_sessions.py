@@ -311,3 +311,27 @@ def test_replica_status_reports_sessions():
         assert st.sessions_open == 1 and st.session_streams_total >= 1
 
     run(scenario)
+
+
+def test_a_burst_of_long_prompts_is_split_under_the_message_limit():
+    # Six starts of ~900 KB queued at once: one SessionRequest would be ~5.4 MB, over grpc's 4 MiB default, and
+    # the replica would end the session for every stream on it.
+    async def scenario(s):
+        rep = await s.add_replica("r1", capacity=8, token_delay_ms=1, prefill_ms_per_kchar=0)
+        async with grpc.aio.insecure_channel(rep.grpc_address) as channel:
+            session = ReplicaSession(channel, rep.grpc_address)
+            await session.open(timeout_s=5)
+            try:
+                streams = [session.start(pb.GenerateRequest(prompt=f"{i}" + "x" * 900_000, max_tokens=3))
+                           for i in range(6)]
+                for stream in streams:
+                    tokens = []
+                    async with asyncio.timeout(20):
+                        while (msg := await stream.read()) is not grpc.aio.EOF:
+                            tokens += [msg.token, *msg.more_tokens]
+                    assert tokens == ["token_0", "token_1", "token_2"]
+                assert rep.session_streams_total == 6 and rep.sessions_open == 1
+            finally:
+                await session.close()
+
+    run(scenario)

@@ -25,6 +25,9 @@ log = logging.getLogger("llmgw.gateway.session")
 GENERATE_SESSION_METHOD = "/llmgateway.LLMReplica/GenerateSession"
 # The replica's first (empty) message must come within this, or the session is given up and retried later.
 OPEN_TIMEOUT_S = 5.0
+# Most bytes of stream starts in one SessionRequest. grpc servers refuse messages over 4 MiB by default, and a
+# burst of requests with long prompts must not become one message that breaks the session for every stream.
+MAX_REQUEST_BYTES = 1 << 20
 
 _STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -106,15 +109,27 @@ class ReplicaSession:
             while True:
                 await self._pending.wait()
                 self._pending.clear()
-                if not (self._starts or self._cancels):
-                    continue
-                message = pb.SessionRequest(start=self._starts, cancel=self._cancels)
-                self._starts, self._cancels = [], []
-                await self._call.write(message)
+                while self._starts or self._cancels:
+                    await self._call.write(self._next_request())
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the call broke: the reader sees it too and fails every stream
             self._end(f"sending to the replica failed: {exc!r}")
+
+    def _next_request(self) -> pb.SessionRequest:
+        """Every pending cancel, and pending starts up to MAX_REQUEST_BYTES (at least one: a single start is
+        never larger than a Generate request for the same stream)."""
+        starts = self._starts
+        size, taken = 0, 0
+        while taken < len(starts):
+            size += starts[taken].ByteSize() + 8  # + the field's tag and length prefix
+            if taken and size > MAX_REQUEST_BYTES:
+                break
+            taken += 1
+        message = pb.SessionRequest(start=starts[:taken], cancel=self._cancels)
+        del starts[:taken]
+        self._cancels = []
+        return message
 
     async def _read_events(self) -> None:
         reason = "replica ended the session"
