@@ -5,10 +5,9 @@ import subprocess
 import sys
 
 import pytest
+import uvloop  # a declared dependency (pyproject.toml): every environment `make` builds has it
 
 from llmgw import eventloop
-
-uvloop = pytest.importorskip("uvloop")  # a declared dependency on Linux: present in every environment make builds
 
 
 async def _running_loop_type():
