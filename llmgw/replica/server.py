@@ -226,7 +226,7 @@ class Replica:
         if self.active >= self.config.max_capacity:
             self.rejected_total += 1
             return ReplicaAbort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"replica {self.config.replica_id} at capacity {self.config.max_capacity}")
+                               f"replica {self.config.replica_id} at capacity {self.config.max_capacity}")
         return None
 
     async def _serve(self, request):
