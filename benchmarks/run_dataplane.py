@@ -151,6 +151,12 @@ class BareRelay:
             self._proc.wait(timeout=10)
 
 
+def _median_ttfts(runs: dict[str, list[dict]]) -> dict:
+    """path -> the median over its rounds of each round's TTFT p50 and p99."""
+    return {name: {key: statistics.median(run[key] for run in rs) for key in ("ttft_p50_ms", "ttft_p99_ms")}
+            for name, rs in runs.items()}
+
+
 def scenario_ttft(lg, workdir, n, rounds=3):
     """One stream at a time, 1 token: time to first token direct, through a bare grpc.aio relay (the floor
     grpc.aio itself sets) and through the gateway. The three paths alternate in `rounds` rounds so a noisy
@@ -173,8 +179,7 @@ def scenario_ttft(lg, workdir, n, rounds=3):
                     runs[name].append(lg.run(target, mode, prompts[k * per_round:(k + 1) * per_round], 1, 1))
         finally:
             bare.close()
-    out = {name: {key: statistics.median(run[key] for run in rs) for key in ("ttft_p50_ms", "ttft_p99_ms")}
-           for name, rs in runs.items()}
+    out = _median_ttfts(runs)
     out["rounds"] = rounds
     out["added_p50_ms"] = out["gateway"]["ttft_p50_ms"] - out["direct"]["ttft_p50_ms"]
     out["added_p99_ms"] = out["gateway"]["ttft_p99_ms"] - out["direct"]["ttft_p99_ms"]
@@ -260,8 +265,7 @@ def scenario_burst(lg, workdir, streams):
         for _ in range(3):
             runs["direct"].append(lg.run(r.grpc_address, "direct", prompts, 1, streams, channels=channels))
             runs["gateway"].append(lg.run(gw.grpc_address, "infer", prompts, 1, streams, channels=channels))
-    return {name: {key: statistics.median(run[key] for run in rs) for key in ("ttft_p50_ms", "ttft_p99_ms")}
-            for name, rs in runs.items()}
+    return _median_ttfts(runs)
 
 
 def scenario_routing(lg, workdir, requests):

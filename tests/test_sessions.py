@@ -133,10 +133,10 @@ def test_stalled_session_stream_fails_over_and_its_slot_is_freed():
     run(scenario)
 
 
-def _session_call(address):
+def _session_call(address, request_serializer=pb.SessionRequest.SerializeToString):
+    """A raw GenerateSession call to a replica, as a gateway would open it: (channel, call)."""
     channel = grpc.aio.insecure_channel(address)
-    call = channel.stream_stream("/llmgateway.LLMReplica/GenerateSession",
-                                 request_serializer=pb.SessionRequest.SerializeToString,
+    call = channel.stream_stream("/llmgateway.LLMReplica/GenerateSession", request_serializer=request_serializer,
                                  response_deserializer=pb.SessionResponse.FromString)()
     return channel, call
 
@@ -197,10 +197,7 @@ def test_replica_session_refusals_arrive_as_stream_events():
 def test_undecodable_session_message_ends_the_session_with_invalid_argument():
     async def scenario(s):
         rep = await s.add_replica("r1", capacity=2, token_delay_ms=1)
-        channel = grpc.aio.insecure_channel(rep.grpc_address)
-        call = channel.stream_stream("/llmgateway.LLMReplica/GenerateSession",
-                                     request_serializer=lambda b: b,
-                                     response_deserializer=pb.SessionResponse.FromString)()
+        channel, call = _session_call(rep.grpc_address, request_serializer=lambda raw: raw)
         try:
             await asyncio.wait_for(call.read(), 5)
             await call.write(b"\x0a\x05\xff\xff\xff\xff\xff")  # start: truncated, invalid
