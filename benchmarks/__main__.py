@@ -59,7 +59,7 @@ def _format_params(cls, combo: tuple) -> str:
     if not combo:
         return ""
     names = getattr(cls, "param_names", None) or [f"p{i}" for i in range(len(combo))]
-    return ", ".join(f"{n}={v!r}" for n, v in zip(names, combo))
+    return ", ".join(f"{n}={v!r}" for n, v in zip(names, combo, strict=True))
 
 
 def format_seconds(seconds: float | None) -> str:
@@ -105,9 +105,9 @@ def run_class(module_name: str, cls, filters: list[str], repeat: int, min_time: 
                 ops = getattr(method, "ops_per_call", None) or getattr(cls, "ops_per_call", None)
                 full = f"{module_name}.{cls.__name__}.{name}"
                 try:
-                    seconds = measure_best(lambda m=method: m(*combo), repeat, min_time, clock)
+                    seconds = measure_best(lambda m=method, c=combo: m(*c), repeat, min_time, clock)
                     rows.append(Row(full, label, seconds, ops))
-                except Exception as exc:  # one broken benchmark should not hide the others
+                except Exception as exc:  # noqa: BLE001 - one broken benchmark should not hide the others
                     rows.append(Row(full, label, None, None, f"error: {exc!r}"))
         finally:
             if hasattr(instance, "teardown"):
@@ -141,11 +141,11 @@ def print_table(rows: list[Row], out) -> None:
         for r in rows
     ]
     widths = [max(len(h), *(len(row[i]) for row in table)) if table else len(h) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
     print(line.rstrip(), file=out)
     print("  ".join("-" * w for w in widths), file=out)
     for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(), file=out)
 
 
 def main(argv: list[str] | None = None, out=None) -> int:
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None, out=None) -> int:
         module_selected = _matches(module_name, args.filters)
         try:
             module = importlib.import_module(f"benchmarks.{module_name}")
-        except Exception:
+        except Exception:  # noqa: BLE001 - reported with its traceback; the other modules still run
             if module_selected or not args.filters:
                 rows.append(Row(module_name, "", None, None, "import failed (traceback below)"))
                 traceback.print_exc(file=sys.stderr)
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None, out=None) -> int:
         print(f"\n== {module_name}.report() ==", file=out)
         try:
             text = report()
-        except Exception:
+        except Exception:  # noqa: BLE001 - reported with its traceback; the other reports still print
             traceback.print_exc(file=sys.stderr)
             failed = True
             continue

@@ -1,8 +1,9 @@
 """The floor under the gateway: a bare grpc.aio relay with nothing of llmgw in it.
 
 It serves llmgateway.LLMReplica/Generate and forwards each call, bytes untouched (no protobuf parsing, no routing,
-admission, failover, metrics or logging), to one fixed replica, on the gateway's event loop. Measured side by side with the gateway, it tells
-how much of the gateway's added latency and CPU is grpc.aio itself and how much is llmgw's own work.
+admission, failover, metrics or logging), to one fixed replica, on the gateway's event loop. Measured side by side
+with the gateway, it tells how much of the gateway's added latency and CPU is grpc.aio itself and how much is llmgw's
+own work.
 
     python benchmarks/bare_relay.py --upstream 127.0.0.1:50051 --port 0   # prints the bound port, then serves
 """
@@ -10,7 +11,6 @@ how much of the gateway's added latency and CPU is grpc.aio itself and how much 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 
 import grpc

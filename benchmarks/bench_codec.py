@@ -185,8 +185,8 @@ def report() -> str:
 
     rows = measure()
     lines = [
-        f"gossip codec: llmgw vs protobuf {google.protobuf.__version__} ({api_implementation.Type()} backend), "
-        "best of 15 interleaved rounds, microseconds per operation",
+        (f"gossip codec: llmgw vs protobuf {google.protobuf.__version__} ({api_implementation.Type()} backend), "
+         "best of 15 interleaved rounds, microseconds per operation"),
         f"{'datagram':<16} {'bytes':>5} {'upd':>4} {'operation':<16} {'llmgw':>9} {'protobuf':>9} {'speedup':>8}",
     ]
     for r in rows:

@@ -12,7 +12,6 @@ key) is included in every implementation's figure alike.
 from __future__ import annotations
 
 import bisect
-import math
 import random
 import sys
 import time
@@ -275,8 +274,8 @@ def report() -> str:
 
     r = measure_lookups()
     ours = r["lookup_prehashed/llmgw"]
-    lines += ["", f"Per operation (ns), {N_MEMBERS} members x {DEFAULT_VNODES} vnodes, loop over {N_KEYS} keys, "
-              f"CPU time, best of 7 (python loop overhead ~{r['loop_overhead']:.0f} ns included)",
+    lines += ["", (f"Per operation (ns), {N_MEMBERS} members x {DEFAULT_VNODES} vnodes, loop over {N_KEYS} keys, "
+                   f"CPU time, best of 7 (python loop overhead ~{r['loop_overhead']:.0f} ns included)"),
               f"{'operation':<34} {'ns/op':>9} {'vs llmgw':>9}"]
     for impl in LOOKUP_IMPLEMENTATIONS:
         v = r[f"lookup_prehashed/{impl}"]
@@ -291,11 +290,11 @@ def report() -> str:
     native = r["lookup_string/uhashring"] / ours
     lines += ["", "Targets:",
               f"  pre-hashed lookup <= 150 ns: {'met' if ours <= 150 else 'MISSED'} ({ours:.0f} ns)",
-              f"  >= 10x uhashring: like-for-like pre-hashed {like_for_like:.1f}x "
-              f"({'met' if like_for_like >= 10 else 'MISSED'}); vs uhashring's own get_node(str) {native:.1f}x "
-              f"({'met' if native >= 10 else 'MISSED'})",
-              f"  route 1 KB prompt <= 5 us: {'met' if r['route_1kb_prompt'] <= 5000 else 'MISSED'} "
-              f"({r['route_1kb_prompt'] / 1000:.2f} us)"]
+              (f"  >= 10x uhashring: like-for-like pre-hashed {like_for_like:.1f}x "
+               f"({'met' if like_for_like >= 10 else 'MISSED'}); vs uhashring's own get_node(str) {native:.1f}x "
+               f"({'met' if native >= 10 else 'MISSED'})"),
+              (f"  route 1 KB prompt <= 5 us: {'met' if r['route_1kb_prompt'] <= 5000 else 'MISSED'} "
+               f"({r['route_1kb_prompt'] / 1000:.2f} us)")]
     return "\n".join(lines)
 
 

@@ -35,7 +35,7 @@ def _percentile(values, q):
     if not values:
         return float("nan")
     values = sorted(values)
-    k = min(len(values) - 1, max(0, int(round(q / 100.0 * (len(values) - 1)))))
+    k = min(len(values) - 1, max(0, round(q / 100.0 * (len(values) - 1))))
     return values[k]
 
 
@@ -57,7 +57,7 @@ def loadgen(target: str, mode: str, prompts: list[str], max_tokens: int, concurr
             nonlocal tokens
             ch = chans[w % channels]
             while queue:
-                i, prompt = queue.pop()
+                _, prompt = queue.pop()
                 if mode == "direct":
                     stream = client.stream_generate(ch, prompt, max_tokens, timeout_s=timeout_s,
                                                     max_tokens_per_message=per_message)
@@ -146,7 +146,7 @@ class BareRelay:
         self._proc.terminate()
         try:
             self._proc.wait(timeout=10)
-        except Exception:
+        except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait(timeout=10)
 
@@ -284,8 +284,8 @@ def scenario_routing(lg, workdir, requests):
             before = [c.replica_status(r) for r in reps]
             res = lg.run(gw.grpc_address, "infer", prompts, 2, 8)
             after = [c.replica_status(r) for r in reps]
-            hits = sum(a.prefix_cache_hits - b.prefix_cache_hits for a, b in zip(after, before))
-            lookups = sum(a.prefix_cache_lookups - b.prefix_cache_lookups for a, b in zip(after, before))
+            hits = sum(a.prefix_cache_hits - b.prefix_cache_hits for a, b in zip(after, before, strict=True))
+            lookups = sum(a.prefix_cache_lookups - b.prefix_cache_lookups for a, b in zip(after, before, strict=True))
             served = res["ok"]
             out[policy] = {"hit_rate": hits / lookups if lookups else 0.0, "ttft_mean_ms": res["ttft_mean_ms"],
                            "ttft_p50_ms": res["ttft_p50_ms"], "errors": res["errors"], "served": served}
@@ -301,9 +301,9 @@ def report(results: dict) -> str:
     lines = []
     m = results.get("machine")
     if m:
-        lines += [f"{m['cpus']} CPUs; 1-minute load average at start / end of the run: "
-                  f"{m['loadavg_1m_at_start']:.1f} / {m['loadavg_1m_at_end']:.1f} "
-                  "(anything above the CPU count means the figures include waiting for a CPU)", ""]
+        lines += [(f"{m['cpus']} CPUs; 1-minute load average at start / end of the run: "
+                   f"{m['loadavg_1m_at_start']:.1f} / {m['loadavg_1m_at_end']:.1f} "
+                   "(anything above the CPU count means the figures include waiting for a CPU)"), ""]
     lines += ["| scenario | via gateway | direct | ratio / target |", "|---|---|---|---|"]
     t = results.get("ttft")
     if t:
@@ -311,8 +311,8 @@ def report(results: dict) -> str:
                      f"{_fmt(t['gateway']['ttft_p50_ms'], 2)} / {_fmt(t['gateway']['ttft_p99_ms'], 2)} | "
                      f"{_fmt(t['direct']['ttft_p50_ms'], 2)} / {_fmt(t['direct']['ttft_p99_ms'], 2)} | "
                      f"added p50 {_fmt(t['added_p50_ms'], 2)} ms (target <= 1 ms) |")
-        lines.append(f"| TTFT through a bare grpc.aio relay (benchmarks/bare_relay.py: bytes forwarded, no llmgw code), "
-                     f"p50 / p99 (ms) | {_fmt(t['bare_relay']['ttft_p50_ms'], 2)} / "
+        lines.append(f"| TTFT through a bare grpc.aio relay (benchmarks/bare_relay.py: bytes forwarded, no llmgw "
+                     f"code), p50 / p99 (ms) | {_fmt(t['bare_relay']['ttft_p50_ms'], 2)} / "
                      f"{_fmt(t['bare_relay']['ttft_p99_ms'], 2)} | (same direct) | added p50 "
                      f"{_fmt(t['bare_added_p50_ms'], 2)} ms: the floor grpc.aio sets for any relay |")
     for label, r in (results.get("relay") or {}).items():
@@ -324,8 +324,8 @@ def report(results: dict) -> str:
                      f"{_fmt(r['direct']['tokens_per_s'], 0)} | median {_fmt(r['ratio'], 2)}x of "
                      f"{', '.join(f'{x:.2f}' for x in r['ratios'])} (target >= 0.8x) |")
     for key, title, target in (("streams256", "256 streams x 100 tokens @ 20 ms/token", "target <= 60 / 150 ms"),
-                               ("streams1000", "1,000 streams x {tokens} tokens @ {delay_ms:g} ms/token, one gateway "
-                                               "process", "target 0 errors, p99 <= 1,000 ms")):
+                               ("streams1000", ("1,000 streams x {tokens} tokens @ {delay_ms:g} ms/token, one "
+                                                "gateway process"), "target 0 errors, p99 <= 1,000 ms")):
         s = results.get(key)
         if not s:
             continue
@@ -349,14 +349,15 @@ def report(results: dict) -> str:
                          f"{g['loadgen_cpu_share'] * 100:.0f}% | {direct_txt} | {target} |")
     b = results.get("burst")
     if b:
-        lines.append(f"| 256 one-token requests started at once, 0 ms/token (the call set-up burst alone), TTFT p50 / "
-                     f"p99 (ms), median of 3 | {_fmt(b['gateway']['ttft_p50_ms'])} / {_fmt(b['gateway']['ttft_p99_ms'])}"
-                     f" | {_fmt(b['direct']['ttft_p50_ms'])} / {_fmt(b['direct']['ttft_p99_ms'])} | floor under the "
-                     f"256-stream target (60 / 150 ms) |")
+        lines.append(f"| 256 one-token requests started at once, 0 ms/token (the call set-up burst alone), TTFT "
+                     f"p50 / p99 (ms), median of 3 | {_fmt(b['gateway']['ttft_p50_ms'])} / "
+                     f"{_fmt(b['gateway']['ttft_p99_ms'])} | {_fmt(b['direct']['ttft_p50_ms'])} / "
+                     f"{_fmt(b['direct']['ttft_p99_ms'])} | floor under the 256-stream target (60 / 150 ms) |")
     rt = results.get("routing")
     if rt:
         lines.append("")
-        lines.append("| routing policy (shared-prefix workload) | prefix-cache hit rate | mean TTFT (ms) | p50 TTFT (ms) |")
+        lines.append("| routing policy (shared-prefix workload) | prefix-cache hit rate | mean TTFT (ms) "
+                     "| p50 TTFT (ms) |")
         lines.append("|---|---|---|---|")
         for policy, v in rt.items():
             lines.append(f"| {policy} | {v['hit_rate'] * 100:.0f}% | {_fmt(v['ttft_mean_ms'])} | "

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         diss = f"{_f(s['dissemination_p50_s'])}/{_f(s['dissemination_max_s'])}"
         false_dead = f"{r.false_dead}/{r.node_hours:.0f}h"
         print(f"{name:32} {susp:>19} {dead:>19} {false_dead:>10} {diss:>15} "
-              f"{r.steady_bytes_per_node_s:>9.0f} {str(r.converged):>5} {r.wall_seconds:>7.1f}", flush=True)
+              f"{r.steady_bytes_per_node_s:>9.0f} {r.converged!s:>5} {r.wall_seconds:>7.1f}", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1, sort_keys=True)

@@ -28,7 +28,7 @@ def _pct(values, q):
     if not values:
         return float("nan")
     values = sorted(values)
-    return values[min(len(values) - 1, max(0, int(round(q / 100.0 * (len(values) - 1)))))]
+    return values[min(len(values) - 1, max(0, round(q / 100.0 * (len(values) - 1))))]
 
 
 async def _serial(target: str, prompts: list[str], tokens: int, *, hedge: bool = False, direct: bool = False):
@@ -53,7 +53,6 @@ def hedging(quick: bool) -> list[dict]:
     """TTFT p50/p99 through a gateway in front of 2 fast replicas (20 ms/token) and 1 slow one (300 ms prefill
     stall, 200 ms/token), without hedging, with hedge=true on every request, and with policy hedging."""
     from harness import Cluster
-
     from llmgw._proto import llmgateway_pb2 as pb
     from llmgw._proto import llmgateway_pb2_grpc as pb_grpc
 

@@ -6,12 +6,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc
 
 from llmgw._proto import llmgateway_pb2 as pb
 from llmgw._proto import llmgateway_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    import ssl as ssl_module
+
+    import aiohttp
 
 DEFAULT_TIMEOUT_S = 60.0
 
@@ -136,9 +142,10 @@ def completions_url(base_url: str) -> str:
     return (base if base.endswith("/v1") else base + "/v1") + "/completions"
 
 
-async def stream_completion_http(session, base_url: str, prompt: str, max_tokens: int, *, model: str = "llmgw",
-                                 hedge: bool = False, client_id: str = "", timeout_s: float = DEFAULT_TIMEOUT_S,
-                                 ssl=None) -> AsyncIterator[StreamedToken]:
+async def stream_completion_http(session: aiohttp.ClientSession, base_url: str, prompt: str, max_tokens: int, *,
+                                 model: str = "llmgw", hedge: bool = False, client_id: str = "",
+                                 timeout_s: float = DEFAULT_TIMEOUT_S,
+                                 ssl: ssl_module.SSLContext | None = None) -> AsyncIterator[StreamedToken]:
     """Yield tokens of a streamed /v1/completions (Server-Sent Events) from a gateway's HTTP front as they arrive.
 
     `session` is an aiohttp.ClientSession; `ssl` an ssl.SSLContext for https (llmgw.http.tls.client_ssl_context).
@@ -151,7 +158,7 @@ async def stream_completion_http(session, base_url: str, prompt: str, max_tokens
         body["user"] = client_id
     start = time.perf_counter()
     index = 0
-    async with session.post(completions_url(base_url), json=body, ssl=ssl,
+    async with session.post(completions_url(base_url), json=body, ssl=True if ssl is None else ssl,
                             timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
         if resp.status != 200:
             raise HttpStreamError(resp.status, _error_message(await resp.read()))

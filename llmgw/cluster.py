@@ -29,13 +29,18 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any, BinaryIO
+
+from llmgw.topology import DEFAULT_PORTS, GOSSIP_PORT_OFFSET, gossip_port_for
 
 log = logging.getLogger("llmgw.cluster")
 
+# Members import the same llmgw as the supervisor, even when it is not installed (a source checkout).
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+
 GATEWAY_ID = "gateway-1"
-GOSSIP_OFFSET = 10000  # the reference convention: gossip port = gRPC port + 10000
 GOSSIP_CONFIGS = ("local", "lan", "wan")
 
 
@@ -48,7 +53,8 @@ class ClusterConfig:
     replicas: int = 3
     host: str = "127.0.0.1"
     # None: the well-known default ports (gateway 50051, replicas 50061...); 0: free ports picked at start;
-    # P > 0: gateway on P, replica i (1-based) on P + i. Gossip ports are gRPC + 10000 except with 0 (also free).
+    # P > 0: gateway on P, replica i (1-based) on P + i. Gossip ports follow llmgw.topology.gossip_port_for
+    # except with 0 (also free).
     base_port: int | None = 0
     # None: 8080 with fixed ports, a free port with base_port=0; 0: no HTTP front; P > 0: that port.
     http_port: int | None = None
@@ -82,9 +88,10 @@ class ClusterConfig:
         if self.base_port is not None:
             if self.base_port < 0:
                 raise ValueError(f"base_port must be >= 0, got {self.base_port}")
-            if self.base_port > 0 and not 1024 <= self.base_port <= 65535 - GOSSIP_OFFSET - self.replicas:
-                raise ValueError(f"base_port must be within 1024..{65535 - GOSSIP_OFFSET - self.replicas} so that "
-                                 f"base_port + {self.replicas} + {GOSSIP_OFFSET} (the last gossip port) is a port")
+            highest = 65535 - GOSSIP_PORT_OFFSET - self.replicas
+            if self.base_port > 0 and not 1024 <= self.base_port <= highest:
+                raise ValueError(f"base_port must be within 1024..{highest} so that base_port + {self.replicas} + "
+                                 f"{GOSSIP_PORT_OFFSET} (the last gossip port) is a port")
         if self.http_port is not None and not 0 <= self.http_port <= 65535:
             raise ValueError(f"http_port must be within 0..65535, got {self.http_port}")
         if self.token_delay_ms is not None and not 0 <= self.token_delay_ms < 3_600_000:
@@ -152,6 +159,10 @@ def _kill_leftover_groups() -> None:
 atexit.register(_kill_leftover_groups)
 
 
+def _open_log(path: Path) -> BinaryIO:
+    return open(path, "ab")  # the caller closes it (a `with` on the returned file)
+
+
 def free_port(host: str, kind: int = socket.SOCK_STREAM) -> int:
     """A port the OS calls free right now on `host` (TCP or UDP). Another process may take it before ours binds;
     the start path retries a member whose bind failed with fresh ports."""
@@ -159,18 +170,6 @@ def free_port(host: str, kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(family, kind) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def gateway_flags(python: str | None = None) -> set[str]:
-    """Option strings `python -m llmgw gateway` accepts in this installation (the HTTP front's --http-port and
-    --admin-token arrive with it; the cluster passes them only when the gateway knows them)."""
-    import argparse
-
-    from llmgw.cli import gateway as gateway_cli
-
-    parser = argparse.ArgumentParser()
-    gateway_cli.add_arguments(parser)
-    return set(parser._option_string_actions)
 
 
 class LocalCluster:
@@ -188,10 +187,20 @@ class LocalCluster:
         self._stopping = False
         self._started = False
         self._restart_tasks: set[asyncio.Task] = set()
-        self._channel = None  # grpc.aio channel to the gateway, for readiness checks
+        self._channel: Any = None  # grpc.aio channel to the gateway, for readiness checks (grpc imported late)
         self.control_path: Path | None = None
         self._control_server: asyncio.AbstractServer | None = None
         self.on_member_event: Callable[[str, str], None] | None = None  # (member_id, message), for the CLI
+
+    def _gateway_member(self) -> Member:
+        if self.gateway is None:
+            raise ClusterError("the cluster has no gateway yet (start() allocates it)")
+        return self.gateway
+
+    def _log_dir(self) -> Path:
+        if self.log_dir is None:
+            raise ClusterError("the cluster has no log directory yet (start() creates it)")
+        return self.log_dir
 
     # ---- addresses ----------------------------------------------------------------------------------------
     @property
@@ -217,13 +226,13 @@ class LocalCluster:
 
     def pids(self) -> dict[str, int]:
         """member id -> pid of its running process."""
-        return {m.member_id: m.pid for m in self.members() if m.running}
+        return {m.member_id: m.pid for m in self.members() if m.running and m.pid is not None}
 
     def gossip_address(self, member: Member) -> str:
         return f"{self._url_host}:{member.gossip_port}"
 
     # ---- lifecycle ----------------------------------------------------------------------------------------
-    async def __aenter__(self) -> "LocalCluster":
+    async def __aenter__(self) -> LocalCluster:
         await self.start()
         return self
 
@@ -242,19 +251,13 @@ class LocalCluster:
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="llmgw-cluster-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        flags = gateway_flags()
-        want_http = cfg.http_port != 0
-        self.http_enabled = want_http and "--http-port" in flags
-        if want_http and not self.http_enabled:
-            # Asked for by port: worth a warning; the default (HTTP on) quietly degrades to gRPC only.
-            (log.warning if cfg.http_port else log.info)(
-                "this gateway has no --http-port option: the cluster runs without its HTTP front")
-        self._gateway_flags = flags
+        # Members run this same llmgw (see _spawn's PYTHONPATH), so the gateway has every flag we pass it.
+        self.http_enabled = cfg.http_port != 0
         self._allocate_ports()
         try:
             await self._open_control()
             async with asyncio.timeout(cfg.ready_timeout_s):
-                await self._start_member(self.gateway)
+                await self._start_member(self._gateway_member())
                 await asyncio.gather(*(self._start_member(m) for m in self.replicas.values()))
                 await self.wait_ready()
         except TimeoutError:
@@ -266,8 +269,6 @@ class LocalCluster:
             raise
 
     def _allocate_ports(self) -> None:
-        from llmgw.config import DEFAULT_PORTS
-
         cfg = self.config
         host = cfg.host
         if cfg.base_port is None:
@@ -283,7 +284,7 @@ class LocalCluster:
         def ports(grpc_port: int) -> tuple[int, int]:
             if grpc_port == 0:
                 return free_port(host), free_port(host, socket.SOCK_DGRAM)
-            return grpc_port, grpc_port + GOSSIP_OFFSET
+            return grpc_port, gossip_port_for(grpc_port)
 
         if cfg.http_port is None:
             http = free_port(host) if self._ephemeral else DEFAULT_PORTS["gateway"]["http"]
@@ -313,13 +314,13 @@ class LocalCluster:
             argv = ["gateway", *common, "--seeds", seeds]
             if self.http_enabled:
                 argv += ["--http-port", str(member.http_port)]
-            if cfg.admin_token and "--admin-token" in self._gateway_flags:
+            if cfg.admin_token:
                 argv += ["--admin-token", cfg.admin_token]
-            if self.control_path is not None and "--restart-command" in self._gateway_flags:
+            if self.control_path is not None:
                 argv += ["--restart-command", self.restart_command_template()]
             argv += list(cfg.gateway_args)
         else:
-            argv = ["replica", *common, "--seeds", self.gossip_address(self.gateway),
+            argv = ["replica", *common, "--seeds", self.gossip_address(self._gateway_member()),
                     "--model-version", member.model_version]
             if cfg.token_delay_ms is not None:
                 argv += ["--token-delay-ms", f"{cfg.token_delay_ms:g}"]
@@ -344,11 +345,9 @@ class LocalCluster:
     async def _spawn(self, member: Member) -> None:
         if self._stopping:
             raise ClusterError("the cluster is stopping")
-        member.log_path = self.log_dir / f"{member.member_id}.log"
+        member.log_path = self._log_dir() / f"{member.member_id}.log"
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        # Children import the same llmgw as we do, even when it is not installed (a source checkout).
-        package_root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
         argv = self._argv(member)
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -384,12 +383,17 @@ class LocalCluster:
     async def _read_output(self, member: Member, proc: asyncio.subprocess.Process, ready: asyncio.Future) -> None:
         """Copy the member's output to its log file (forever: a full pipe would block the child) and resolve
         `ready` on its READY line, or fail it when the process ends first."""
-        with open(member.log_path, "ab") as out:
+        # Line-sized writes to a local log file: not worth a thread hop each (they never block for long).
+        out = await asyncio.to_thread(_open_log, self._log_dir() / f"{member.member_id}.log")
+        stdout = proc.stdout
+        if stdout is None:
+            raise ClusterError(f"{member.member_id}: no output pipe")  # _spawn always asks for one
+        with out:
             out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} pid {proc.pid}\n".encode())
             out.flush()
             while True:
                 try:
-                    line = await proc.stdout.readline()
+                    line = await stdout.readline()
                 except (ValueError, asyncio.LimitOverrunError):  # a line over the stream limit: keep going
                     continue
                 if not line:
@@ -562,7 +566,7 @@ class LocalCluster:
         log.info("%s restarted on %s (pid %d)", replica_id, member.model_version, member.pid)
 
     @property
-    def restart_hook(self) -> Callable[[str, str], "asyncio.Future[None]"]:
+    def restart_hook(self) -> Callable[[str, str], Awaitable[None]]:
         """An async (replica_id, new_version) hook for llmgw.rollout (RolloutTarget.restart)."""
         return self.restart_replica
 
@@ -585,7 +589,7 @@ class LocalCluster:
         setting = self.config.control_socket
         if setting is None:
             return
-        path = self.log_dir / "control.sock" if setting == "auto" else Path(setting)
+        path = self._log_dir() / "control.sock" if setting == "auto" else Path(setting)
         if len(str(path).encode()) > 100:  # sun_path holds 108 bytes
             log.warning("control socket path %s is too long for a Unix socket; rollout restarts through the "
                         "gateway are unavailable", path)
@@ -607,8 +611,9 @@ class LocalCluster:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2.0):
                     await server.wait_closed()
-            with contextlib.suppress(FileNotFoundError):
-                self.control_path.unlink()
+            if self.control_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.control_path.unlink()
 
     async def _serve_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         import json

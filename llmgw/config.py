@@ -8,8 +8,10 @@ dashes, or its dest; ``-`` and ``_`` are interchangeable), converted with the op
 against its ``choices``. Unknown keys and wrong types are a :class:`ConfigError` that names where the value came
 from, the key and the type expected; the CLI prints it and exits with status 2.
 
-Also here: the default ports (the Kubernetes manifests are tested against them) and a generator/checker that keeps
-``docs/configuration.md`` in step with the parsers (``python -m llmgw.config --check docs/configuration.md``).
+Also here: the generator/checker that keeps ``docs/configuration.md`` in step with the parsers (run it as
+``python -m llmgw.cli.config_docs --check docs/configuration.md``). This module knows parsers, not llmgw's
+commands: the CLI (llmgw.__main__) tells apply_config which sections and shared keys exist. The default ports are
+re-exported from llmgw.topology, their one home.
 """
 
 from __future__ import annotations
@@ -17,41 +19,33 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
+
+from llmgw.topology import DEFAULT_PORTS, GOSSIP_PORT_OFFSET
 
 __all__ = [
     "CONFIG_ENV_VAR",
-    "ConfigError",
     "DEFAULT_PORTS",
     "GOSSIP_PORT_OFFSET",
     "HEALTH_PATH",
     "METRICS_PATH",
     "READY_PATH",
+    "ConfigError",
     "OptionDoc",
     "add_config_argument",
     "apply_config",
     "check_docs",
+    "doc_sections",
     "env_var_name",
     "explicit_dests",
+    "option_keys",
     "parser_options",
     "render_options_markdown",
     "update_docs",
 ]
-
-# The reference convention: a node's gossip UDP port is its gRPC port + 10000.
-GOSSIP_PORT_OFFSET = 10000
-
-# Defaults shared by the CLIs, the docs and deploy/kubernetes (tests/test_deploy_manifests.py checks the manifests
-# against these, so changing a default here without updating the manifests fails the suite).
-DEFAULT_PORTS: Mapping[str, Mapping[str, int]] = MappingProxyType({
-    "gateway": MappingProxyType({"grpc": 50051, "gossip": 50051 + GOSSIP_PORT_OFFSET, "http": 8080}),
-    "replica": MappingProxyType({"grpc": 50061, "gossip": 50061 + GOSSIP_PORT_OFFSET}),
-})
 
 # HTTP paths served by the gateway's HTTP front.
 HEALTH_PATH = "/healthz"  # alive: the process answers
@@ -144,8 +138,8 @@ def _type_name(action: argparse.Action) -> str:
         return "boolean"
     if kind == "count":
         return "integer"
-    base = {None: "string", str: "string", int: "integer", float: "number"}.get(
-        action.type, getattr(action.type, "__name__", "value"))
+    names: dict[object, str] = {None: "string", str: "string", int: "integer", float: "number"}
+    base = names.get(action.type) or str(getattr(action.type, "__name__", "value"))
     return f"list of {base}" if kind == "list" else base
 
 
@@ -221,7 +215,8 @@ def explicit_dests(parser: argparse.ArgumentParser, argv: Iterable[str]) -> set[
 
 def _convert_scalar(action: argparse.Action, value: Any, where: str, *, from_text: bool) -> Any:
     expected = _type_name(action).removeprefix("list of ")
-    target = action.type
+    target: Any = action.type
+    converted: Any
     if isinstance(value, bool) and target is not bool:
         # TOML booleans are Python ints; `port = true` must not become port 1.
         raise ConfigError(f"{where}: expected {expected}, got boolean {value!r}")
@@ -320,23 +315,9 @@ def _read_toml(path: str) -> dict:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
 
-def _known_sections() -> tuple[str, ...]:
-    from llmgw.__main__ import COMMANDS  # late: __main__ imports nothing heavy, but config must not need it to load
-
-    return COMMANDS
-
-
-def _keys_of_other_commands(section: str) -> set[str]:
-    """Normalised option keys of every other subcommand: a shared top-level key may belong to one of them."""
-    from llmgw.__main__ import build_parser
-
-    keys: set[str] = set()
-    for action in build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                if name != section:
-                    keys.update(_lookup(sub))
-    return keys
+def option_keys(parser: argparse.ArgumentParser) -> set[str]:
+    """Every normalised key a config file may use for `parser` (what `shared_keys` lists for another command)."""
+    return set(_lookup(parser))
 
 
 def apply_config(
@@ -347,15 +328,17 @@ def apply_config(
     argv: Iterable[str],
     env: Mapping[str, str] = os.environ,
     config_path: str | None = None,
-    shared_keys: Iterable[str] | None = None,
+    sections: Iterable[str] | None = None,
+    shared_keys: Iterable[str] = (),
 ) -> dict[str, str]:
     """Fill ``args`` (already parsed from ``argv`` by ``parser``) from the config file and the environment.
 
     ``section`` names the file's table (``[gateway]``, ``[replica]``, ...) and the environment prefix
-    (``LLMGW_GATEWAY_*``). Top-level keys of the file and ``LLMGW_<KEY>`` variables are shared by every command;
-    a shared key this parser lacks is accepted if it is in ``shared_keys`` (default: an option of any other
-    ``python -m llmgw`` command) and otherwise rejected as unknown. The file is ``config_path``, else
-    ``args.config`` (see :func:`add_config_argument`), else ``$LLMGW_CONFIG``; no file is fine.
+    (``LLMGW_GATEWAY_*``). ``sections`` lists every table a file may hold (the other commands'; None = tables
+    are not checked). Top-level keys of the file and ``LLMGW_<KEY>`` variables are shared by every command; a
+    shared key this parser lacks is accepted if it is in ``shared_keys`` (the other commands' keys, see
+    :func:`option_keys`) and otherwise rejected as unknown. The file is ``config_path``, else ``args.config``
+    (see :func:`add_config_argument`), else ``$LLMGW_CONFIG``; no file is fine.
 
     Returns ``{dest: source}`` for every value not left at its default, where source is ``"flag"``,
     ``"env LLMGW_..."`` or ``"file PATH [section]"`` — handy for a debug log of the effective configuration.
@@ -369,20 +352,17 @@ def apply_config(
     path = config_path or getattr(args, "config", None) or env.get(CONFIG_ENV_VAR) or None
     if path:
         data = _read_toml(path)
-        known_sections = set(_known_sections()) | {section}
+        known_sections = None if sections is None else {_norm(name) for name in sections} | {section}
         top_level = {k: v for k, v in data.items() if not isinstance(v, dict)}
         tables = {k: v for k, v in data.items() if isinstance(v, dict)}
         for name in tables:
-            if name not in known_sections:
+            if known_sections is not None and name not in known_sections:
                 raise ConfigError(f"{path}: unknown section [{name}]; known sections: "
                                   f"{', '.join(sorted(known_sections))}")
-        foreign: set[str] | None = None
+        foreign = {_norm(k) for k in shared_keys}
         for key, value in top_level.items():
             action = table.get(_norm(key))
             if action is None:
-                if foreign is None:
-                    foreign = ({_norm(k) for k in shared_keys} if shared_keys is not None
-                               else _keys_of_other_commands(section))
                 if _norm(key) in foreign:
                     continue  # a shared setting for another command
                 raise ConfigError(f"{path}: unknown key {key!r} (top level); {_did_you_mean(key, table)}")
@@ -413,7 +393,7 @@ def apply_config(
                     raise ConfigError(f"{exc}{_service_link_hint(name, env)}") from None
                 updates[action.dest] = (converted, f"env {name}")
 
-    sources: dict[str, str] = {dest: "flag" for dest in explicit}
+    sources: dict[str, str] = dict.fromkeys(explicit, "flag")
     for dest, (value, source) in updates.items():
         if dest in explicit:
             continue
@@ -493,6 +473,11 @@ def update_docs(text: str, parsers: Mapping[str, argparse.ArgumentParser]) -> st
     return _BLOCK_RE.sub(replace, text)
 
 
+def doc_sections(text: str) -> list[str]:
+    """The sections DOC has option blocks for, in order."""
+    return [m.group("section") for m in _BLOCK_RE.finditer(text)]
+
+
 def check_docs(text: str, parsers: Mapping[str, argparse.ArgumentParser]) -> list[str]:
     """Problems that keep ``text`` from documenting every option of every parser; empty when all is well.
 
@@ -516,43 +501,3 @@ def check_docs(text: str, parsers: Mapping[str, argparse.ArgumentParser]) -> lis
             section_problems.append(f"[{name}] table is out of date (defaults or help changed)")
         problems += section_problems
     return problems
-
-
-def _subcommand_parsers(names: Iterable[str]) -> dict[str, argparse.ArgumentParser]:
-    from llmgw.__main__ import build_parser
-
-    wanted = set(names)
-    found: dict[str, argparse.ArgumentParser] = {}
-    for action in build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            found.update({n: p for n, p in action.choices.items() if n in wanted})
-    return found
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m llmgw.config [--check] DOC``: regenerate (or check) the option tables in DOC."""
-    cli = argparse.ArgumentParser(prog="python -m llmgw.config", description=main.__doc__)
-    cli.add_argument("doc", help="Markdown file with <!-- llmgw:options SECTION --> blocks")
-    cli.add_argument("--check", action="store_true", help="exit 1 if the file is not up to date, change nothing")
-    ns = cli.parse_args(argv)
-    with open(ns.doc, encoding="utf-8") as fh:
-        text = fh.read()
-    sections = [m.group("section") for m in _BLOCK_RE.finditer(text)]
-    parsers = _subcommand_parsers(sections)
-    missing = [s for s in sections if s not in parsers]
-    if missing:
-        print(f"{ns.doc}: no `python -m llmgw` command for block(s): {', '.join(missing)}", file=sys.stderr)
-    if ns.check:
-        problems = check_docs(text, parsers)
-        for problem in problems:
-            print(f"{ns.doc}: {problem}", file=sys.stderr)
-        return 1 if problems or missing else 0
-    new_text = update_docs(text, parsers)
-    if new_text != text:
-        with open(ns.doc, "w", encoding="utf-8") as fh:
-            fh.write(new_text)
-    return 1 if missing else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any, Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import argparse
+
+_T = TypeVar("_T")
 
 CHOICES = ("auto", "uvloop", "asyncio")
 # Overrides the default of every process llmgw starts (e.g. a test harness comparing the two loops).
@@ -40,7 +46,7 @@ def loop_factory(choice: str = "auto") -> Callable[[], asyncio.AbstractEventLoop
     return uvloop.new_event_loop
 
 
-def run(main: Awaitable[Any], choice: str | None = None) -> Any:
+def run(main: Coroutine[Any, Any, _T], choice: str | None = None) -> _T:
     """asyncio.run(main) on the chosen loop (None = $LLMGW_EVENT_LOOP, else auto)."""
     try:
         factory = loop_factory(choice or default_choice())
@@ -53,7 +59,7 @@ def run(main: Awaitable[Any], choice: str | None = None) -> Any:
         return runner.run(main)
 
 
-def add_argument(parser) -> None:
+def add_argument(parser: argparse.ArgumentParser) -> None:
     """The --event-loop flag of the commands that serve."""
     parser.add_argument("--event-loop", choices=CHOICES, default=None,
                         help=f"asyncio event loop: uvloop (auto: when installed) or the stock one "

@@ -11,10 +11,10 @@ import datetime as _dt
 import json as _json
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import IO, Any
 
-__all__ = ["JsonFormatter", "TextFormatter", "parse_level", "request_log", "setup_logging"]
+__all__ = ["JsonFormatter", "TextFormatter", "add_context_fields", "parse_level", "request_log", "setup_logging"]
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is a structured field.
 _RECORD_ATTRS = frozenset(vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None))) | {
@@ -44,7 +44,7 @@ def _extras(record: logging.LogRecord) -> dict[str, Any]:
 
 
 def _timestamp(record: logging.LogRecord) -> str:
-    ts = _dt.datetime.fromtimestamp(record.created, tz=_dt.timezone.utc)
+    ts = _dt.datetime.fromtimestamp(record.created, tz=_dt.UTC)
     return ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
 
 
@@ -91,6 +91,39 @@ class JsonFormatter(logging.Formatter):
         return _json.dumps(obj, ensure_ascii=False, default=str)
 
 
+# Providers of fields every record gets while they apply, e.g. llmgw.tracing's trace_id/span_id while a request
+# span is open in the current task. Empty unless tracing is on: then a record costs one list check more.
+_context_providers: list[Callable[[], Mapping[str, Any] | None]] = []
+
+
+def add_context_fields(provider: Callable[[], Mapping[str, Any] | None]) -> Callable[[], None]:
+    """Add ``provider()``'s fields to every record the handler of :func:`setup_logging` writes (a field the record
+    already has wins). Returns a function that removes the provider."""
+    _context_providers.append(provider)
+
+    def remove() -> None:
+        try:
+            _context_providers.remove(provider)
+        except ValueError:
+            pass
+
+    return remove
+
+
+class _ContextFields(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        for provider in _context_providers:
+            try:
+                fields = provider()
+            except Exception:  # noqa: BLE001 - a broken provider must not cost the log line itself
+                continue
+            if fields:
+                for key, value in fields.items():
+                    if not hasattr(record, key):
+                        setattr(record, key, value)
+        return True
+
+
 def setup_logging(level: str | int = "warning", json: bool = False, stream: IO[str] | None = None) -> logging.Handler:
     """Send log records at ``level`` and above to ``stream`` (default: the current ``sys.stderr``).
 
@@ -105,6 +138,7 @@ def setup_logging(level: str | int = "warning", json: bool = False, stream: IO[s
             handler.close()
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     setattr(handler, _OURS, True)
+    handler.addFilter(_ContextFields())
     handler.setFormatter(JsonFormatter() if json else TextFormatter())
     root.addHandler(handler)
     root.setLevel(numeric)

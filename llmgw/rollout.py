@@ -27,9 +27,10 @@ import string
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 log = logging.getLogger("llmgw.rollout")
+_T = TypeVar("_T")
 
 # Rollout states.
 PENDING = "pending"
@@ -209,7 +210,10 @@ class Rollout:
         """
         if self._task is not None or self.status.state != PENDING:
             raise RuntimeError("a Rollout runs once; create a new one")
-        self._task = asyncio.current_task()
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("Rollout.run() must run in an asyncio task")
+        self._task = task
         status = self.status
         status.state = RUNNING
         status.started_at = self._clock()
@@ -231,7 +235,7 @@ class Rollout:
         except asyncio.CancelledError:
             if self._cancel_requested:
                 # Our own cancel(): absorb it so the restore below and the caller's await proceed normally.
-                self._task.uncancel()
+                task.uncancel()
                 await self._abort(None, ABORTED)
             else:
                 await self._abort("cancelled", ABORTED)
@@ -300,7 +304,8 @@ class Rollout:
                 )
             await self._sleep(self.poll_s)
 
-    async def _step(self, progress: ReplicaProgress, step: str, awaitable: Awaitable, timeout_s: float | None):
+    async def _step(self, progress: ReplicaProgress, step: str, awaitable: Awaitable[_T],
+                    timeout_s: float | None) -> _T:
         rid = progress.replica_id
         progress.step = step
         self._emit("step", rid, step)
@@ -359,7 +364,7 @@ class Rollout:
             # Cancelled again while restoring: give up restoring but keep the record honest.
             log.error("rollout: restoring routing of %s was cancelled", rid)
             return False
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - logged; the abort must finish and report what it could not undo
             log.error("rollout: could not undrain %s after abort: %s: %s", rid, type(exc).__name__, exc)
             return False
         self._drained = None
@@ -469,7 +474,7 @@ class CommandTemplateRestart:
         try:
             async with asyncio.timeout(self.timeout_s):
                 output, _ = await proc.communicate()
-        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+        except (TimeoutError, asyncio.CancelledError) as exc:
             await self._kill(proc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -490,5 +495,5 @@ class CommandTemplateRestart:
         try:
             async with asyncio.timeout(5.0):
                 await proc.wait()
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.error("restart command pid %s did not exit after SIGKILL", proc.pid)

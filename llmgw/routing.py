@@ -27,9 +27,11 @@ Not thread-safe: use from one thread (an asyncio loop), as the gateway does.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Collection
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
+from typing import Protocol
 
 from llmgw._core.picker import LeastConnectionsPicker
 from llmgw._core.ring import (
@@ -45,18 +47,24 @@ __all__ = [
     "DEFAULT_BALANCE",
     "DEFAULT_PREFIX_CHARS",
     "DEFAULT_VNODES",
+    "POLICIES",
+    "AffinityPolicy",
     "Decision",
     "HashRing",
     "LeastConnectionsPicker",
+    "LeastConnectionsPolicy",
     "MemberInfo",
     "MemberState",
+    "RandomPolicy",
     "Router",
+    "RoutingPolicy",
     "affinity_hash",
     "hash_key",
+    "make_policy",
 ]
 
 
-class MemberState(str, Enum):
+class MemberState(StrEnum):
     """Membership state as SWIM reports it."""
 
     ALIVE = "alive"
@@ -296,7 +304,7 @@ def _check_member_id(member_id: object) -> None:
 
 def _check_state(state: object) -> MemberState:
     try:
-        return MemberState(state)
+        return MemberState(state)  # type: ignore[arg-type]  # checking any value is the point
     except ValueError:
         allowed = ", ".join(s.value for s in MemberState)
         raise ValueError(f"state must be one of {allowed}; got {state!r}") from None
@@ -309,3 +317,72 @@ def _check_weight(weight: object) -> float:
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(f"weight must be a finite number > 0, got {weight!r}")
     return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Routing policies: what the gateway asks for a pick. Each picks one of `routable` (the replicas the gateway could
+# send to, full or not) that is not in `blocked` (full, busy, excluded, already tried), or None.
+
+
+class RoutingPolicy(Protocol):
+    def pick(self, prompt: str, routable: Collection[str], blocked: Collection[str]) -> str | None: ...
+
+
+class AffinityPolicy:
+    """The Router's decision: prompt-prefix affinity with bounded loads, then weighted least connections. The
+    router knows every member's state itself, so `routable` is not consulted."""
+
+    name = "affinity"
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def pick(self, prompt: str, routable: Collection[str], blocked: Collection[str]) -> str | None:
+        return self.router.route(prompt, exclude=blocked).member
+
+
+class LeastConnectionsPolicy:
+    """Prompt-blind baseline: the candidate with the least load per unit of weight (the router's load book),
+    random among ties."""
+
+    name = "least_connections"
+
+    def __init__(self, router: Router, rng: random.Random | None = None) -> None:
+        self.router = router
+        self._rng = rng or random.Random()
+
+    def pick(self, prompt: str, routable: Collection[str], blocked: Collection[str]) -> str | None:
+        candidates = [m for m in routable if m not in blocked]
+        if not candidates:
+            return None
+        router, rng = self.router, self._rng
+        return min(candidates, key=lambda m: (router.load(m) / router.info(m).weight, rng.random()))
+
+
+class RandomPolicy:
+    """Prompt-blind baseline: a uniformly random candidate."""
+
+    name = "random"
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
+
+    def pick(self, prompt: str, routable: Collection[str], blocked: Collection[str]) -> str | None:
+        candidates = [m for m in routable if m not in blocked]
+        if not candidates:
+            return None
+        return self._rng.choice(candidates)
+
+
+POLICIES = ("affinity", "least_connections", "random")
+
+
+def make_policy(name: str, router: Router, rng: random.Random | None = None) -> RoutingPolicy:
+    """The policy called `name` (one of POLICIES) over `router`."""
+    if name == "affinity":
+        return AffinityPolicy(router)
+    if name == "least_connections":
+        return LeastConnectionsPolicy(router, rng)
+    if name == "random":
+        return RandomPolicy(rng)
+    raise ValueError(f"routing policy must be one of {POLICIES}, got {name!r}")

@@ -46,7 +46,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, gap: int 
     sep = " " * gap
 
     def line(values: Sequence[str]) -> str:
-        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
+        parts = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)]
         return sep.join(parts).rstrip()
 
     return "\n".join([line(titles), *(line(r) for r in cells)])
@@ -106,8 +106,8 @@ def render_rollout(status: Mapping, *, width: int = 30, now: float | None = None
     done, total = rollout_fraction(status)
     finished = sum(1 for r in status.get("replicas") or [] if r.get("step") in _FINISHED_STEPS)
     state = status.get("state", "?")
-    lines = [f"rolling update to {status.get('new_version', '?')}: {state}  "
-             f"{progress_bar(done, total, width=width)}  {finished}/{total} replicas"]
+    lines = [(f"rolling update to {status.get('new_version', '?')}: {state}  "
+              f"{progress_bar(done, total, width=width)}  {finished}/{total} replicas")]
     id_width = max([len(str(r.get("replica_id", ""))) for r in status.get("replicas") or []] or [0])
     for rep in status.get("replicas") or []:
         step = rep.get("step", "?")

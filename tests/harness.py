@@ -22,8 +22,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import grpc
 
@@ -113,7 +113,7 @@ class Cluster:
         self._channels: dict[str, grpc.Channel] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------------------
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         return self
 
     def __exit__(self, *exc) -> None:

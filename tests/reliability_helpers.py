@@ -27,7 +27,6 @@ for _p in (str(ROOT), str(ROOT / "tests")):
         sys.path.insert(0, _p)
 
 from harness import Cluster, Node, free_tcp_port, wait_until  # noqa: E402
-
 from llmgw import client  # noqa: E402
 from llmgw._proto import llmgateway_pb2 as pb  # noqa: E402
 from llmgw._proto import llmgateway_pb2_grpc as pb_grpc  # noqa: E402
@@ -105,7 +104,7 @@ class LoadReport:
         values = sorted(o.ttft_s for o in self.ok if o.ttft_s is not None)
         if not values:
             return float("nan")
-        return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+        return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
     def summary(self) -> dict:
         return dict(requests=len(self.outcomes), by_code=self.by_code(), index_problems=len(self.with_problems),
@@ -173,7 +172,7 @@ class ResourceSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"sampler-{pid}", daemon=True)
 
-    def __enter__(self) -> "ResourceSampler":
+    def __enter__(self) -> ResourceSampler:
         self._thread.start()
         return self
 
@@ -276,7 +275,7 @@ class StateWatcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="state-watcher", daemon=True)
 
-    def __enter__(self) -> "StateWatcher":
+    def __enter__(self) -> StateWatcher:
         self._thread.start()
         return self
 
@@ -326,9 +325,9 @@ def free_port() -> int:
     return free_tcp_port()
 
 
-__all__ = ["Cluster", "Node", "wait_until", "stream_problems", "Outcome", "LoadReport", "closed_loop_load",
-           "ResourceSampler", "ChaosLog", "chaos_monkey", "chaos_under_load", "gateway_members", "StateWatcher",
-           "rss_kb", "fd_count", "free_port"]
+__all__ = ["ChaosLog", "Cluster", "LoadReport", "Node", "Outcome", "ResourceSampler", "StateWatcher", "chaos_monkey",
+           "chaos_under_load", "closed_loop_load", "fd_count", "free_port", "gateway_members", "rss_kb",
+           "stream_problems", "wait_until"]
 
 
 # ---- gossip under loss ----------------------------------------------------------------------------------------
@@ -512,21 +511,24 @@ def fuzz_swim(count: int, *, seed: int = 1, check_every: int = 1000) -> dict:
 
 
 def check_swim_invariants(core, known_ids: set[str], start_inc: int, config) -> None:
-    me = core.local_member()
-    assert me[4] == "alive" and not core.leaving, f"self is {me[4]} in its own table"
+    from llmgw.gossip import Member
+    from llmgw.topology import ROLES, is_routable
+
+    me = Member.from_core(core.local_member())
+    assert me.state == "alive" and not core.leaving, f"self is {me.state} in its own table"
     assert start_inc <= core.incarnation < 2**63, f"self incarnation {core.incarnation} out of range"
     rows = core.members()
     assert len(rows) <= len(known_ids), f"{len(rows)} members but only {len(known_ids)} ids were ever presented"
-    for row in rows:
-        mid, address, grpc_address, role, state, incarnation = row[:6]
-        assert mid in known_ids, f"member {mid!r} was never in any datagram"
-        assert mid != core.member_id, "self listed among the others"
-        assert state in STATE_NAMES, f"{mid}: state {state!r}"
-        assert role in ("replica", "gateway"), f"{mid}: role {role!r}"
-        assert 0 <= incarnation < 2**64, f"{mid}: incarnation {incarnation}"
-        assert isinstance(address, str) and isinstance(grpc_address, str)
+    members = [Member.from_core(row) for row in rows]  # the shell's reading of each row must not fail either
+    for m in members:
+        assert m.member_id in known_ids, f"member {m.member_id!r} was never in any datagram"
+        assert m.member_id != core.member_id, "self listed among the others"
+        assert m.state in STATE_NAMES, f"{m.member_id}: state {m.state!r}"
+        assert m.role in ROLES, f"{m.member_id}: role {m.role!r}"
+        assert 0 <= m.incarnation < 2**64, f"{m.member_id}: incarnation {m.incarnation}"
+        assert isinstance(m.address, str) and isinstance(m.grpc_address, str)
     # The core's live-member count (self included), which sizes suspicion and retransmits, agrees with its table.
-    live = sum(1 for r in rows if r[4] in ("alive", "suspect"))
+    live = sum(1 for m in members if is_routable(m.state))
     assert core.num_live() == live + 1, f"num_live {core.num_live()} but {live} live others in the table"
 
 

@@ -8,10 +8,10 @@ import logging
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_http_server import FakeMember, run_stack, wait_for
 
 from llmgw.backends import OpenAIUpstreamBackend, SSEDecoder, UpstreamError
 from llmgw.replica import Faults
-from test_http_server import FakeMember, run_stack, wait_for
 
 
 def tokens(n, start=0):

@@ -37,7 +37,8 @@ def http_gateway(tmp_path_factory):
 def test_http_mode_prints_tokens_as_they_arrive_with_replica_and_ttft(http_gateway):
     url, _, _ = http_gateway
     proc = subprocess.Popen([sys.executable, "-m", "llmgw", "client", "--http", url, "--prompt", "hello http",
-                             "--max-tokens", "4", "--timeout-s", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--max-tokens", "4", "--timeout-s", "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         arrivals = []
         for _ in range(4):

@@ -179,7 +179,7 @@ def test_cluster_command_serves_restarts_and_stops_cleanly(supervisor):
     assert sup.proc.wait(timeout=30) == 0
     sup.expect(re.compile(r"^llmgw cluster stopped$"), timeout=5)
     for pid in all_pids:
-        wait_for(lambda: process_gone(pid), 5, f"pid {pid} to be gone")
+        wait_for(lambda pid=pid: process_gone(pid), 5, f"pid {pid} to be gone")
 
 
 async def _gateway_pid(target: str) -> int:
@@ -212,7 +212,7 @@ def test_demo_streams_a_sample_and_exits(supervisor):
     sup.expect(re.compile(r"^  4 tokens from replica-\d, TTFT [\d.]+ ms, total [\d.]+ ms$"), timeout=5)
     assert sup.proc.wait(timeout=30) == 0
     for pid in sup.child_pids:
-        wait_for(lambda: process_gone(pid), 5, f"pid {pid} to be gone")
+        wait_for(lambda pid=pid: process_gone(pid), 5, f"pid {pid} to be gone")
 
 
 def test_bad_arguments_are_clear_errors():
@@ -285,7 +285,7 @@ def test_restart_replica_on_a_new_version_keeps_ports_and_rejoins(tmp_path):
         with pytest.raises(ClusterError, match="cannot reach the cluster supervisor"):
             await request_restart(str(cluster.control_path), "replica-1", "v2", timeout_s=5)
         for pid in pids:
-            wait_for(lambda: process_gone(pid), 5, f"pid {pid} to be gone")
+            wait_for(lambda pid=pid: process_gone(pid), 5, f"pid {pid} to be gone")
 
     asyncio.run(asyncio.wait_for(scenario(), 90))
 
@@ -320,8 +320,9 @@ def _bind_some_port(sock: socket.socket, candidates) -> int:
 def test_http_demo_streams_through_the_openai_sdk():
     # The HTTP half of --demo, against the real HTTP front (in-process stack of the HTTP tests): it runs in the
     # cluster once the gateway command has --http-port.
-    from llmgw.cli.cluster import _demo_http
     from test_http_server import run_stack
+
+    from llmgw.cli.cluster import _demo_http
 
     lines: list[str] = []
 

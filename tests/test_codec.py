@@ -200,15 +200,15 @@ def sample_message(n_updates: int = 3) -> Message:
 
 
 def test_constants_match_the_proto_enums():
-    assert (codec.PING, codec.PING_REQ, codec.ACK, codec.NACK, codec.SYNC, codec.SYNC_ACK) == tuple(
+    assert tuple(
         gossip_pb2.MessageType.Value(n) for n in ("PING", "PING_REQ", "ACK", "NACK", "SYNC", "SYNC_ACK")
-    )
-    assert (codec.ALIVE, codec.SUSPECT, codec.DEAD, codec.LEFT) == tuple(
+    ) == (codec.PING, codec.PING_REQ, codec.ACK, codec.NACK, codec.SYNC, codec.SYNC_ACK)
+    assert tuple(
         gossip_pb2.MemberState.Value(n) for n in ("ALIVE", "SUSPECT", "DEAD", "LEFT")
-    )
-    assert (codec.ROLE_UNSPECIFIED, codec.ROLE_REPLICA, codec.ROLE_GATEWAY) == tuple(
+    ) == (codec.ALIVE, codec.SUSPECT, codec.DEAD, codec.LEFT)
+    assert tuple(
         gossip_pb2.Role.Value(n) for n in ("ROLE_UNSPECIFIED", "REPLICA", "GATEWAY")
-    )
+    ) == (codec.ROLE_UNSPECIFIED, codec.ROLE_REPLICA, codec.ROLE_GATEWAY)
     assert type(codec.PING) is int
     assert codec.MAX_DATAGRAM == 1400
     assert issubclass(CodecError, ValueError)
@@ -517,7 +517,7 @@ def test_repeated_ascii_strings_come_back_as_the_same_object():
     data = encode(sample_message())
     first, second = decode(data), decode(data)
     assert first == second
-    assert all(a.member_id is b.member_id for a, b in zip(first.updates, second.updates))
+    assert all(a.member_id is b.member_id for a, b in zip(first.updates, second.updates, strict=True))
     assert first.sender_id is second.sender_id
 
 
@@ -743,7 +743,7 @@ def test_lazily_read_fields_equal_protobufs_eager_parse(m, order):
     for name in order:
         if name == "updates":
             assert len(got.updates) == len(pb.updates)
-            for ours, theirs in zip(got.updates, pb.updates):
+            for ours, theirs in zip(got.updates, pb.updates, strict=True):
                 for field in UPDATE_FIELDS:
                     assert _same_value(getattr(ours, field), getattr(theirs, field)), field
         else:
@@ -860,7 +860,7 @@ def test_many_decoded_messages_alive_at_once_keep_their_own_updates():
     for m in messages:
         m.updates = [Update(member_id=f"m{len(messages)}-{i}", incarnation=i) for i in range(len(m.updates))]
     decoded = [decode(encode(m)) for m in messages * 3]
-    for got, m in reversed(list(zip(decoded, messages * 3))):
+    for got, m in reversed(list(zip(decoded, messages * 3, strict=True))):
         assert got.updates == m.updates
     for _ in range(3):
         for m in messages:

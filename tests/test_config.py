@@ -144,7 +144,8 @@ def test_bad_file_values_name_file_key_and_expected_type(tmp_path, toml_text, fr
     args = parser.parse_args([])
     before = vars(args).copy()
     with pytest.raises(ConfigError) as info:
-        apply_config(parser, args, section="gateway", argv=[], env={}, config_path=str(path), shared_keys=())
+        apply_config(parser, args, section="gateway", argv=[], env={}, config_path=str(path),
+                     sections=("gateway", "replica"), shared_keys=())
     message = str(info.value)
     assert str(path) in message
     for fragment in fragments:
@@ -174,7 +175,7 @@ def test_kubernetes_service_links_get_a_hint(tmp_path, env):
 def test_missing_file_is_a_clear_error(tmp_path):
     parser = sample_parser()
     args = parser.parse_args([])
-    with pytest.raises(ConfigError, match="cannot read config file .*nope.toml"):
+    with pytest.raises(ConfigError, match=r"cannot read config file .*nope\.toml"):
         apply_config(parser, args, section="gateway", argv=[], env={}, config_path=str(tmp_path / "nope.toml"))
 
 
@@ -279,10 +280,10 @@ def test_configuration_md_has_blocks_for_gateway_and_replica():
 def test_config_module_cli_check_reports_missing_command(tmp_path):
     doc = tmp_path / "c.md"
     doc.write_text("<!-- llmgw:options no-such-command -->\n<!-- /llmgw:options -->\n")
-    proc = subprocess.run([sys.executable, "-m", "llmgw.config", "--check", str(doc)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "llmgw.cli.config_docs", "--check", str(doc)], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
-    assert "no `python -m llmgw` command for block(s): no-such-command" in proc.stderr
+    assert "no `llmgw` command for block(s): no-such-command" in proc.stderr
 
 
 def test_default_ports_follow_the_gossip_offset_convention():
@@ -293,16 +294,19 @@ def test_default_ports_follow_the_gossip_offset_convention():
 
 
 def test_top_level_key_of_another_real_command_is_shared_not_unknown(tmp_path):
-    # Default shared_keys: the options of the other `python -m llmgw` commands. --max-capacity is a replica flag.
+    # The CLI's shared_keys: the options of the other `llmgw` commands. --max-capacity is a replica flag.
+    from llmgw.cli import shared_keys_for
+
     path = tmp_path / "shared.toml"
     path.write_text("max-capacity = 8\nport = 1234\n")
     parser = sample_parser()
     args = parser.parse_args([])
-    apply_config(parser, args, section="gateway", argv=[], env={}, config_path=str(path))
+    shared = shared_keys_for("gateway")
+    apply_config(parser, args, section="gateway", argv=[], env={}, config_path=str(path), shared_keys=shared)
     assert args.port == 1234 and not hasattr(args, "max_capacity")
     path.write_text("max-capacityy = 8\n")
     with pytest.raises(ConfigError, match="unknown key 'max-capacityy' \\(top level\\)"):
-        apply_config(parser, args, section="gateway", argv=[], env={}, config_path=str(path))
+        apply_config(parser, args, section="gateway", argv=[], env={}, config_path=str(path), shared_keys=shared)
 
 
 def test_wiring_through_subcommands_like_llmgw_main(tmp_path):
@@ -343,7 +347,7 @@ def test_negative_flags_keep_their_meaning(tmp_path):
     assert load("no-color = false\n").color is True
     assert load("", env={"LLMGW_CLIENT_HEDGE": "1"}).hedge is True
     # The dest (`color`) and the negative spelling (`no-hedge`) would read backwards: not accepted as keys.
-    with pytest.raises(ConfigError, match="unknown key 'color'.*did you mean 'no-color'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'color'.*did you mean 'no-color'"):
         load("color = false\n")
     with pytest.raises(ConfigError, match="unknown key 'no-hedge'"):
         load("no-hedge = true\n")
@@ -359,8 +363,11 @@ CONFIGURABLE_COMMANDS = ("gateway", "replica", "cluster", "client", "status", "r
 
 
 def test_every_configurable_command_takes_config_and_is_documented_in_configuration_md():
-    """A new flag without a row in docs/configuration.md fails here (regenerate with python -m llmgw.config)."""
-    parsers = config._subcommand_parsers(CONFIGURABLE_COMMANDS)
+    """A new flag without a row in docs/configuration.md fails here (regenerate with
+    python -m llmgw.cli.config_docs docs/configuration.md)."""
+    from llmgw.cli import subcommand_parsers
+
+    parsers = subcommand_parsers(CONFIGURABLE_COMMANDS)
     assert set(parsers) == set(CONFIGURABLE_COMMANDS)
     for name, parser in parsers.items():
         assert "--config" in parser._option_string_actions, f"`{name}` has no --config"

@@ -44,5 +44,5 @@ def test_library_doc_examples_run():
         with contextlib.redirect_stdout(io.StringIO()):
             try:
                 exec(compiled, namespace)
-            except Exception:  # name the block: a bare traceback would point into an anonymous string
+            except Exception:  # noqa: BLE001 - name the block: a bare traceback would point into an anonymous string
                 pytest.fail(f"docs/library.md block at line {line} raised:\n{traceback.format_exc()}")

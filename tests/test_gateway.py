@@ -9,14 +9,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from inprocess import FakeMember, ReplicaPool, run_with, wait_for
 from llmgw import client
 from llmgw._proto import llmgateway_pb2 as pb
 from llmgw._proto import llmgateway_pb2_grpc as pb_grpc
 from llmgw.gateway import GatewayConfig, InferenceRequest, InvalidArgument
 from llmgw.gateway.server import GatewayServer
 from llmgw.replica import Faults
-
-from inprocess import FakeMember, FakeMembership, ReplicaPool, run_with, wait_for
 
 
 class Stack(ReplicaPool):
@@ -254,11 +253,11 @@ def test_membership_changes_dead_draining_and_gateways_are_respected():
         r2 = await s.add_replica("r2", token_delay_ms=1)
         s.membership.set(FakeMember("gateway-2", "127.0.0.1:1", role="gateway"))  # never routed to
         await s.start_gateway()
-        s.gateway.pool.generate(r1.grpc_address)  # make sure r1 has a pooled channel
-        assert r1.grpc_address in s.gateway.pool
+        s.server.transport.pool.generate(r1.grpc_address)  # make sure r1 has a pooled channel
+        assert r1.grpc_address in s.server.transport
         s.membership.set(FakeMember("r1", r1.grpc_address, state="dead"), "dead")
         await asyncio.sleep(0.05)
-        assert r1.grpc_address not in s.gateway.pool  # channel closed with the member
+        assert r1.grpc_address not in s.server.transport  # channel closed with the member
         results = await asyncio.gather(*(s.infer(f"p{i}", 2) for i in range(8)))
         assert all(r.ok and r.replicas == {"r2"} for r in results)
         s.membership.set(FakeMember("r1", r1.grpc_address), "alive")
@@ -301,7 +300,7 @@ def test_replica_declared_dead_mid_stream_fails_over_instead_of_cancelling_the_c
 def test_gossip_reported_load_counts_against_capacity():
     async def scenario(s):
         r1 = await s.add_replica("r1", capacity=2, token_delay_ms=1)
-        r2 = await s.add_replica("r2", capacity=2, token_delay_ms=1)
+        await s.add_replica("r2", capacity=2, token_delay_ms=1)
         await s.start_gateway()
         # Another gateway fills r1 (as gossip reports): every request must go to r2.
         s.membership.set(FakeMember("r1", r1.grpc_address, max_capacity=2, active_requests=2))
@@ -381,10 +380,10 @@ def test_replica_restarted_at_a_new_address_gets_a_new_channel():
         new = await s.add_replica("r1-restarted", token_delay_ms=1, publish=False)
         await s.start_gateway()
         assert (await s.infer("before", 2)).ok
-        assert old.grpc_address in s.gateway.pool
+        assert old.grpc_address in s.server.transport
         s.membership.set(FakeMember("r1", new.grpc_address, incarnation=2), "updated")
         await asyncio.sleep(0.05)
-        assert old.grpc_address not in s.gateway.pool
+        assert old.grpc_address not in s.server.transport
         res = await s.infer("after", 2)
         assert res.ok and res.replicas == {"r1"}
         assert (old.served_total, new.served_total) == (1, 1)
@@ -398,9 +397,9 @@ def test_load_rule_own_plus_others_with_peak_window():
     from llmgw.routing import Router
 
     router = Router(seed=1)
-    view = MembershipView(router, FakeMembership())
+    view = MembershipView(router)
     member = FakeMember("r", "127.0.0.1:1", max_capacity=4)
-    view.apply(member, "alive")
+    assert view.apply(member, "alive") == []
     view.acquired("r")
     view.acquired("r")
     assert router.load("r") == 2
@@ -421,7 +420,7 @@ def test_load_rule_own_plus_others_with_peak_window():
     assert "r" not in view.unavailable(now=0.0)
     view.mark_busy("r", until=10.0)
     assert "r" in view.unavailable(now=5.0) and "r" not in view.unavailable(now=10.0)
-    view.apply(dataclasses.replace(member, state="dead"), "dead")
+    assert view.apply(dataclasses.replace(member, state="dead"), "dead") == ["127.0.0.1:1"]  # its address is gone
     assert "r" not in router and view.routable() == set()
     view.released("r")  # a request that outlived its replica: harmless
 

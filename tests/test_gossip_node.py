@@ -99,7 +99,9 @@ def test_killed_node_is_declared_dead_and_callback_errors_are_contained():
 
 def test_lossy_network_still_converges():
     async def body(nodes):
-        net = lambda s: LossyNetwork(loss=0.2, duplicate=0.1, reorder=0.2, delay=0.002, jitter=0.003, seed=s)
+        def net(seed: int) -> LossyNetwork:
+            return LossyNetwork(loss=0.2, duplicate=0.1, reorder=0.2, delay=0.002, jitter=0.003, seed=seed)
+
         a = await nodes("a", network=net(1))
         b = await nodes("b", seeds=[a.address], network=net(2))
         c = await nodes("c", seeds=[a.address], network=net(3))
@@ -117,7 +119,7 @@ def test_shared_key_cluster_rejects_outsiders():
     async def body(nodes):
         a = await nodes("a", key=key)
         b = await nodes("b", key=key, seeds=[a.address])
-        intruder = await nodes("intruder", seeds=[a.address])
+        _intruder = await nodes("intruder", seeds=[a.address])  # unsigned: must stay outside
         assert await wait_for(lambda: live_ids(a) == {"b"} and live_ids(b) == {"a"}, 5.0)
         await asyncio.sleep(0.5)
         assert a.member("intruder") is None

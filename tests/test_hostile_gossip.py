@@ -16,12 +16,11 @@ import time
 
 import pytest
 
-from reliability_helpers import FUZZ_SELF, check_swim_invariants, fuzz_swim
-
 from llmgw._core.codec import ACK, ALIVE, DEAD, LEFT, PING, SUSPECT, Message, decode, encode
 from llmgw.gossip import GossipConfig, GossipNode
 from llmgw.gossip.auth import Authenticator
 from llmgw.gossip.testing import BASE_INC, addr, datagram, gossip, join_all, make, state_of, upd
+from reliability_helpers import FUZZ_SELF, fuzz_swim
 
 LAN = GossipConfig.lan()
 

@@ -8,16 +8,14 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import time
 
 import aiohttp
 import grpc
 import pytest
 
-from reliability_helpers import Cluster, free_port, wait_until
-
 from llmgw import client
 from llmgw._proto import llmgateway_pb2 as pb
+from reliability_helpers import Cluster, free_port, wait_until
 
 CAP_TOKENS = 4096
 CAP_PROMPT = 1 << 20
@@ -122,7 +120,7 @@ def test_grpc_bad_request(gateway, name, payload, code, text):
 
 def test_grpc_odd_but_valid_fields_are_served(gateway):
     """Negative / NaN / infinite timeout_s mean "the default"; a client_id of 1 MiB junk is only a log field."""
-    c, gw, _ = gateway
+    _, gw, _ = gateway
     for extra in (_field(6, 1, b"\x00\x00\x00\x00\x00\x00\xf0\xbf"),  # -1.0
                   _field(6, 1, b"\x00\x00\x00\x00\x00\x00\xf8\x7f"),  # NaN
                   _field(6, 1, b"\x00\x00\x00\x00\x00\x00\xf0\x7f"),  # +inf
@@ -134,7 +132,7 @@ def test_grpc_odd_but_valid_fields_are_served(gateway):
 def test_grpc_message_over_the_transport_limit(gateway):
     """5 MiB exceeds grpc's default 4 MiB receive limit: refused by the transport (RESOURCE_EXHAUSTED) before
     the gateway's own cap is consulted; the connection and the gateway stay healthy."""
-    c, gw, _ = gateway
+    _, gw, _ = gateway
     got, details = _raw_infer(gw.grpc_address, _field(2, 2, b"a" * (5 << 20)) + GOOD_TOKENS)
     assert got == grpc.StatusCode.RESOURCE_EXHAUSTED, (got, details)
     asyncio.run(_normal_grpc(gw.grpc_address))
@@ -185,13 +183,13 @@ HTTP_CASES = [
 
 
 async def _post(url: str, body: bytes, *, path: str = "/v1/completions") -> tuple[int, dict]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
-        async with s.post(url + path, data=body, headers={"Content-Type": "application/json"}) as resp:
-            text = await resp.text()
-            try:
-                return resp.status, json.loads(text)
-            except ValueError:
-                return resp.status, {"raw": text[:200]}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s, \
+            s.post(url + path, data=body, headers={"Content-Type": "application/json"}) as resp:
+        text = await resp.text()
+        try:
+            return resp.status, json.loads(text)
+        except ValueError:
+            return resp.status, {"raw": text[:200]}
 
 
 async def _normal_http(url: str) -> None:

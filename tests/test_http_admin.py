@@ -1,12 +1,12 @@
 """Health, readiness, admin auth, member table, drain/undrain and rolling updates over the HTTP front."""
 
 import asyncio
-import dataclasses
 import shlex
 import sys
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
+from test_http_server import FakeMember, run_stack, wait_for
 
 from harness import free_tcp_port
 from inprocess import ReplicaPool, run_with
@@ -16,7 +16,6 @@ from llmgw.http import start_http
 from llmgw.http.admin import AdminApi, is_loopback_host
 from llmgw.http.openai_api import ApiError
 from llmgw.policy.breaker import BreakerBoard
-from test_http_server import FakeMember, run_stack, wait_for
 
 TOKEN = "s3cret-token"
 
@@ -40,13 +39,12 @@ def test_admin_without_token_is_refused_unless_bound_to_loopback():
     from llmgw.gateway.operations import RolloutController, RoutingDrains
 
     class Gw:
-        def __init__(self):
-            self.exclusion_sources = []
+        pass
 
     def admin_api(bound_host, admin_token):
         gw = Gw()
         return AdminApi(gw, bound_host=bound_host, admin_token=admin_token, metrics=None,
-                        rollouts=RolloutController(gw, RoutingDrains(gw)))
+                        rollouts=RolloutController(gw, RoutingDrains()))
 
     request = make_mocked_request("GET", "/admin/members")
     admin_api("127.0.0.1", None)._authorize(request)
@@ -243,27 +241,22 @@ def test_rollout_needs_a_restart_hook_and_can_be_aborted():
 
 # ---- one rollout and one drain set per gateway, whichever front is used -------------------------------------
 class BothFronts(ReplicaPool):
-    """Replicas + the gateway exactly as `python -m llmgw gateway` wires it (cli.gateway.build_server and
-    start_gateway: gRPC server, observed Gateway, HTTP front), over a test-driven membership."""
+    """Replicas + the gateway exactly as `python -m llmgw gateway` wires it (gateway.app.build_server and
+    start_gateway: gRPC server, Gateway with its metrics listener, HTTP front), over a test-driven membership."""
 
     def __init__(self) -> None:
         super().__init__()
         self.server = self.front = self.session = self.channel = None
 
-    async def start(self, *gateway_argv: str):
-        import argparse
-
+    async def start(self, **config):
         import aiohttp
         import grpc
 
-        from llmgw.cli import gateway as gateway_cli
+        from llmgw.gateway import GatewayConfig, app
 
-        parser = argparse.ArgumentParser()
-        gateway_cli.add_arguments(parser)
-        args = parser.parse_args(["--port", "0", "--http-port", str(free_tcp_port()), *gateway_argv])
-        config = dataclasses.replace(gateway_cli.config_from_args(args), gossip_port=None)
-        self.server = gateway_cli.build_server(config, membership=self.membership)
-        self.front = await gateway_cli.start_gateway(self.server, args)
+        config = GatewayConfig(port=0, gossip_port=None, **config)
+        self.server = app.build_server(config, membership=self.membership)
+        self.front = await app.start_gateway(self.server, app.HttpSettings(port=free_tcp_port()))
         self.session = aiohttp.ClientSession(base_url=self.front.url, timeout=aiohttp.ClientTimeout(total=20))
         self.channel = grpc.aio.insecure_channel(self.server.grpc_address)
         return pb_grpc.GatewayAdminStub(self.channel)
@@ -278,7 +271,7 @@ class BothFronts(ReplicaPool):
         if self.channel is not None:
             await self.channel.close()
         if self.server is not None:
-            from llmgw.cli.gateway import stop_gateway
+            from llmgw.gateway.app import stop_gateway
 
             await stop_gateway(self.server, self.front)
         await super().close()
@@ -292,7 +285,7 @@ def test_grpc_and_http_admin_share_one_rollout_and_one_drain_set():
         await s.add_replica("r2", token_delay_ms=1)
         # The restart "hangs" (a sleep the abort kills), so the update sits in r1's restart step.
         hang = f"{shlex.quote(sys.executable)} -c 'import time; time.sleep(30)' {{replica_id}} {{version}}"
-        stub = await s.start("--restart-command", hang)
+        stub = await s.start(restart_command=hang)
 
         # Started over gRPC ...
         events = []

@@ -8,12 +8,20 @@ import logging
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_http_server import FakeMember, run_stack, wait_for
 
 from llmgw.gateway import DeadlineExceeded, Gateway, InvalidArgument, ResourceExhausted, Unavailable
-from llmgw.http.openai_api import (ApiError, count_prompt_tokens, decode_json_body, from_gateway_error,
-                                   parse_chat_body, parse_completion_body, parse_hedge_header, render_chat_prompt)
+from llmgw.http.openai_api import (
+    ApiError,
+    count_prompt_tokens,
+    decode_json_body,
+    from_gateway_error,
+    parse_chat_body,
+    parse_completion_body,
+    parse_hedge_header,
+    render_chat_prompt,
+)
 from llmgw.replica import Faults
-from test_http_server import FakeMember, run_stack, wait_for
 
 CAP = 100
 
@@ -489,7 +497,7 @@ def test_a_slow_body_within_the_timeout_is_served_and_a_stalled_one_gets_408_and
     async def scenario(s):
         await s.add_replica("r1", token_delay_ms=1)
         await s.start(body_timeout_s=0.8)
-        head, body = await post_in_pieces(s.front.port, 4, 0.1)  # 0.4 s in all: inside the limit
+        head, _body = await post_in_pieces(s.front.port, 4, 0.1)  # 0.4 s in all: inside the limit
         assert head.startswith(b"HTTP/1.1 200"), head
         # Half the body, then silence: 408 at the limit and the server closes (EOF after the answer).
         loop = asyncio.get_running_loop()

@@ -12,6 +12,7 @@ import pytest
 
 from inprocess import FakeMember, ReplicaPool, run_with, wait_for  # noqa: F401 - other test modules import these
 from llmgw.gateway import Gateway, GatewayConfig
+from llmgw.gateway.grpc_transport import GrpcTransport
 from llmgw.http import start_http
 
 
@@ -26,7 +27,7 @@ class HttpStack(ReplicaPool):
 
     async def start(self, *, gateway=None, gateway_cls=Gateway, **http_kw):
         cfg = GatewayConfig(port=0, gossip_port=None, **(gateway or {}))
-        self.gateway = gateway_cls(cfg, membership=self.membership)
+        self.gateway = gateway_cls(cfg, GrpcTransport(upstream_batch=cfg.upstream_batch), membership=self.membership)
         await self.gateway.start()
         self.front = await start_http(self.gateway, host="127.0.0.1", port=0, **http_kw)
         self.session = aiohttp.ClientSession(base_url=self.front.url, timeout=aiohttp.ClientTimeout(total=30))
@@ -135,10 +136,9 @@ def test_http_front_shares_the_loop_and_the_gateway_with_the_grpc_server():
             try:
                 async with grpc.aio.insecure_channel(server.grpc_address) as ch:
                     via_grpc = await client.collect(client.stream_infer(ch, "both", 3, timeout_s=10))
-                async with aiohttp.ClientSession() as session:
-                    async with session.post(front.url + "/v1/completions",
-                                            json={"model": "m", "prompt": "both", "max_tokens": 3}) as resp:
-                        via_http = await resp.json()
+                async with aiohttp.ClientSession() as session, session.post(
+                        front.url + "/v1/completions", json={"model": "m", "prompt": "both", "max_tokens": 3}) as resp:
+                    via_http = await resp.json()
                 assert via_grpc.ok and "".join(via_grpc.texts) == via_http["choices"][0]["text"]
                 assert server.gateway.stats.served_total == 2  # one Gateway served both fronts
             finally:

@@ -236,9 +236,9 @@ def test_aiohttp_handler_serves_the_registry():
         await site.start()
         try:
             port = runner.addresses[0][1]
-            async with ClientSession(timeout=ClientTimeout(total=10)) as session:
-                async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
-                    return resp.status, resp.headers["Content-Type"], await resp.text()
+            async with (ClientSession(timeout=ClientTimeout(total=10)) as session,
+                        session.get(f"http://127.0.0.1:{port}/metrics") as resp):
+                return resp.status, resp.headers["Content-Type"], await resp.text()
         finally:
             await runner.cleanup()
 
@@ -268,3 +268,114 @@ def test_standalone_metrics_server(metrics_server):
     assert samples[("llmgw_replica_tokens_generated_total", ())] == 2
     server.close()
     server.close()  # idempotent
+
+
+# ---- what a vLLM operator expects: per front and model -------------------------------------------------------
+
+
+def test_request_done_counts_per_front_and_model_like_vllm():
+    m = GatewayMetrics(process_metrics=False, models=["llama-3-8b", "qwen-7b"])
+    m.request_done(front="http", model="llama-3-8b", outcome="ok", finish_reason="stop", prompt_tokens=12,
+                   completion_tokens=30, e2e_s=1.2, ttft_s=0.05)
+    m.request_done(front="http", model="llama-3-8b", outcome="ok", finish_reason="length", prompt_tokens=8,
+                   completion_tokens=16, e2e_s=250.0, ttft_s=45.0)
+    m.request_done(front="grpc", model=None, outcome=grpc.StatusCode.OK, finish_reason="stop",
+                   completion_tokens=4, e2e_s=0.02)
+    m.request_done(front="http", model="qwen-7b", outcome="cancelled", prompt_tokens=5, completion_tokens=2,
+                   e2e_s=3.0)
+    m.request_done(front="http", model="qwen-7b", outcome="unavailable", prompt_tokens=5, e2e_s=0.5)
+    s = scrape(m.registry)
+    llama = dict(front="http", model="llama-3-8b")
+    assert value(s, "llmgw_gateway_prompt_tokens_total", **llama) == 20
+    assert value(s, "llmgw_gateway_generation_tokens_total", **llama) == 46
+    assert value(s, "llmgw_gateway_request_success_total", finished_reason="stop", **llama) == 1
+    assert value(s, "llmgw_gateway_request_success_total", finished_reason="length", **llama) == 1
+    assert value(s, "llmgw_gateway_e2e_request_latency_seconds_count", **llama) == 2
+    assert value(s, "llmgw_gateway_e2e_request_latency_seconds_bucket", le="240.0", **llama) == 1
+    assert value(s, "llmgw_gateway_e2e_request_latency_seconds_bucket", le="300.0", **llama) == 2
+    assert value(s, "llmgw_gateway_time_to_first_token_seconds_bucket", le="0.05", **llama) == 1
+    assert value(s, "llmgw_gateway_time_to_first_token_seconds_bucket", le="30.0", **llama) == 1
+    assert value(s, "llmgw_gateway_time_to_first_token_seconds_bucket", le="60.0", **llama) == 2
+    grpc_front = dict(front="grpc", model="unspecified")
+    assert value(s, "llmgw_gateway_request_success_total", finished_reason="stop", **grpc_front) == 1
+    assert value(s, "llmgw_gateway_generation_tokens_total", **grpc_front) == 4
+    assert value(s, "llmgw_gateway_time_to_first_token_seconds_count", **grpc_front) == 0  # no ttft_s given
+    qwen = dict(front="http", model="qwen-7b")
+    assert value(s, "llmgw_gateway_request_success_total", finished_reason="abort", **qwen) == 1
+    assert value(s, "llmgw_gateway_request_failure_total", outcome="unavailable", **qwen) == 1
+    assert value(s, "llmgw_gateway_prompt_tokens_total", **qwen) == 10
+    # The series of before are counted too, so request_done replaces request_finished on the request path.
+    assert value(s, "llmgw_gateway_requests_total", outcome="ok") == 3
+    assert value(s, "llmgw_gateway_requests_total", outcome="cancelled") == 1
+    assert value(s, "llmgw_gateway_requests_total", outcome="unavailable") == 1
+    assert value(s, "llmgw_gateway_tokens_streamed_total") == 52
+    # Configured models have series (at 0) on both fronts before their first request.
+    assert value(s, "llmgw_gateway_prompt_tokens_total", front="grpc", model="qwen-7b") == 0
+    assert metrics.E2E_BUCKETS[-1] == 300.0
+
+
+def test_model_and_finish_reason_labels_stay_bounded():
+    m = GatewayMetrics(process_metrics=False, models=["known"])
+    for i in range(50):  # clients may send any model name: they all land in "other"
+        m.request_done(front="http", model=f"made-up-{i}", outcome="ok", finish_reason=f"reason-{i}",
+                       completion_tokens=1, e2e_s=0.1)
+    m.request_done(front="http", model="known", outcome="ok", finish_reason="tool_calls", e2e_s=0.1)
+    s = scrape(m.registry)
+    models = {dict(labels).get("model") for name, labels in s if name.startswith("llmgw_gateway_request_success")}
+    assert models == {"other", "known"}
+    assert value(s, "llmgw_gateway_request_success_total", front="http", model="other",
+                 finished_reason="other") == 50
+    assert value(s, "llmgw_gateway_request_success_total", front="http", model="known",
+                 finished_reason="tool_calls") == 1
+    m.set_models(["known", "new-model"])
+    m.request_done(front="grpc", model="new-model", outcome="ok", finish_reason="stop", e2e_s=0.1)
+    assert value(scrape(m.registry), "llmgw_gateway_request_success_total", front="grpc", model="new-model",
+                 finished_reason="stop") == 1
+    assert m.model_label("made-up-1") == "other" and m.model_label("") == "unspecified"
+    with pytest.raises(ValueError, match="more than the 64"):
+        m.set_models(f"m{i}" for i in range(65))
+
+
+def test_request_done_rejects_unknown_fronts_and_outcomes():
+    m = GatewayMetrics(process_metrics=False)
+    with pytest.raises(ValueError, match="unknown front 'websocket'"):
+        m.request_done(front="websocket", model=None, outcome="ok", e2e_s=0.1)
+    with pytest.raises(ValueError, match="unknown request outcome 'fine'"):
+        m.request_done(front="http", model=None, outcome="fine", e2e_s=0.1)
+
+
+def test_gauge_from_reads_at_scrape_time_in_a_single_process():
+    m = GatewayMetrics(process_metrics=False)
+    queued = {"n": 2}
+    m.gauge_from(m.queue_depth, lambda: queued["n"])
+    assert value(scrape(m.registry), "llmgw_gateway_queue_depth") == 2
+    queued["n"] = 5
+    assert value(scrape(m.registry), "llmgw_gateway_queue_depth") == 5
+    assert not m.multiprocess and m.exposition_registry is m.registry
+
+
+def test_collector_mirror_turns_scrape_time_counters_into_pushed_ones():
+    # The mechanism multiprocess mode uses for gossip, checked here on a plain registry.
+    node = FakeGossip()
+    source = metrics.GossipCollector(node.stats, lambda: node.members(include_self=True))
+    target = GatewayMetrics(process_metrics=False)
+    mirror = metrics._CollectorMirror(source, target.registry)
+    mirror.refresh()
+    node.counters["messages_in"] = 15
+    node.table = ["alive"]
+    mirror.refresh()
+    s = scrape(target.registry)
+    assert value(s, "llmgw_gossip_messages_total", direction="in") == 15
+    assert value(s, "llmgw_gossip_messages_total", direction="out") == 12
+    assert value(s, "llmgw_gossip_members", state="alive") == 1
+    assert value(s, "llmgw_gossip_members", state="dead") == 0
+    node.counters["messages_in"] = 4  # the gossip node restarted: its 4 new messages are added, nothing lost
+    mirror.refresh()
+    assert value(scrape(target.registry), "llmgw_gossip_messages_total", direction="in") == 19
+
+
+def test_multiprocess_dir_must_be_set_before_prometheus_client_is_imported(monkeypatch, tmp_path):
+    assert metrics.multiprocess_dir() is None
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    with pytest.raises(RuntimeError, match="must be set before prometheus_client is first imported"):
+        GatewayMetrics(process_metrics=False)

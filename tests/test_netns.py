@@ -79,11 +79,10 @@ class Hosts:
         ip("-n", self.ns(host), "link", "set", "eth0", "up" if up else "down")
 
     def spawn(self, host: str, argv: list[str]) -> subprocess.Popen:
-        log = open(self.workdir / f"{host}.log", "ab")
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen(["ip", "netns", "exec", self.ns(host), sys.executable, *argv], stdout=log,
-                                stderr=subprocess.STDOUT, env=env, cwd=str(ROOT), start_new_session=True)
-        log.close()
+        with open(self.workdir / f"{host}.log", "ab") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen(["ip", "netns", "exec", self.ns(host), sys.executable, *argv], stdout=log,
+                                    stderr=subprocess.STDOUT, env=env, cwd=str(ROOT), start_new_session=True)
         self.procs[host] = proc
         return proc
 
@@ -168,7 +167,7 @@ def cut_link_under_load(hosts, victim: str, observers=tuple(GATEWAYS), cut_s: fl
     """Load both gateways from the client host, cut `victim`'s link for `cut_s` seconds in the middle (waiting until
     `observers` -- default both gateways -- see it DEAD), restore it, collect each gateway's load report and wait until
     everyone is ALIVE again. Returns (results by gateway, cut_at, restored_at, seconds the re-convergence took)."""
-    everyone_alive = {n: "alive" for n in REPLICAS + GATEWAYS}
+    everyone_alive = dict.fromkeys(REPLICAS + GATEWAYS, "alive")
     wait_converged(hosts, everyone_alive, 40.0)
     loads = {g: hosts.agent_async("load", f"{hosts.addresses[g]}:{GRPC_PORT}", "12", "8", "10", g)
              for g in GATEWAYS}

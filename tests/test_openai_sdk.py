@@ -5,9 +5,9 @@ import asyncio
 
 import openai
 import pytest
+from test_http_server import FakeMember, run_stack
 
 from llmgw.replica import Faults
-from test_http_server import FakeMember, run_stack
 
 EXPECTED = "".join(f"token_{i}" for i in range(5))
 

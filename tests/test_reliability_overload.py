@@ -67,5 +67,5 @@ def test_queue_is_strictly_fifo_and_rejects_at_once_when_full(cluster):
     # Capacity 1: admissions are serialised, so first-token times order the admissions. They must follow the order
     # the requests were sent in (send time + time to first token = absolute first-token time).
     first_token_at = [i * 0.005 + results[i].ttft_s for i in served]
-    assert first_token_at == sorted(first_token_at), list(zip(served, first_token_at))
+    assert first_token_at == sorted(first_token_at), list(zip(served, first_token_at, strict=True))
     assert served[:7] == list(range(7)), served

@@ -9,9 +9,8 @@ import time
 
 import pytest
 
-from reliability_helpers import Cluster, closed_loop_load, restart_gateway
-
 from llmgw.gossip import GossipConfig
+from reliability_helpers import Cluster, closed_loop_load, restart_gateway
 
 PERIOD_S = GossipConfig.lan().protocol_period
 REPLICAS = ["replica-1", "replica-2", "replica-3"]

@@ -283,3 +283,48 @@ def test_ready_tokens_are_coalesced_only_when_asked_and_never_past_a_fault():
             await rep.stop()
 
     run(scenario())
+
+
+# ---- the composition root (llmgw.replica.app, what `llmgw replica` runs) --------------------------------------
+def test_replica_app_starts_serves_announces_and_stops():
+    import urllib.request
+
+    from llmgw.replica.app import start_replica
+
+    async def main():
+        running = await start_replica(ReplicaConfig(replica_id="r-app", port=0, gossip_port=0, max_capacity=3),
+                                      metrics_port=0)
+        try:
+            replica = running.replica
+            line = running.ready_line()
+            assert line.startswith(f"READY replica r-app grpc=127.0.0.1:{replica.port} "
+                                   f"gossip={replica.gossip.address} metrics=127.0.0.1:")
+            async with grpc.aio.insecure_channel(replica.grpc_address) as channel:
+                result = await client.collect(client.stream_generate(channel, "app", 3))
+            assert result.ok and len(result.tokens) == 3
+            url = f"http://127.0.0.1:{running.metrics_server.port}/metrics"
+            body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+            assert "llmgw_replica" in body and "llmgw_gossip" in body  # replica metrics and its gossip counters
+        finally:
+            await running.stop()
+        assert running.metrics_server is None
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_replica_app_start_error_names_the_port_and_leaves_nothing_running():
+    import socket
+
+    from llmgw.replica.app import ReplicaStartError, start_replica
+
+    async def main():
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            with pytest.raises(ReplicaStartError, match=f"127.0.0.1:{port}"):
+                await start_replica(ReplicaConfig(replica_id="r-busy", port=port, gossip_port=None))
+        with pytest.raises(ValueError, match="metrics port"):
+            await start_replica(ReplicaConfig(replica_id="r-bad", port=0, gossip_port=None), metrics_port=70000)
+
+    asyncio.run(asyncio.wait_for(main(), 30))

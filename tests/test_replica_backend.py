@@ -35,7 +35,7 @@ def test_openai_backed_replica_behind_a_gateway_streams_from_another_gateway_and
         openai_replica = front.start_replica("openai-1", seeds="", extra=[
             "--backend", "openai", "--upstream", f"http://127.0.0.1:{upstream_http}/v1", "--model", "llmgw",
             "--max-capacity", "3", "--upstream-timeout-s", "5"])
-        fallback = front.start_replica("sim-fallback", token_delay_ms=5, seeds=openai_replica.gossip_address)
+        _fallback = front.start_replica("sim-fallback", token_delay_ms=5, seeds=openai_replica.gossip_address)
         gw = front.start_gateway("gateway-1", seeds=openai_replica.gossip_address,
                                  extra=["--http-port", str(front_http)])
         front.wait_converged([gw], {"gateway-1": "alive", "openai-1": "alive", "sim-fallback": "alive"})

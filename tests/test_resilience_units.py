@@ -7,13 +7,14 @@ import asyncio
 
 import grpc
 import pytest
+from test_gateway import run
 
 from llmgw._proto import llmgateway_pb2 as pb
 from llmgw._proto import llmgateway_pb2_grpc as pb_grpc
 from llmgw.gateway import GatewayConfig, InferenceRequest
+from llmgw.gateway.events import AttemptOutcome, RequestListener
 from llmgw.gateway.hedging import RaceFailed, race_first_token
 from llmgw.policy import BreakerBoard, BreakerConfig
-from test_gateway import Stack, assert_exactly_once, run
 
 
 class Boom(Exception):
@@ -71,7 +72,7 @@ def test_race_hedge_wins_and_the_silent_primary_is_cancelled_at_once():
 
 
 def test_race_primary_wins_after_the_hedge_started_and_the_hedge_is_cancelled():
-    winner, legs, _, ends = race({"primary": (0.08, "p"), "hedge": (3.0, "h")}, delay_s=0.02)
+    winner, _legs, _, ends = race({"primary": (0.08, "p"), "hedge": (3.0, "h")}, delay_s=0.02)
     assert winner == "primary" and ends == {"primary": "done", "hedge": "cancelled"}
 
 
@@ -88,13 +89,13 @@ def test_race_primary_failing_before_the_delay_fails_at_once_without_a_hedge():
 
 
 def test_race_every_leg_failing_is_a_race_failure_naming_both():
-    result, legs, _, _ = race({"primary": (0.05, Boom("a")), "hedge": (0.01, Boom("b"))}, delay_s=0.0)
+    result, _legs, _, _ = race({"primary": (0.05, Boom("a")), "hedge": (0.01, Boom("b"))}, delay_s=0.0)
     assert isinstance(result, RaceFailed) and len(result.legs) == 2
     assert "primary: a" in str(result) and "hedge: b" in str(result)
 
 
 def test_race_non_recoverable_error_ends_the_race_and_cancels_the_other_leg():
-    result, legs, _, ends = race({"primary": (3.0, "p"), "hedge": (0.01, Fatal("bad request"))}, delay_s=0.0)
+    result, _legs, _, ends = race({"primary": (3.0, "p"), "hedge": (0.01, Fatal("bad request"))}, delay_s=0.0)
     assert isinstance(result, Fatal) and ends["primary"] == "cancelled"
 
 
@@ -104,7 +105,7 @@ def test_race_without_a_free_replica_keeps_waiting_for_the_primary():
 
 
 def test_race_simultaneous_successes_keep_the_primary_and_discard_the_other():
-    winner, legs, discarded, _ = race({"primary": (0.05, "p"), "hedge": (0.05, "h")}, delay_s=0.0)
+    winner, _legs, discarded, _ = race({"primary": (0.05, "p"), "hedge": (0.05, "h")}, delay_s=0.0)
     assert winner == "primary" and discarded == ["h"]
 
 
@@ -231,7 +232,12 @@ def test_explicit_hedge_streams_the_fast_replica_and_frees_the_loser_at_once():
         await s.start_gateway()
         gw = s.gateway
         outcomes = []
-        gw.attempt_listeners.append(lambda rid, outcome, ttft: outcomes.append((rid, outcome)))
+
+        class Outcomes(RequestListener):
+            def attempt_event(self, replica_id, outcome, ttft_s):
+                outcomes.append((replica_id, outcome))
+
+        gw.add_listener(Outcomes())
         for i in range(4):
             events = await asyncio.wait_for(collect(gw, f"p{i}", 5, hedge=True), 1.5)
             assert [e.index for e in events] == list(range(5)) and {e.replica_id for e in events} == {"fast"}
@@ -241,8 +247,8 @@ def test_explicit_hedge_streams_the_fast_replica_and_frees_the_loser_at_once():
         stats = gw.hedge_stats()
         assert stats["hedges_started"] == 4 and stats["won"] + stats["lost"] == 4
         assert stats["explicit_hedges"] == 4 and stats["policy_hedges_issued"] == 0
-        assert sum(1 for _, o in outcomes if o == "hedge_started") == 4
-        assert sum(1 for _, o in outcomes if o in ("hedge_won", "hedge_lost")) == 4
+        assert sum(1 for _, o in outcomes if o is AttemptOutcome.HEDGE_STARTED) == 4
+        assert sum(1 for _, o in outcomes if o in (AttemptOutcome.HEDGE_WON, AttemptOutcome.HEDGE_LOST)) == 4
         async with grpc.aio.insecure_channel(s.server.grpc_address) as ch:
             status = await pb_grpc.GatewayAdminStub(ch).GetStatus(pb.GatewayStatusRequest(), timeout=5)
         assert status.hedges_started == 4 and status.hedges_won + status.hedges_lost == 4

@@ -50,7 +50,7 @@ class FakeTarget:
 
     def __init__(self, ids=("r0", "r1", "r2"), version="v1", *, fail=None, rejoin_polls=3) -> None:
         self.ids = list(ids)
-        self.members = {rid: ("alive", version, 7) for rid in ids}
+        self.members = dict.fromkeys(ids, ("alive", version, 7))
         self.drained: set[str] = set()
         self.calls: list[tuple[str, str]] = []
         self.fail = fail
@@ -80,12 +80,12 @@ class FakeTarget:
     async def drain_rpc(self, rid, timeout_s):
         self.calls.append(("drain_rpc", rid))
         await self._maybe_fail(rid, STEP_DRAIN_RPC)
-        return not (self.fail == (rid, STEP_DRAIN_RPC, "false"))
+        return self.fail != (rid, STEP_DRAIN_RPC, "false")
 
     async def restart(self, rid, new_version):
         self.calls.append(("restart", rid))
         await self._maybe_fail(rid, STEP_RESTART)
-        state, version, inc = self.members.pop(rid)
+        _state, version, inc = self.members.pop(rid)
         mode = self.fail[2] if self.fail and self.fail[:2] == (rid, STEP_REJOIN) else None
         if mode == "never":
             return
@@ -124,7 +124,7 @@ def test_updates_every_replica_in_order():
     rollout = make_rollout(target, on_event=events.append)
     status = run(rollout.run())
     assert status.state == SUCCEEDED and status.error is None
-    assert target.members == {rid: ("alive", "v2", 8) for rid in ("r0", "r1", "r2")}
+    assert target.members == dict.fromkeys(("r0", "r1", "r2"), ("alive", "v2", 8))
     assert target.drained == set()
     expected_calls = []
     for rid in ("r0", "r1", "r2"):
@@ -219,7 +219,7 @@ def test_restart_hook_error_is_reported():
     target = FakeTarget(fail=("r2", STEP_RESTART, "raise"))
     status = run(make_rollout(target).run())
     assert status.state == FAILED and status.failed_replica == "r2"
-    assert "restart of r2 failed: ConnectionError: injected failure in restart" == status.error
+    assert status.error == "restart of r2 failed: ConnectionError: injected failure in restart"
     assert target.drained == set()
     assert [p.step for p in status.replicas] == [STEP_DONE, STEP_DONE, STEP_FAILED]
 
@@ -375,7 +375,7 @@ def test_command_template_runs_with_each_value_as_one_argument(tmp_path):
         "{replica_id} --version {version}",
         timeout_s=20,
     )
-    nasty = "r 1; touch {0}/pwned".format(tmp_path)
+    nasty = f"r 1; touch {tmp_path}/pwned"
     run(hook(nasty, "v2"))
     assert out.read_text() == repr([nasty, "--version", "v2"])
     assert not (tmp_path / "pwned").exists()
@@ -384,7 +384,7 @@ def test_command_template_runs_with_each_value_as_one_argument(tmp_path):
 def test_command_template_with_shell_quotes_values(tmp_path):
     out = tmp_path / "out.txt"
     hook = CommandTemplateRestart("printf %s {replica_id} > " + str(out), shell=True, timeout_s=20)
-    nasty = "a b; touch {0}/pwned".format(tmp_path)
+    nasty = f"a b; touch {tmp_path}/pwned"
     run(hook(nasty, "v2"))
     assert out.read_text() == nasty
     assert not (tmp_path / "pwned").exists()
@@ -399,7 +399,7 @@ def test_command_nonzero_exit_is_a_clear_error():
 def test_command_timeout_kills_it(tmp_path):
     pid_file = tmp_path / "pid"
     hook = CommandTemplateRestart(f"sh -c 'echo $$ > {pid_file}; exec sleep 30' {{replica_id}}", timeout_s=0.5)
-    with pytest.raises(RestartCommandError, match="timed out after 0.5 s"):
+    with pytest.raises(RestartCommandError, match=r"timed out after 0\.5 s"):
         run(hook("1", "v2"))
     pid = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):  # killed and reaped, not left running

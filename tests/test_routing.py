@@ -295,10 +295,10 @@ def test_benchmark_runner_expands_asv_params_and_formats_times():
 
     class Grid:
         params = ([1, 2], ["a", "b"])
-        param_names = ["n", "s"]
+        param_names = ("n", "s")
 
     class Flat:
-        params = ["x", "y", "z"]
+        params = ("x", "y", "z")
 
     assert runner._param_combinations(Grid) == [(1, "a"), (1, "b"), (2, "a"), (2, "b")]
     assert runner._param_combinations(Flat) == [("x",), ("y",), ("z",)]
@@ -329,3 +329,55 @@ def test_bench_cli_rejects_unknown_and_missing_suites(capsys, monkeypatch):
     monkeypatch.setattr(bench, "SUITES", bench.SUITES + ("not_written_yet",))
     assert bench.run(parser.parse_args(["not_written_yet"])) == 2
     assert "suite not_written_yet not available" in capsys.readouterr().out
+
+
+# ---- routing policies: what the gateway asks for a pick -------------------------------------------------------
+def _router_with(loads: dict[str, int], weights: dict[str, float] | None = None) -> Router:
+    router = Router(seed=5)
+    for member, load in loads.items():
+        router.set_member(member, weight=(weights or {}).get(member, 1.0), capacity=10)
+        router.set_load(member, load)
+    return router
+
+
+def test_affinity_policy_is_the_routers_decision_minus_blocked():
+    import random
+
+    router = _router_with({"a": 0, "b": 0, "c": 0})
+    policy = routing.make_policy("affinity", router, random.Random(1))
+    assert isinstance(policy, routing.AffinityPolicy)
+    for i in range(20):
+        prompt = f"prompt {i}"
+        assert policy.pick(prompt, {"a", "b", "c"}, ()) == router.route(prompt).member
+        first = router.route(prompt).member
+        assert policy.pick(prompt, {"a", "b", "c"}, {first}) == router.route(prompt, exclude={first}).member != first
+    assert policy.pick("x", {"a", "b", "c"}, {"a", "b", "c"}) is None
+
+
+def test_least_connections_policy_weighs_load_and_breaks_ties_at_random():
+    import random
+
+    router = _router_with({"a": 3, "b": 1, "c": 2}, weights={"c": 4.0})
+    policy = routing.make_policy("least_connections", router, random.Random(2))
+    assert policy.pick("any", ["a", "b", "c"], ()) == "c"  # 2 / 4.0 is the least load per weight
+    router.set_load("c", 8)
+    assert policy.pick("any", ["a", "b", "c"], ()) == "b"
+    assert policy.pick("any", ["a", "b", "c"], {"b"}) == "c"  # 8 / 4.0 = 2 < 3
+    assert policy.pick("any", ["a", "b"], {"a", "b"}) is None
+    router.set_load("a", 1)
+    assert {policy.pick(f"p{i}", ["a", "b"], ()) for i in range(50)} == {"a", "b"}  # tied: both get picked
+
+
+def test_random_policy_picks_only_unblocked_candidates():
+    import random
+
+    policy = routing.make_policy("random", _router_with({"a": 0}), random.Random(3))
+    picks = [policy.pick("p", ["a", "b", "c"], {"b"}) for _ in range(100)]
+    assert set(picks) == {"a", "c"}
+    assert policy.pick("p", ["a"], {"a"}) is None and policy.pick("p", [], ()) is None
+
+
+def test_unknown_policy_name_is_refused():
+    with pytest.raises(ValueError, match="routing policy must be one of"):
+        routing.make_policy("round_robin", Router())
+    assert routing.POLICIES == ("affinity", "least_connections", "random")

@@ -8,15 +8,14 @@ import asyncio
 
 import grpc
 import pytest
-
-from llmgw import client
-from llmgw._proto import llmgateway_pb2 as pb
-from llmgw._proto import llmgateway_pb2_grpc as pb_grpc
-from llmgw.gateway.session import ReplicaSession, SessionStream, SessionUnsupported
-from llmgw.replica import Faults
+from test_gateway import assert_exactly_once, run
 
 from inprocess import wait_for
-from test_gateway import Stack, assert_exactly_once, run
+from llmgw._proto import llmgateway_pb2 as pb
+from llmgw._proto import llmgateway_pb2_grpc as pb_grpc
+from llmgw.gateway.replica_stream import AttemptError, AttemptErrorKind
+from llmgw.gateway.session import ReplicaSession, SessionStream, SessionUnsupported
+from llmgw.replica import Faults
 
 
 async def open_session(s, rid, timeout=10.0):
@@ -24,11 +23,12 @@ async def open_session(s, rid, timeout=10.0):
     address = s.replicas[rid].grpc_address
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while s.gateway.pool.session(address) is None:
+    pool = s.server.transport.pool
+    while pool.session(address) is None:
         assert loop.time() < deadline, f"no session to {rid} within {timeout} s"
-        s.gateway.pool.generate(address)  # starts the opening when none is under way
+        pool.generate(address)  # starts the opening when none is under way
         await asyncio.sleep(0.02)
-    return s.gateway.pool.session(address)
+    return pool.session(address)
 
 
 def test_concurrent_streams_share_one_session_and_get_every_token_once():
@@ -54,8 +54,9 @@ def test_replica_without_sessions_is_served_by_generate_calls():
         address = rep.grpc_address
         for i in range(5):
             assert_exactly_once(await s.infer(f"p{i}", 4), 4)
-        await wait_for(lambda: s.gateway.pool._replica(address).sessions_unsupported, 5.0, "fallback decided")
-        assert s.gateway.pool.session(address) is None
+        pool = s.server.transport.pool
+        await wait_for(lambda: pool._replica(address).sessions_unsupported, 5.0, "fallback decided")
+        assert pool.session(address) is None
         assert_exactly_once(await s.infer("after", 4), 4)
         assert rep.session_streams_total == 0 and rep.served_total == 6
 
@@ -246,19 +247,19 @@ def test_session_stream_merges_consecutive_buffered_tokens_only():
         stream = SessionStream(fake, 1)
         for ev in (_tok(0), _tok(1), _tok(2)):
             stream._deliver(ev)
-        msg = await stream.read()
-        assert (msg.index, msg.token, list(msg.more_tokens), msg.is_final) == (0, "t0", ["t1", "t2"], False)
+        chunk = await stream.read()
+        assert (chunk.index, chunk.tokens, chunk.is_final) == (0, ["t0", "t1", "t2"], False)
         stream._deliver(_tok(3))
         stream._deliver(_tok(5))  # a gap: not merged, the request path rejects it as out of order
-        msg = await stream.read()
-        assert (msg.index, list(msg.more_tokens)) == (3, [])
+        chunk = await stream.read()
+        assert (chunk.index, chunk.tokens) == (3, ["t3"])
         assert (await stream.read()).index == 5
         stream._deliver(_tok(6))
-        stream._deliver(_tok(7, final=True, token=""))  # an empty final stays a message of its own
+        stream._deliver(_tok(7, final=True, token=""))  # an empty final stays a chunk of its own
         assert (await stream.read()).index == 6
         last = await stream.read()
-        assert last.is_final and last.token == "" and fake.forgotten == [1]
-        assert await stream.read() is grpc.aio.EOF and stream.done()
+        assert last.is_final and last.tokens == [] and last.finish_reason == "length" and fake.forgotten == [1]
+        assert await stream.read() is None and stream.done()
         assert stream.cancel() is False and fake.cancelled == []
 
     asyncio.run(scenario())
@@ -270,17 +271,23 @@ def test_session_stream_error_cancel_and_final_merge():
         stream = SessionStream(fake, 1)
         stream._deliver(_tok(0))
         stream._deliver(_tok(1, final=True))
-        msg = await stream.read()
-        assert msg.is_final and list(msg.more_tokens) == ["t1"] and msg.finish_reason == pb.LENGTH
+        chunk = await stream.read()
+        assert chunk.is_final and chunk.tokens == ["t0", "t1"] and chunk.finish_reason == "length"
 
         failing = SessionStream(fake, 2)
         failing._deliver(pb.SessionEvent(stream_id=2, response=pb.GenerateResponse(token="a", index=0)))
         failing._deliver(pb.SessionEvent(stream_id=2, status_code=grpc.StatusCode.INTERNAL.value[0],
                                          status_details="boom"))
-        assert (await failing.read()).token == "a"  # tokens before the error still arrive
-        with pytest.raises(grpc.aio.AioRpcError) as err:
+        assert (await failing.read()).tokens == ["a"]  # tokens before the error still arrive
+        with pytest.raises(AttemptError) as err:
             await failing.read()
-        assert err.value.code() == grpc.StatusCode.INTERNAL and err.value.details() == "boom"
+        assert err.value.kind is AttemptErrorKind.ERROR and err.value.detail == "INTERNAL: boom"
+        refused = SessionStream(fake, 5)
+        refused._deliver(pb.SessionEvent(stream_id=5, status_code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+                                         status_details="full"))
+        with pytest.raises(AttemptError) as err:
+            await refused.read()
+        assert (err.value.kind, err.value.detail) == (AttemptErrorKind.BUSY, "full")
 
         waiting = SessionStream(fake, 3)
         reader = asyncio.ensure_future(waiting.read())
@@ -290,9 +297,9 @@ def test_session_stream_error_cancel_and_final_merge():
             await reader
         broken = SessionStream(fake, 4)
         broken._fail("replica session ended: gone")
-        with pytest.raises(grpc.aio.AioRpcError) as err:
+        with pytest.raises(AttemptError) as err:
             await broken.read()
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert err.value.kind is AttemptErrorKind.UNAVAILABLE and "replica session ended: gone" in err.value.detail
 
     asyncio.run(scenario())
 
@@ -324,8 +331,8 @@ def test_a_burst_of_long_prompts_is_split_under_the_message_limit():
                 for stream in streams:
                     tokens = []
                     async with asyncio.timeout(20):
-                        while (msg := await stream.read()) is not grpc.aio.EOF:
-                            tokens += [msg.token, *msg.more_tokens]
+                        while (chunk := await stream.read()) is not None:
+                            tokens += chunk.tokens
                     assert tokens == ["token_0", "token_1", "token_2"]
                 assert rep.session_streams_total == 6 and rep.sessions_open == 1
             finally:

@@ -106,7 +106,7 @@ def test_partition_then_heal_reconverges():
     events = []
     sim = Simulator(16, seed=8, on_event=lambda t, obs, kind, row: events.append((t, obs, kind, row[0])))
     sim.run_until(5)
-    sim.partition([range(0, 8), range(8, 16)])
+    sim.partition([range(8), range(8, 16)])
     sim.run_until(25)
     # Each side declared the other side dead.
     assert sim.nodes[0].core.member("node-12")[4] in ("dead",) or sim.nodes[0].core.member("node-12") is None

@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
 import pytest
 
-from llmgw._core.codec import (ACK, ALIVE, DEAD, NACK, PING, PING_REQ, SUSPECT, SYNC, SYNC_ACK, Message,
-                               decode, encode)
-from llmgw._core.swim import Swim, derive_grpc_address, role_name
+from llmgw._core.codec import ACK, ALIVE, DEAD, NACK, PING, PING_REQ, SUSPECT, SYNC, SYNC_ACK, Message, decode, encode
+from llmgw._core.swim import MEMBER_FIELDS, Swim
 from llmgw.gossip.auth import Authenticator
 from llmgw.gossip.config import GossipConfig
-from llmgw.gossip.testing import (BASE_INC, addr, answering, datagram, deliver, gossip, inc_of, join_all, make, outgoing, run,
-                          state_of, upd)
+from llmgw.gossip.testing import (
+    BASE_INC,
+    addr,
+    answering,
+    datagram,
+    deliver,
+    gossip,
+    inc_of,
+    join_all,
+    make,
+    outgoing,
+    run,
+    state_of,
+    upd,
+)
 
 LAN = GossipConfig.lan()
 SHUFFLE = GossipConfig.lan(probe_schedule="shuffle")
@@ -172,7 +185,7 @@ def test_awareness_rises_on_unanswered_probes_and_stretches_probe_interval():
     run(a, t0 + 20.0, step_cb=record)
     # Successive probe rounds are at least period * (1 + score) apart (score only grows here).
     starts = sorted(round_start.values())
-    gaps = [b - x for x, b in zip(starts, starts[1:])]
+    gaps = [b - x for x, b in itertools.pairwise(starts)]
     # (the first round after t0 was scheduled before the score was read)
     assert len(gaps) >= 3 and min(gaps[1:]) >= LAN.protocol_period * (1 + score) - 1e-6
 
@@ -184,7 +197,7 @@ def test_awareness_falls_when_probes_succeed():
     assert a.awareness == 1
     ping, t = _first_ping(a, "b", until=10.0)
     b.handle_datagram(encode(ping), addr("a"), t)
-    for address, data in b.drain_outgoing():
+    for _address, data in b.drain_outgoing():
         a.handle_datagram(data, addr("b"), t + 0.01)
     run(a, t + LAN.protocol_period * 2 + 0.01)
     assert a.awareness == 0
@@ -369,12 +382,15 @@ def test_ping_for_someone_else_is_ignored():
     assert outgoing(a) == [] and a.stats["misdirected"] == 1
 
 
-def test_roles_and_grpc_address_convention():
-    assert derive_grpc_address("10.1.2.3:17946", "") == "10.1.2.3:7946"
-    assert derive_grpc_address("10.1.2.3:17946", "h:1") == "h:1"
-    assert derive_grpc_address("10.1.2.3:900", "") == ""
-    assert role_name("gateway-1", 0) == "gateway" and role_name("replica-1", 0) == "replica"
-    assert role_name("gateway-1", 1) == "replica" and role_name("x", 2) == "gateway"
+def test_core_returns_role_and_grpc_address_as_gossiped_without_deriving_them():
+    # The application's readings (the gossip port - 10000 convention, "ids starting with gateway") live in
+    # llmgw.topology and are applied by the shell (tests/test_topology.py); the core hands back the raw fields.
+    a = make("a")
+    gossip(a, "gateway-1", [upd("gateway-1", address="10.1.2.3:17946")])
+    gossip(a, "b", [upd("b", grpc_address="h:1", role=2)])
+    rows = {r[0]: dict(zip(MEMBER_FIELDS, r, strict=True)) for r in a.members()}
+    assert (rows["gateway-1"]["grpc_address"], rows["gateway-1"]["role"]) == ("", 0)
+    assert (rows["b"]["grpc_address"], rows["b"]["role"]) == ("h:1", 2)
 
 
 # --- leave and garbage collection ---------------------------------------------------------------------------------
@@ -520,7 +536,7 @@ def test_authenticator_validates_key_and_bounds_its_cache():
 
 def _sync_session(node: Swim, seeds: list[str], now: float) -> bytes:
     node.join(seeds, now)
-    (dst, sync), = node.drain_outgoing()
+    (_dst, sync), = node.drain_outgoing()
     assert decode(sync).type == SYNC
     return sync
 

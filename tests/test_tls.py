@@ -16,7 +16,7 @@ import pytest
 
 from harness import Cluster, free_tcp_port, wait_until
 from llmgw import client
-from llmgw.http.tls import client_ssl_context
+from llmgw.tls import client_ssl_context
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
@@ -109,7 +109,7 @@ def test_http_front_with_client_ca_requires_a_client_certificate(cert):
     """--tls-client-ca: mutual TLS; a client without a certificate is turned away during the handshake."""
     from test_http_server import run_stack
 
-    from llmgw.http.tls import server_ssl_context
+    from llmgw.tls import server_ssl_context
 
     cert_file, key_file = cert
 
@@ -152,11 +152,11 @@ def test_admin_token_rule(host, token, headers, status, monkeypatch):
         front = await start_http(s.gateway, host=host, port=0, admin_token=token)
         try:
             connect = "127.0.0.2" if host == "127.0.0.2" else "127.0.0.1"
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-                async with session.get(f"http://{connect}:{front.port}/admin/members", headers=headers) as resp:
-                    assert resp.status == status, await resp.text()
-                    if status != 200:
-                        assert (await resp.json())["error"]["type"] in ("authentication_error", "permission_error")
+            async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+                        session.get(f"http://{connect}:{front.port}/admin/members", headers=headers) as resp):
+                assert resp.status == status, await resp.text()
+                if status != 200:
+                    assert (await resp.json())["error"]["type"] in ("authentication_error", "permission_error")
         finally:
             await front.close()
 

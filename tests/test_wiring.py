@@ -1,5 +1,5 @@
 """Ops wired into the real servers: one gateway process serving gRPC + HTTP with shared metrics and one log line
-per request, the replica's /metrics and health while draining, and the ObservedGateway wrapper on its own."""
+per request, the replica's /metrics and health while draining, and the metrics listener on its own."""
 
 from __future__ import annotations
 
@@ -12,10 +12,13 @@ import urllib.request
 
 import grpc
 import pytest
+from replica_fakes import answer, chunk, fake_gateway, healthy
 
 from harness import Cluster, free_tcp_port
-from llmgw.gateway.api import InferenceRequest, TokenEvent, Unavailable
-from llmgw.gateway.observability import ObservedGateway
+from llmgw.gateway.api import GatewayError, InferenceRequest
+from llmgw.gateway.events import AttemptOutcome, RequestListener, RequestOutcome
+from llmgw.gateway.observability import MetricsListener
+from llmgw.gateway.replica_stream import AttemptError, AttemptErrorKind
 from llmgw.metrics import GatewayMetrics
 
 
@@ -134,29 +137,163 @@ def test_replica_reports_not_serving_on_grpc_health_while_draining():
     asyncio.run(asyncio.wait_for(scenario(), 20))
 
 
-# ---- ObservedGateway, in process ------------------------------------------------------------------------------
+# ---- the metrics listener, in process -------------------------------------------------------------------------
+def _value(metrics, name, labels=None):
+    return metrics.registry.get_sample_value(name, labels or {})
+
+
+def _observed(scripts, **config):
+    """A started Gateway over scripted replicas with a MetricsListener registered, as the composition root does."""
+
+    async def build():
+        gateway, transport = await fake_gateway(scripts, **config)
+        metrics = GatewayMetrics(process_metrics=False)
+        listener = MetricsListener(gateway, metrics)
+        gateway.add_listener(listener)
+        return gateway, transport, metrics, listener
+
+    return build()
+
+
+async def _collect(gateway, request, stop_after=None):
+    got = []
+    stream = gateway.infer(request)
+    try:
+        async for event in stream:
+            got.append(event)
+            if stop_after is not None and len(got) >= stop_after:
+                break
+    except GatewayError:
+        pass
+    finally:
+        await stream.aclose()
+    return got
+
+
+def _fails_first_time_at(index):
+    """A script whose first stream breaks after token index-1; later streams answer in full."""
+    opened = []
+
+    def script(resume, max_tokens):
+        opened.append(resume)
+        if len(opened) == 1:
+            return [*(chunk(i) for i in range(resume, index)),
+                    AttemptError(AttemptErrorKind.UNAVAILABLE, "UNAVAILABLE: gone")]
+        return answer(resume, max_tokens, per_chunk=2)
+
+    return script
+
+
+def test_metrics_listener_counts_outcomes_tokens_queue_waits_and_failover_replicas(caplog):
+    async def scenario():
+        breaking = _fails_first_time_at(2)
+        gateway, transport, metrics, _ = await _observed({"r1": breaking, "r2": breaking}, max_attempts=3)
+        with caplog.at_level("INFO", logger="llmgw.gateway.requests"):
+            got = await _collect(gateway, InferenceRequest(prompt="p", max_tokens=4, client_id="c1"))
+        assert [e.index for e in got] == [0, 1, 2, 3] and [e.token for e in got] == [f"token_{i}" for i in range(4)]
+        first, second = transport.opened[0][0], transport.opened[1][0]
+        assert transport.opened == [(first, 0), (second, 2)] and first != second
+        assert _value(metrics, "llmgw_gateway_requests_total", {"outcome": "ok"}) == 1
+        assert _value(metrics, "llmgw_gateway_tokens_streamed_total") == 4
+        assert _value(metrics, "llmgw_gateway_ttft_seconds_count") == 1
+        assert _value(metrics, "llmgw_gateway_inter_token_seconds_count") == 3
+        assert _value(metrics, "llmgw_gateway_queue_wait_seconds_count") == 2  # admitted, then again on failover
+        (record,) = [r for r in caplog.records if r.name == "llmgw.gateway.requests"]
+        assert record.replicas == [first, second] and record.outcome == "ok" and record.tokens == 4
+        assert record.client == "c1" and len(record.id) == 32 and record.ttft_ms >= 0
+        await gateway.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+def test_queue_wait_is_measured_by_the_request_path():
+    async def scenario():
+        slow = lambda resume, max_tokens: [0.05, *answer(resume, max_tokens)]  # noqa: E731
+        gateway, _, metrics, _ = await _observed({"r1": slow}, capacity=1)
+        results = await asyncio.gather(*(_collect(gateway, InferenceRequest(prompt=f"p{i}", max_tokens=2))
+                                         for i in range(2)))
+        assert [[e.index for e in r] for r in results] == [[0, 1], [0, 1]]
+        assert _value(metrics, "llmgw_gateway_queue_wait_seconds_count") == 2
+        assert _value(metrics, "llmgw_gateway_queue_wait_seconds_sum") >= 0.04  # the second waited for the first
+        await gateway.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+def test_metrics_listener_error_internal_and_cancel_outcomes():
+    async def scenario():
+        def broken(resume, max_tokens):  # one more token, then an error
+            return [chunk(resume), AttemptError(AttemptErrorKind.ERROR, "boom")]
+
+        gateway, _, metrics, _ = await _observed({"r1": broken, "r2": broken}, max_attempts=2)
+        assert [e.index for e in await _collect(gateway, InferenceRequest(prompt="p", max_tokens=4))] == [0, 1]
+        assert _value(metrics, "llmgw_gateway_requests_total", {"outcome": "unavailable"}) == 1
+        assert _value(metrics, "llmgw_gateway_tokens_streamed_total") == 2
+        await _collect(gateway, InferenceRequest(prompt="", max_tokens=4))
+        assert _value(metrics, "llmgw_gateway_requests_total", {"outcome": "invalid_argument"}) == 1
+        # A bug below the request path (not a replica failure) is reported as internal, never as a success.
+        gateway.transport.scripts = {"r1": lambda r, m: [chunk(0), RuntimeError("bug")]}
+        gateway.transport.scripts["r2"] = gateway.transport.scripts["r1"]
+        with pytest.raises(RuntimeError):
+            async for _ in gateway.infer(InferenceRequest(prompt="p", max_tokens=4)):
+                pass
+        assert _value(metrics, "llmgw_gateway_requests_total", {"outcome": "internal"}) == 1
+        # The consumer walking away mid-stream is a cancellation; closing after the final token is not.
+        gateway.transport.scripts = {rid: healthy(gap_s=0.01) for rid in ("r1", "r2")}
+        await _collect(gateway, InferenceRequest(prompt="p", max_tokens=4), stop_after=1)
+        assert _value(metrics, "llmgw_gateway_requests_total", {"outcome": "cancelled"}) == 1
+        await _collect(gateway, InferenceRequest(prompt="p", max_tokens=2), stop_after=2)
+        assert _value(metrics, "llmgw_gateway_requests_total", {"outcome": "ok"}) == 1
+        assert _value(metrics, "llmgw_gateway_requests_total", {"outcome": "cancelled"}) == 1
+        await gateway.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+def test_a_failing_listener_does_not_break_requests(caplog):
+    class Broken(RequestListener):
+        def attempt_event(self, replica_id, outcome, ttft_s):
+            raise RuntimeError("listener bug")
+
+        def tokens_delivered(self, record, batch, now):
+            raise RuntimeError("listener bug")
+
+    async def scenario():
+        gateway, _ = await fake_gateway({"r1": healthy()})
+        events = []
+
+        class Events(RequestListener):
+            def attempt_event(self, replica_id, outcome, ttft_s):
+                events.append((replica_id, outcome))
+
+            def request_finished(self, record):
+                events.append(("finished", record.outcome))
+
+        gateway.add_listener(Broken())
+        gateway.add_listener(Events())
+        assert [e.index for e in await _collect(gateway, InferenceRequest(prompt="p", max_tokens=3))] == [0, 1, 2]
+        assert events == [("r1", AttemptOutcome.FIRST_TOKEN), ("r1", AttemptOutcome.OK),
+                          ("finished", RequestOutcome.OK)]
+        await gateway.stop()
+
+    with caplog.at_level("ERROR", logger="llmgw.gateway"):
+        asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert any("request listener failed" in r.getMessage() for r in caplog.records)
+
+
 class _Stats:
     def __init__(self) -> None:
         self.failovers_total = 0
         self.served_total = 0
 
 
-class _Admission:
-    async def acquire(self, waiter, *, front=False, timeout_s=None):
-        await asyncio.sleep(0.02)
+class StatusSurface:
+    """Just what the metrics listener reads at scrape time."""
 
-
-class ScriptedGateway:
-    """Just the surface ObservedGateway reads; infer_batches plays a script of batches and an optional error."""
-
-    def __init__(self, batches, error=None) -> None:
-        self.batches = batches
-        self.error = error
+    def __init__(self) -> None:
         self.in_flight: dict[str, int] = {}
         self.queued = 0
         self.stats = _Stats()
-        self.admission = _Admission()
-        self.config = object()
         self.breakers = None
         # Gateway.hedge_stats()'s keys that the hedges{result} metric reads.
         self.hedges = {"won": 0, "lost": 0, "cancelled": 0, "policy_hedges_denied": 0, "denied_no_capacity": 0}
@@ -164,80 +301,8 @@ class ScriptedGateway:
     def hedge_stats(self) -> dict:
         return dict(self.hedges)
 
-    async def infer_batches(self, request):
-        await self.admission.acquire(request)
-        for batch in self.batches:
-            await asyncio.sleep(0.001)
-            yield batch
-        if self.error is not None:
-            raise self.error
 
-
-def _events(replica, start, count, final_at=None):
-    return [TokenEvent(i, f"token_{i}", replica, is_final=i == final_at, finish_reason="length" if i == final_at
-                       else None) for i in range(start, start + count)]
-
-
-def _drain(observed, request, stop_after=None):
-    async def run():
-        got = []
-        stream = observed.infer(request)
-        try:
-            async for event in stream:
-                got.append(event)
-                if stop_after is not None and len(got) >= stop_after:
-                    break
-        except Unavailable:
-            pass
-        finally:
-            await stream.aclose()
-        return got
-
-    return asyncio.run(asyncio.wait_for(run(), 10))
-
-
-def _value(metrics, name, labels=None):
-    return metrics.registry.get_sample_value(name, labels or {})
-
-
-def test_observed_gateway_counts_outcomes_tokens_and_failover_replicas(caplog):
-    metrics = GatewayMetrics(process_metrics=False)
-    gw = ScriptedGateway([_events("r1", 0, 2), _events("r2", 2, 2, final_at=3)])
-    observed = ObservedGateway(gw, metrics)
-    with caplog.at_level("INFO", logger="llmgw.gateway.requests"):
-        got = _drain(observed, InferenceRequest(prompt="p", max_tokens=4, client_id="c1"))
-    assert [e.index for e in got] == [0, 1, 2, 3]
-    assert _value(metrics, "llmgw_gateway_requests_total", {"outcome": "ok"}) == 1
-    assert _value(metrics, "llmgw_gateway_tokens_streamed_total") == 4
-    assert _value(metrics, "llmgw_gateway_ttft_seconds_count") == 1
-    assert _value(metrics, "llmgw_gateway_inter_token_seconds_count") == 3
-    assert _value(metrics, "llmgw_gateway_queue_wait_seconds_count") == 1
-    assert _value(metrics, "llmgw_gateway_queue_wait_seconds_sum") >= 0.015
-    (record,) = [r for r in caplog.records if r.name == "llmgw.gateway.requests"]
-    assert record.replicas == ["r1", "r2"] and record.outcome == "ok" and record.tokens == 4
-    assert record.client == "c1" and len(record.id) == 32
-
-
-def test_observed_gateway_error_partial_and_cancel_outcomes():
-    metrics = GatewayMetrics(process_metrics=False)
-    failing = ObservedGateway(ScriptedGateway([_events("r1", 0, 2)], Unavailable("all replicas failed")), metrics)
-    _drain(failing, InferenceRequest(prompt="p", max_tokens=4))
-    assert _value(metrics, "llmgw_gateway_requests_total", {"outcome": "unavailable"}) == 1
-    # A stream that just stops without its final token is never reported as a success.
-    partial = ObservedGateway(ScriptedGateway([_events("r1", 0, 2)]), metrics)
-    _drain(partial, InferenceRequest(prompt="p", max_tokens=4))
-    assert _value(metrics, "llmgw_gateway_requests_total", {"outcome": "internal"}) == 1
-    # The consumer walking away mid-stream is a cancellation; closing after the final token is not.
-    walker = ObservedGateway(ScriptedGateway([_events("r1", 0, 1), _events("r1", 1, 3, final_at=3)]), metrics)
-    _drain(walker, InferenceRequest(prompt="p", max_tokens=4), stop_after=1)
-    assert _value(metrics, "llmgw_gateway_requests_total", {"outcome": "cancelled"}) == 1
-    done = ObservedGateway(ScriptedGateway([_events("r1", 0, 2, final_at=1)]), metrics)
-    _drain(done, InferenceRequest(prompt="p", max_tokens=2), stop_after=2)
-    assert _value(metrics, "llmgw_gateway_requests_total", {"outcome": "ok"}) == 1
-    assert _value(metrics, "llmgw_gateway_requests_total", {"outcome": "cancelled"}) == 1
-
-
-def test_observed_gateway_reads_inflight_failovers_hedges_and_breakers_at_scrape_time():
+def test_metrics_listener_reads_inflight_failovers_hedges_and_breakers_at_scrape_time():
     class Board:
         def __init__(self):
             self.states = {"r1": "closed", "r2": "open"}
@@ -246,9 +311,9 @@ def test_observed_gateway_reads_inflight_failovers_hedges_and_breakers_at_scrape
             return {"replicas": {r: {"state": s} for r, s in self.states.items()}}
 
     metrics = GatewayMetrics(process_metrics=False)
-    gw = ScriptedGateway([])
+    gw = StatusSurface()
     gw.breakers = Board()
-    observed = ObservedGateway(gw, metrics)
+    listener = MetricsListener(gw, metrics)
     gw.in_flight = {"r1": 2, "r2": 1}
     gw.stats.failovers_total = 3
     gw.hedges.update(won=2, lost=1, policy_hedges_denied=4, denied_no_capacity=3)
@@ -272,31 +337,38 @@ def test_observed_gateway_reads_inflight_failovers_hedges_and_breakers_at_scrape
     assert "llmgw_gateway_failovers_total 4.0" in body
     assert 'llmgw_gateway_hedges_total{result="won"} 2.0' in body
     assert 'llmgw_gateway_breaker_state{replica="r2"} 1.0' in body
-    observed.detach()
-    assert "acquire" not in vars(gw.admission)  # the queue-wait timer is gone
+    listener.detach()
+    gw.stats.failovers_total = 9
     body = metrics.render()[0].decode()  # no refresher left: values stay where they were
     assert "llmgw_gateway_failovers_total 4.0" in body
 
 
 def test_inflight_series_of_a_replica_that_left_is_removed():
     metrics = GatewayMetrics(process_metrics=False)
-    gw = ScriptedGateway([])
+    gw = StatusSurface()
     gw.view = type("View", (), {"addresses": {"r1": "a", "r2": "b"}})()
-    ObservedGateway(gw, metrics)
+    MetricsListener(gw, metrics)
     assert 'llmgw_gateway_inflight{replica="r2"} 0.0' in metrics.render()[0].decode()
     gw.view.addresses = {"r1": "a"}
     body = metrics.render()[0].decode()
     assert 'replica="r2"' not in body and 'llmgw_gateway_inflight{replica="r1"} 0.0' in body
 
 
-def test_observed_gateway_delegates_everything_else_to_the_gateway():
-    gw = ScriptedGateway([])
-    observed = ObservedGateway(gw, GatewayMetrics(process_metrics=False))
-    assert observed.config is gw.config and observed.gateway is gw
-    observed.pool = "replaced"  # e.g. a TLS channel pool, set after wrapping
-    assert gw.pool == "replaced"
-    with pytest.raises(AttributeError):
-        observed.no_such_attribute
+def test_the_composition_root_registers_one_metrics_listener_and_removes_it_on_stop():
+    from inprocess import FakeMembership
+    from llmgw.gateway import GatewayConfig, app
+
+    async def scenario():
+        server = app.build_server(GatewayConfig(port=0, gossip_port=None), membership=FakeMembership())
+        gateway = server.gateway
+        assert gateway.path.listeners == [server.metrics_listener]
+        assert server.metrics_listener.gateway is gateway  # the fronts get the Gateway itself, no wrapper
+        front = await app.start_gateway(server, app.HttpSettings(port=0))
+        assert front is None  # HTTP port 0: gRPC only
+        await app.stop_gateway(server, front)
+        assert gateway.path.listeners == []
+
+    asyncio.run(asyncio.wait_for(scenario(), 20))
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -309,8 +381,10 @@ def test_observed_gateway_delegates_everything_else_to_the_gateway():
     (["replica", "--backend", "openai"], "--backend openai needs --upstream URL and --model NAME"),
     (["replica", "--backend", "openai", "--upstream", "ftp://x", "--model", "m"], "must be an http(s) URL"),
     (["replica", "--model", "m"], "--upstream and --model need --backend openai"),
-    (["replica", "--gossip-key-file", "/nonexistent/gossip.key"], "cannot read gossip key file /nonexistent/gossip.key"),
-    (["gateway", "--gossip-key-file", "/nonexistent/gossip.key"], "cannot read gossip key file /nonexistent/gossip.key"),
+    (["replica", "--gossip-key-file", "/nonexistent/gossip.key"],
+     "cannot read gossip key file /nonexistent/gossip.key"),
+    (["gateway", "--gossip-key-file", "/nonexistent/gossip.key"],
+     "cannot read gossip key file /nonexistent/gossip.key"),
 ])
 def test_bad_startup_settings_fail_fast_with_a_clear_message(argv, fragment):
     import subprocess

@@ -12,9 +12,8 @@ PROTO_OUT = os.path.join(HERE, "llmgw", "_proto")
 
 def generate_protos() -> None:
     """Run grpc_tools.protoc on every proto/*.proto into llmgw/_proto (package-relative imports)."""
-    from grpc_tools import protoc  # build requirement
-
-    import grpc_tools
+    import grpc_tools  # build requirement ([build-system] in pyproject.toml)
+    from grpc_tools import protoc
 
     protos = sorted(glob.glob(os.path.join(PROTO_DIR, "*.proto")))
     if not protos:

@@ -10,6 +10,13 @@ Because a relay is only another state of this machine (a pending ``_Relay`` reco
 PING_REQ never blocks anything: the ACK it waits for arrives through ``handle_datagram`` like any other datagram.
 
 Merge rule (see ``outranks``): a higher incarnation wins; at equal incarnation DEAD == LEFT > SUSPECT > ALIVE.
+Metadata is not state: a member's own ALIVE update (one whose sender is that member) at the incarnation we hold
+replaces its metadata without changing its state -- reference nodes publish load that way, at an unchanged
+incarnation, on every datagram they send.
+
+What the core keeps is what was gossiped: an id, a gossip address, a state and incarnation, and metadata it carries
+without interpreting (the advertised service address, the role number, load, capacity, version, weight,
+draining). What any of it means to the application is decided by the shell (llmgw.gossip.node, llmgw.topology).
 """
 
 import heapq
@@ -19,14 +26,16 @@ from libc.math cimport log10, ceil, floor, isfinite
 
 from llmgw._core.codec cimport (Update, Message, encode_limited, decode,
                                 PING, PING_REQ, ACK, NACK, SYNC, SYNC_ACK,
-                                ALIVE, SUSPECT, DEAD, LEFT, ROLE_UNSPECIFIED, ROLE_REPLICA, ROLE_GATEWAY)
+                                ALIVE, SUSPECT, DEAD, LEFT)
 from llmgw._core.codec import CodecError
 from llmgw._core.awareness cimport Awareness
 from llmgw._core.broadcast cimport Broadcast, BroadcastQueue
 from llmgw._core.suspicion cimport Suspicion
 
 STATE_NAMES = ("alive", "suspect", "dead", "left")
-# Fields of the member tuples returned by members()/drain_events(), in order (llmgw.gossip.Member mirrors it).
+# Fields of the member tuples returned by members()/drain_events(), in order: as gossiped (grpc_address is what the
+# member advertised, "" when nothing; role is the raw number, 0 when unspecified). llmgw.gossip.node builds its
+# Member from them by name.
 MEMBER_FIELDS = ("member_id", "address", "grpc_address", "role", "state", "incarnation", "model_version",
                  "active_requests", "max_capacity", "weight", "draining")
 
@@ -75,24 +84,6 @@ cpdef bint outranks(unsigned long long new_inc, int new_state, unsigned long lon
     return state_rank(new_state) > state_rank(cur_state)
 
 
-def derive_grpc_address(str address, str grpc_address):
-    """The advertised gRPC address, or the reference convention: gossip port - 10000 on the same host."""
-    if grpc_address:
-        return grpc_address
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or int(port) < 10000:
-        return ""
-    return f"{host}:{int(port) - 10000}"
-
-
-def role_name(str member_id, int role):
-    if role == ROLE_GATEWAY:
-        return "gateway"
-    if role == ROLE_REPLICA:
-        return "replica"
-    return "gateway" if member_id.startswith("gateway") else "replica"
-
-
 cdef class _Member:
     cdef public str member_id, address, model_version, grpc_address, reporter_id
     cdef public int state, role, active_requests, max_capacity
@@ -124,8 +115,8 @@ cdef class _Member:
                 self.role, self.weight, self.draining)
 
     cpdef tuple snapshot(self):
-        return (self.member_id, self.address, derive_grpc_address(self.address, self.grpc_address),
-                role_name(self.member_id, self.role), STATE_NAMES[self.state if 0 <= self.state <= 3 else 2],
+        return (self.member_id, self.address, self.grpc_address, self.role,
+                STATE_NAMES[self.state if 0 <= self.state <= 3 else 2],
                 self.incarnation, self.model_version, self.active_requests, self.max_capacity,
                 self.weight if self.weight > 0 else 1.0, self.draining)
 
@@ -195,12 +186,14 @@ cdef class Swim:
     cdef public unsigned long long acks_received, indirect_acks, nacks_sent, nacks_received, probes_failed
     cdef public unsigned long long suspicions_raised, refutations, deaths_declared, updates_sent
     cdef public unsigned long long syncs_sent, gossip_sent, relays_served, corrections_sent, sync_bytes_out
-    cdef public unsigned long long oversized, members_refused, metadata_clamped
+    cdef public unsigned long long oversized, members_refused, metadata_clamped, placeholders_ignored
+    cdef public unsigned long long owner_meta_applied
+    cdef readonly str placeholder_prefix
 
     def __init__(self, str member_id not None, str address not None, config, seed=0, double now=0.0,
-                 unsigned long long incarnation=0, *, int role=ROLE_UNSPECIFIED, str grpc_address not None="",
+                 unsigned long long incarnation=0, *, int role=0, str grpc_address not None="",
                  str model_version not None="", int max_capacity=0, int active_requests=0, double weight=1.0,
-                 bint draining=False, double wall_offset=0.0, auth=None):
+                 bint draining=False, double wall_offset=0.0, auth=None, str placeholder_prefix not None=""):
         if not member_id:
             raise ValueError("member_id must not be empty")
         if ":" not in address:
@@ -226,6 +219,9 @@ cdef class Swim:
         self.max_self_lead = getattr(config, "max_self_incarnation_lead", 600_000)
         self.max_members = getattr(config, "max_members", 10_000)
         self.auth = auth
+        # Some peers list a seed they have not heard from yet as a member named <prefix><its address> and gossip it
+        # on; such an update names an address, not a member (see _is_placeholder). "" = no such convention.
+        self.placeholder_prefix = placeholder_prefix
         self.max_payload = config.max_datagram - (auth.overhead if auth is not None else 0)
         # What a peer with our settings can send: max_payload plus its tag. Anything longer is not from one.
         self.max_datagram_in = config.max_datagram + (auth.overhead if auth is not None else 0)
@@ -349,6 +345,7 @@ cdef class Swim:
             "syncs_sent": self.syncs_sent, "gossip_sent": self.gossip_sent, "relays_served": self.relays_served, "sync_bytes_out": self.sync_bytes_out,
             "corrections_sent": self.corrections_sent, "oversized": self.oversized,
             "members_refused": self.members_refused, "metadata_clamped": self.metadata_clamped,
+            "placeholders_ignored": self.placeholders_ignored, "owner_meta_applied": self.owner_meta_applied,
             "awareness": self._awareness.score, "members_live": self._n_live + 1, "incarnation": self._self.incarnation,
         }
 
@@ -727,7 +724,8 @@ cdef class Swim:
         return inc <= base + self.max_jump
 
     cdef int _apply(self, Update u, double now, bint rebroadcast, str sender_id) except -1:
-        """Merge one rumoured update into the table, recording events and rebroadcasting news.
+        """Merge one rumoured update into the table, recording events and rebroadcasting news. `sender_id` is
+        set when `u` is the sender's own word about itself (its last update about itself in the datagram).
 
         Returns 1 when the rumour is a stale SUSPECT/DEAD of a member we know ALIVE at a higher incarnation (the
         sender missed a refutation and should be told), else 0.
@@ -740,6 +738,9 @@ cdef class Swim:
             return 0
         if u.member_id == self.member_id:
             return self._about_me(u, now)
+        if self._is_placeholder(u):
+            self.placeholders_ignored += 1
+            return 0
         m = self._members.get(u.member_id)
         if not self._plausible(u.incarnation, m.incarnation if m is not None else 0):
             self.implausible += 1
@@ -783,6 +784,9 @@ cdef class Swim:
                 self._enqueue(u, now, NEWS_BUDGET_MULT if u.state == ALIVE else 1)
             return 0
         if not outranks(u.incarnation, u.state, m.incarnation, m.state):
+            if (u.member_id == sender_id and u.state == ALIVE and u.incarnation == m.incarnation
+                    and (m.state == ALIVE or m.state == SUSPECT)):
+                self._take_owner_meta(m, u)
             # Same suspicion from another reporter: Lifeguard counts it as an independent confirmation.
             if (u.state == SUSPECT and m.state == SUSPECT and u.incarnation == m.incarnation
                     and m.suspicion is not None and m.suspicion.confirm(u.reporter_id)):
@@ -822,6 +826,33 @@ cdef class Swim:
         if rebroadcast:
             self._enqueue(u, now, NEWS_BUDGET_MULT if u.state == ALIVE else 1)
         return 0
+
+    cdef bint _is_placeholder(self, Update u):
+        """Whether `u` is a peer's stand-in for a seed it has not identified yet: id = prefix + the address (or,
+        without an address, prefix + something host:port-like). The real member behind that address is learned
+        under its own id; listing the stand-in too would make one node two members."""
+        cdef str prefix = self.placeholder_prefix
+        cdef str rest
+        if not prefix or not u.member_id.startswith(prefix):
+            return False
+        rest = u.member_id[len(prefix):]
+        return rest == u.address if u.address else ":" in rest
+
+    cdef bint _names_our_address(self, str target_id):
+        """A PING to the placeholder a peer keeps for our address (it seeded with it) is for us: answering it is
+        how that peer keeps the seed alive in its table."""
+        return bool(self.placeholder_prefix) and target_id == self.placeholder_prefix + self.address
+
+    cdef void _take_owner_meta(self, _Member m, Update u):
+        """The member's own word on its metadata at the incarnation we hold: load, capacity and version change
+        without a new incarnation on reference nodes. Not rebroadcast: others hear it from the member itself,
+        and would ignore it from us (it is not news by the merge rule)."""
+        cdef tuple old_meta = m.meta_key()
+        m.take_fields(u)  # u was sanitized by _apply
+
+        if m.meta_key() != old_meta:
+            self.owner_meta_applied += 1
+            self._emit("updated", m)
 
     cdef void _sanitize(self, Update u):
         """Clamp metadata no honest member sends (set_meta refuses it): a weight that is not a finite number >= 0
@@ -1104,13 +1135,21 @@ cdef class Swim:
         if t < PING or t > SYNC_ACK:
             self.malformed += 1
             return
-        if t == PING and msg.get_target_id() and msg.get_target_id() != self.member_id:
+        if (t == PING and msg.get_target_id() and msg.get_target_id() != self.member_id
+                and not self._names_our_address(msg.get_target_id())):
             # Meant for whoever had this address before us (e.g. a restarted node under a new id).
             self.misdirected += 1
             return
-        for u in msg.get_updates():
+        cdef list updates = msg.get_updates()
+        cdef Py_ssize_t seen = 0
+        cdef bint about_sender
+        for u in updates:
+            seen += 1
+            about_sender = u.member_id == sender_id
             # Anti-entropy state is not re-gossiped (it is a full table); only news about the sender itself is.
-            if self._apply(u, now, (not sync) or u.member_id == sender_id, sender_id):
+            # The sender's last update about itself is its own word on its metadata (see _take_owner_meta).
+            if self._apply(u, now, (not sync) or about_sender,
+                           sender_id if about_sender and _none_about(updates, seen, sender_id) else ""):
                 if corrections is None:
                     corrections = []
                 corrections.append(self._self.to_update() if u.member_id == self.member_id
@@ -1173,6 +1212,15 @@ cdef class Swim:
     cdef unsigned long long _wall_ms(self, double now):
         cdef double w = (now + self.wall_offset) * 1000.0
         return <unsigned long long>w if w > 0 else 0
+
+
+cdef bint _none_about(list updates, Py_ssize_t start, str member_id):
+    """No update from position `start` on is about `member_id`."""
+    cdef Py_ssize_t i
+    for i in range(start, len(updates)):
+        if (<Update>updates[i]).member_id == member_id:
+            return False
+    return True
 
 
 cdef unsigned int _ring_key(str member_id):

@@ -13,10 +13,9 @@ gateway fails over). A stream that ends early with [DONE] and finish_reason "sto
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 
@@ -107,7 +106,7 @@ class OpenAIUpstreamBackend:
             await self._session.close()
             self._session = None
 
-    async def __aenter__(self) -> "OpenAIUpstreamBackend":
+    async def __aenter__(self) -> OpenAIUpstreamBackend:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -131,7 +130,7 @@ class OpenAIUpstreamBackend:
         except UpstreamError as exc:
             log.debug("upstream %s: %s", self.completions_url, exc.message)
             raise
-        except (aiohttp.ClientError, asyncio.TimeoutError, UnicodeDecodeError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, UnicodeDecodeError, ValueError) as exc:
             log.debug("upstream %s failed: %r", self.completions_url, exc)
             raise UpstreamError(f"upstream {self.completions_url}: {type(exc).__name__}: {exc}") from exc
 

@@ -7,7 +7,8 @@ HELP = "send one streaming request to a gateway (gRPC or --http) or --direct to 
 
 
 def add_arguments(p) -> None:
-    from llmgw.config import DEFAULT_PORTS, add_config_argument
+    from llmgw.config import add_config_argument
+    from llmgw.topology import DEFAULT_PORTS
 
     add_config_argument(p)
     p.add_argument("--target", default=f"127.0.0.1:{DEFAULT_PORTS['gateway']['grpc']}",
@@ -33,7 +34,7 @@ def run(args) -> int:
     import asyncio
     import sys
 
-    from llmgw.replica.wire import TlsConfigError
+    from llmgw.tls import TlsConfigError
 
     if args.http and args.direct:
         print("client: --direct talks gRPC to a replica; it cannot be combined with --http", file=sys.stderr)
@@ -56,7 +57,7 @@ def _grpc_stream(args):
     import grpc
 
     from llmgw import client
-    from llmgw.replica.wire import channel_credentials
+    from llmgw.tls import channel_credentials
 
     credentials = None
     if args.tls_ca or args.tls_cert or args.tls_key:
@@ -87,7 +88,7 @@ def _http_stream(args):
     client.completions_url(args.http)  # a bad URL is a usage error before anything connects
     ssl_context = None
     if args.tls_ca or args.tls_cert or args.tls_key:
-        from llmgw.http.tls import client_ssl_context
+        from llmgw.tls import client_ssl_context
 
         ssl_context = client_ssl_context(args.tls_ca or None, args.tls_cert or None, args.tls_key or None)
 
@@ -105,7 +106,6 @@ def _http_stream(args):
 
 async def _print_stream(open_stream) -> int:
     """Print each token as it arrives ("index token [replica]"), then a summary line with the TTFT."""
-    import asyncio
     import sys
     import time
 
@@ -133,7 +133,7 @@ async def _print_stream(open_stream) -> int:
     except HttpStreamError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     ttft_txt = f"{ttft * 1000:.1f} ms" if ttft is not None else "n/a"

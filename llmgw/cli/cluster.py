@@ -9,11 +9,13 @@ DEMO_PROMPT = "Explain in one sentence what an inference gateway does."
 
 def add_arguments(p) -> None:
     from llmgw.config import add_config_argument
+    from llmgw.topology import GOSSIP_PORT_OFFSET
+
     add_config_argument(p)  # [section] of the TOML file and LLMGW_* variables, flags winning
     p.add_argument("--replicas", type=int, default=3, help="simulated replicas to start (1..64)")
     p.add_argument("--host", default="127.0.0.1", help="address every member binds and advertises")
     p.add_argument("--base-port", type=int, default=None,
-                   help="gateway gRPC port P, replica i on P+i, gossip on gRPC+10000; 0 = free ports "
+                   help=f"gateway gRPC port P, replica i on P+i, gossip on gRPC+{GOSSIP_PORT_OFFSET}; 0 = free ports "
                         "(default: the well-known ports, gateway 50051 and replicas 50061...)")
     p.add_argument("--http-port", type=int, default=None,
                    help="gateway HTTP front (OpenAI API, /metrics, /admin); 0 disables "
@@ -62,7 +64,8 @@ def run(args) -> int:
         config = ClusterConfig(
             replicas=args.replicas, host=args.host, base_port=args.base_port, http_port=args.http_port,
             token_delay_ms=args.token_delay_ms, max_capacity=args.max_capacity,
-            model_version=args.model_version or "v1", gossip_config=args.gossip_config, restart=not args.no_restart, log_dir=args.log_dir,
+            model_version=args.model_version or "v1", gossip_config=args.gossip_config,
+            restart=not args.no_restart, log_dir=args.log_dir,
             log_level=args.member_log_level, ready_timeout_s=args.ready_timeout_s,
             stop_timeout_s=args.stop_timeout_s, admin_token=args.admin_token,
             control_socket=None if args.no_control else "auto",
@@ -79,7 +82,7 @@ def run(args) -> int:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         signals_seen = 0
-        first_signal = signal.SIGINT
+        first_signal = int(signal.SIGINT)
 
         def on_signal(signum: int) -> None:
             nonlocal signals_seen, first_signal
@@ -175,7 +178,8 @@ async def run_demo(cluster, prompt: str, max_tokens: int, say) -> bool:
     if result.ok:
         served = ", ".join(sorted(result.replicas)) or "?"
         say(f"  {' '.join(result.texts)}")
-        say(f"  {len(result.texts)} tokens from {served}, TTFT {result.ttft_s * 1000:.1f} ms, "
+        ttft = f"{result.ttft_s * 1000:.1f} ms" if result.ttft_s is not None else "-"
+        say(f"  {len(result.texts)} tokens from {served}, TTFT {ttft}, "
             f"total {result.total_s * 1000:.1f} ms")
     else:
         say(f"  gRPC request failed: {result.code.name}: {result.details}")

@@ -46,9 +46,11 @@ def run(args) -> int:
           f"bounded loads c={router.balance}, affinity key = first {router.prefix_chars} characters\n")
 
     print("1. Idle cluster: every prompt goes to its ring owner (affinity)")
-    owners = {}
+    owners: dict[str, str] = {}
     for prompt in PROMPTS:
         decision = router.route(prompt)
+        if decision.member is None:  # every replica is up and idle here: only a broken router says no
+            raise SystemExit(f"demo: no replica for {short(prompt)!r} ({decision.reason})")
         owners[prompt] = decision.member
         print(f"   {short(prompt):<44} -> {decision.member:<10} ({decision.reason})")
 
@@ -66,7 +68,7 @@ def run(args) -> int:
         if decision.member is not None:
             router.add_load(decision.member, 1)
         loads = " ".join(f"{n[-1]}={router.load(n)}" for n in names)
-        print(f"   {short(prompt):<44} -> {str(decision.member):<10} {decision.reason:<17} "
+        print(f"   {short(prompt):<44} -> {decision.member!s:<10} {decision.reason:<17} "
               f"bound {bound}, loads now {loads}")
     router.set_member(suspect, capacity=args.capacity)
     for name in names:
@@ -75,6 +77,8 @@ def run(args) -> int:
     prompt = PROMPTS[2]
     print(f"\n3. Failover order for {short(prompt)!r}: {', '.join(router.preference_list(prompt, 3))}")
     first = router.route(prompt).member
+    if first is None:
+        raise SystemExit(f"demo: no replica for {short(prompt)!r}")
     print(f"   if {first} fails mid-stream, the retry excludes it -> {router.route(prompt, exclude=[first]).member}")
 
     leaving = owners[PROMPTS[0]]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 
 from llmgw import eventloop
 from llmgw.cli.membership_args import add_membership_arguments
@@ -134,24 +133,23 @@ def argparse_suppress():
 def config_from_args(args, worker: int | None = None):
     from llmgw.cli.replica import gossip_key_from_args
     from llmgw.gateway.api import GatewayConfig
+    from llmgw.gateway.app import worker_config
 
-    gateway_id, gossip_port, reuse = args.id, args.gossip_port, args.workers > 1
-    if worker is not None:
-        gateway_id = f"{args.id}-w{worker}"
-        base = gossip_port or args.port + 10000
-        gossip_port = base + worker
     cfg = GatewayConfig(
-        gateway_id=gateway_id, host=args.host, port=args.port, advertise=args.advertise, gossip_port=gossip_port,
+        gateway_id=args.id, host=args.host, port=args.port, advertise=args.advertise, gossip_port=args.gossip_port,
         seeds=tuple(s.strip() for s in args.seeds.split(",") if s.strip()), gossip_config=args.gossip_config,
         gossip_key=gossip_key_from_args(args, "gateway"),
-        reuse_port=reuse, queue_size=args.queue_size, queue_timeout_s=args.queue_timeout_s,
+        reuse_port=args.workers > 1, queue_size=args.queue_size, queue_timeout_s=args.queue_timeout_s,
         max_attempts=args.max_attempts, first_token_timeout_s=args.first_token_timeout_s,
         inter_token_timeout_s=args.inter_token_timeout_s, request_timeout_s=args.request_timeout_s,
         routing=args.routing, upstream_batch=args.upstream_batch,
-        replica_sessions=args.replica_sessions, vnodes=args.vnodes, balance=args.balance, prefix_chars=args.prefix_chars,
+        replica_sessions=args.replica_sessions, vnodes=args.vnodes, balance=args.balance,
+        prefix_chars=args.prefix_chars,
         max_tokens_cap=args.max_tokens_cap, max_prompt_bytes=args.max_prompt_bytes,
         **_resilience_settings(args),
     )
+    if worker is not None:
+        cfg = worker_config(cfg, worker)
     try:
         cfg.validate()
     except ValueError as exc:
@@ -159,191 +157,55 @@ def config_from_args(args, worker: int | None = None):
     return cfg
 
 
+def http_settings_from_args(args):
+    from llmgw.gateway.app import HttpSettings
+
+    http = HttpSettings(port=args.http_port, host=args.http_host, admin_token=args.admin_token,
+                        body_timeout_s=args.http_body_timeout_s)
+    try:
+        http.validate()
+    except ValueError as exc:
+        raise SystemExit(f"gateway: {exc}") from None
+    return http
+
+
+def tls_settings_from_args(args):
+    from llmgw.gateway.app import TlsSettings
+    from llmgw.tls import TlsConfigError
+
+    try:
+        return TlsSettings(args.tls_cert, args.tls_key, args.tls_client_ca, args.replica_tls_ca)
+    except (TlsConfigError, ValueError) as exc:
+        raise SystemExit(f"gateway: {exc}") from None
+
+
 def run(args) -> int:
+    from llmgw.gateway import app
+
     if args.workers < 1:
         raise SystemExit("--workers must be >= 1")
     if args.workers > 1 and args.worker_index < 0:
         if args.port == 0:
             raise SystemExit("--workers > 1 needs an explicit --port (the workers share it)")
-        return _supervise(args)
-    return _serve(args, args.worker_index if args.workers > 1 else None)
-
-
-def _serve(args, worker: int | None) -> int:
-    import asyncio
-    import os
-    import sys
-
+        return app.run_workers(_worker_argv(), args.workers)
+    worker = args.worker_index if args.workers > 1 else None
     from llmgw.logs import setup_logging
 
     try:
         setup_logging(args.log_level, json=args.log_json)
     except ValueError as exc:
         raise SystemExit(f"gateway: {exc}") from None
-    if args.http_port is not None and not 0 <= args.http_port <= 65535:
-        raise SystemExit("gateway: --http-port must be within 0..65535")
-    if not args.http_body_timeout_s > 0:
-        raise SystemExit("gateway: --http-body-timeout-s must be > 0")
+    http = http_settings_from_args(args)
     config = config_from_args(args, worker)
-    tls = _tls_from_args(args)
-    server = build_server(config, tls)
-
-    async def main() -> int:
-        try:
-            front = await start_gateway(server, args, tls, reuse_port=worker is not None)
-        except GatewayStartError as exc:
-            print(f"gateway: {exc}", file=sys.stderr, flush=True)
-            return 2
-        gw = server.gateway
-        http = f" http={front.url}" if front is not None else ""
-        print(f"READY gateway {server.config.gateway_id} grpc={server.grpc_address} "
-              f"gossip={gw.gossip.address if gw.gossip else ''}{http} pid={os.getpid()}", flush=True)
-
-        async def stop() -> None:
-            await stop_gateway(server, front)
-
-        from llmgw.replica.wire import serve_until_signalled
-
-        await serve_until_signalled(stop)
-        return 0
-
-    return eventloop.run(main(), args.event_loop)
+    tls = tls_settings_from_args(args)
+    return app.serve(config, tls=tls, http=http, reuse_port=worker is not None, event_loop=args.event_loop)
 
 
-class TlsSettings:
-    """The TLS material the flags name, loaded once at start so a bad file fails before anything binds."""
-
-    def __init__(self, args) -> None:
-        from llmgw.http.tls import server_ssl_context
-        from llmgw.replica.wire import channel_credentials, server_credentials
-
-        self.grpc_server = self.http_server = self.replica_channel = None
-        if args.tls_cert or args.tls_key or args.tls_client_ca:
-            if not (args.tls_cert and args.tls_key):
-                raise ValueError("TLS needs both --tls-cert and --tls-key")
-            client_ca = args.tls_client_ca or None
-            self.grpc_server = server_credentials(args.tls_cert, args.tls_key, client_ca)
-            self.http_server = server_ssl_context(args.tls_cert, args.tls_key, client_ca)
-        if args.replica_tls_ca:
-            # The gateway's own certificate doubles as its client certificate towards replicas requiring one.
-            cert = args.tls_cert or None
-            self.replica_channel = channel_credentials(args.replica_tls_ca, cert, args.tls_key if cert else None)
-
-
-def _tls_from_args(args) -> TlsSettings:
-    from llmgw.replica.wire import TlsConfigError
-
-    try:
-        return TlsSettings(args)
-    except (TlsConfigError, ValueError) as exc:
-        raise SystemExit(f"gateway: {exc}") from None
-
-
-def build_server(config, tls: TlsSettings | None = None, *, metrics=None, membership=None):
-    """A GatewayServer whose Gateway is observed (metrics + one log line per request), with TLS when asked.
-    `membership` replaces gossip (see llmgw.gateway.Gateway), e.g. for in-process tests."""
-    from llmgw.gateway.observability import ObservedGateway
-    from llmgw.gateway.server import GatewayServer
-    from llmgw.metrics import GatewayMetrics
-
-    tls = tls or _NO_TLS
-    server = GatewayServer(config, membership=membership, server_credentials=tls.grpc_server,
-                           replica_credentials=tls.replica_channel)
-    metrics = metrics or GatewayMetrics(gateway_id=config.gateway_id)
-    # Both fronts (the gRPC servicer reads server.gateway per request, the HTTP front is handed the same object)
-    # then go through one wrapper: every request is counted and logged once, whichever front it came in on.
-    server.gateway = ObservedGateway(server.gateway, metrics)
-    return server
-
-
-class GatewayStartError(Exception):
-    """A port the gateway was told to serve on cannot be bound; nothing is left running."""
-
-
-async def start_gateway(server, args, tls: TlsSettings | None = None, *, reuse_port: bool = False):
-    """Start gRPC (+ gossip), then the HTTP front on the same loop; returns the HttpFront or None (--http-port 0).
-
-    Every port must bind, the default HTTP port too: a gateway quietly serving without its HTTP front is worse
-    than one that refuses to start. GatewayStartError says which port and why, after stopping what did start."""
-    from llmgw.config import DEFAULT_PORTS
-    from llmgw.http import start_http
-
-    tls = tls or _NO_TLS
-    try:
-        await server.start()
-    except (OSError, RuntimeError) as exc:  # grpc reports a failed bind as RuntimeError, gossip as OSError
-        await server.stop(0)
-        raise GatewayStartError(f"cannot start on gRPC {server.config.host}:{server.config.port}: "
-                                f"{getattr(exc, 'strerror', None) or exc}") from None
-    observed = server.gateway
-    gossip = observed.gossip
-    if gossip is not None:
-        observed.metrics.watch_gossip(gossip.stats, lambda: gossip.members(include_self=True))
-    http_port = DEFAULT_PORTS["gateway"]["http"] if args.http_port is None else args.http_port
-    if http_port == 0:
-        return None
-    host = args.http_host or server.config.host
-    try:
-        return await start_http(
-            observed, host=host, port=http_port, admin_token=args.admin_token, metrics=observed.metrics,
-            breakers=observed.breakers, rollouts=server.rollouts, record_requests=False, reuse_port=reuse_port,
-            ssl_context=tls.http_server, body_timeout_s=args.http_body_timeout_s)
-    except OSError as exc:
-        await server.stop()
-        hint = " (choose another with --http-port, or --http-port 0 to serve gRPC only)" \
-            if exc.errno == errno.EADDRINUSE else ""
-        raise GatewayStartError(f"cannot serve HTTP on {host}:{http_port}: {exc.strerror or exc}{hint}") from None
-
-
-async def stop_gateway(server, front) -> None:
-    """HTTP first (no new requests from that side), then gRPC (grace for open streams), then gossip."""
-    if front is not None:
-        await front.close()
-    await server.stop()
-    detach = getattr(server.gateway, "detach", None)
-    if detach is not None:
-        detach()
-
-
-class _NoTls:
-    grpc_server = http_server = replica_channel = None
-
-
-_NO_TLS = _NoTls()
-
-
-def _supervise(args) -> int:
-    """Start one process per worker (same flags plus --worker-index) and stop them all on SIGTERM/SIGINT."""
-    import signal
-    import subprocess
+def _worker_argv() -> list[str]:
+    """This gateway's own flags (what follows `gateway` on the command line), passed on to each worker."""
     import sys
-    import time
 
-    argv = [a for a in sys.argv[1:]]
+    argv = list(sys.argv[1:])
     if "gateway" in argv:
         argv = argv[argv.index("gateway") + 1:]
-    procs = [subprocess.Popen([sys.executable, "-m", "llmgw", "gateway", *argv, "--worker-index", str(i)])
-             for i in range(args.workers)]
-    stopping = False
-
-    def on_signal(signum, frame):
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        while not stopping and all(p.poll() is None for p in procs):
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10.0
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5.0)
-    return 0 if stopping else 1
+    return argv

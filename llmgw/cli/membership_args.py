@@ -12,3 +12,15 @@ def add_membership_arguments(p) -> None:
     p.add_argument("--gossip-key-file", default="", metavar="FILE",
                    help="shared gossip key (at least 16 bytes): sign and check every gossip datagram; members "
                         "with another key or none are ignored")
+
+
+def gossip_key_from_args(args, command: str) -> bytes | None:
+    """The key --gossip-key-file names (None without one); SystemExit with the reason when it is unusable."""
+    if not args.gossip_key_file:
+        return None
+    from llmgw.gossip.auth import read_gossip_key
+
+    try:
+        return read_gossip_key(args.gossip_key_file)
+    except ValueError as exc:
+        raise SystemExit(f"{command}: {exc}") from None

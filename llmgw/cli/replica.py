@@ -1,20 +1,27 @@
-"""`python -m llmgw replica`: run one simulated replica (reference-compatible flags plus llmgw's own)."""
+"""`llmgw replica`: run one replica (reference-compatible flags plus llmgw's own).
+
+This module only turns flags into a ReplicaConfig; llmgw.replica.app builds and runs the replica.
+"""
 
 from __future__ import annotations
 
 from llmgw import eventloop
-from llmgw.cli.membership_args import add_membership_arguments
+from llmgw.cli.membership_args import add_membership_arguments, gossip_key_from_args
+
+__all__ = ["HELP", "add_arguments", "config_from_args", "gossip_key_from_args", "run"]
 
 HELP = "run an LLM replica (gRPC LLMReplica + gossip member): simulated, or in front of an OpenAI-compatible server"
 
 
 def add_arguments(p) -> None:
-    from llmgw.config import DEFAULT_PORTS, add_config_argument
+    from llmgw.config import add_config_argument
+    from llmgw.topology import DEFAULT_PORTS, GOSSIP_PORT_OFFSET
 
     add_config_argument(p)
     p.add_argument("--id", default="replica-1", help="member id (ids starting with 'gateway' are gateways)")
     p.add_argument("--port", type=int, default=DEFAULT_PORTS["replica"]["grpc"], help="gRPC port (0 = any free)")
-    p.add_argument("--gossip-port", type=int, default=0, help="gossip UDP port (0 = port + 10000)")
+    p.add_argument("--gossip-port", type=int, default=0,
+                   help=f"gossip UDP port (0 = port + {GOSSIP_PORT_OFFSET})")
     p.add_argument("--no-gossip", action="store_true", help="run standalone, without joining a cluster")
     p.add_argument("--no-sessions", action="store_true",
                    help="serve Generate only, not GenerateSession (gateways then open one call per request, "
@@ -87,18 +94,6 @@ def config_from_args(args):
     )
 
 
-def gossip_key_from_args(args, command: str) -> bytes | None:
-    """The key --gossip-key-file names (None without one); SystemExit with the reason when it is unusable."""
-    if not args.gossip_key_file:
-        return None
-    from llmgw.replica.wire import read_gossip_key
-
-    try:
-        return read_gossip_key(args.gossip_key_file)
-    except ValueError as exc:
-        raise SystemExit(f"{command}: {exc}") from None
-
-
 def _backend_from_args(args):
     if args.backend == "sim":
         if args.upstream or args.model:
@@ -121,7 +116,7 @@ def _credentials_from_args(args):
         return None
     if not (args.tls_cert and args.tls_key):
         raise SystemExit("TLS needs both --tls-cert and --tls-key")
-    from llmgw.replica.wire import TlsConfigError, server_credentials
+    from llmgw.tls import TlsConfigError, server_credentials
 
     try:
         return server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca or None)
@@ -130,44 +125,16 @@ def _credentials_from_args(args):
 
 
 def run(args) -> int:
-    import asyncio
-    import os
-
     from llmgw.logs import setup_logging
-    from llmgw.replica import Replica
-    from llmgw.replica.wire import serve_until_signalled
+    from llmgw.replica.app import ReplicaStartError
+    from llmgw.replica.app import run as run_replica
 
     try:
         setup_logging(args.log_level, json=args.log_json)
     except ValueError as exc:
         raise SystemExit(f"replica: {exc}") from None
     config = config_from_args(args)
-    metrics = metrics_server = None
-    if args.metrics_port:
-        from llmgw.metrics import ReplicaMetrics, start_metrics_server
-
-        metrics = ReplicaMetrics(replica_id=args.id)
-        try:
-            metrics_server = start_metrics_server(metrics.registry, args.metrics_port, host=args.host)
-        except OSError as exc:
-            raise SystemExit(f"replica: cannot serve metrics on {args.host}:{args.metrics_port}: {exc}") from None
-    replica = Replica(config, metrics=metrics)
-
-    async def main() -> None:
-        await replica.start()
-        if metrics is not None and replica.gossip is not None:
-            gossip = replica.gossip
-            metrics.watch_gossip(gossip.stats, lambda: gossip.members(include_self=True))
-        # One machine-readable line so launchers learn the bound ports without guessing.
-        metrics_part = f" metrics={args.host}:{metrics_server.port}" if metrics_server is not None else ""
-        print(f"READY replica {args.id} grpc={replica.grpc_address} "
-              f"gossip={replica.gossip.address if replica.gossip else ''}{metrics_part} pid={os.getpid()}",
-              flush=True)
-        await serve_until_signalled(replica.stop)
-
     try:
-        eventloop.run(main(), args.event_loop)
-    finally:
-        if metrics_server is not None:
-            metrics_server.close()
-    return 0
+        return run_replica(config, metrics_port=args.metrics_port or None, event_loop=args.event_loop)
+    except ReplicaStartError as exc:
+        raise SystemExit(f"replica: {exc}") from None

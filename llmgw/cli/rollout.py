@@ -7,6 +7,8 @@ gateway without it (no --http-port, or an older build) is reported as such.
 
 from __future__ import annotations
 
+from typing import Any
+
 HELP = "start, follow (--watch) or abort (--abort) a rolling update of the replicas, with a progress bar"
 
 FINAL_STATES = ("succeeded", "failed", "aborted")
@@ -14,7 +16,7 @@ FINAL_STATES = ("succeeded", "failed", "aborted")
 
 def add_arguments(p) -> None:
     from llmgw.config import add_config_argument
-    from llmgw.config import DEFAULT_PORTS
+    from llmgw.topology import DEFAULT_PORTS
 
     add_config_argument(p)  # [section] of the TOML file and LLMGW_* variables, flags winning
     p.add_argument("--http", default=f"http://127.0.0.1:{DEFAULT_PORTS['gateway']['http']}",
@@ -68,9 +70,9 @@ class AdminClient:
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.timeout_s = timeout_s
-        self._session = None
+        self._session: Any = None  # an aiohttp.ClientSession once entered (aiohttp is imported late)
 
-    async def __aenter__(self) -> "AdminClient":
+    async def __aenter__(self) -> AdminClient:
         import aiohttp
 
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -148,8 +150,8 @@ class ProgressView:
         self.tty = tty
         self.quiet = quiet
         self._lines = 0
-        self._last_head = None
-        self.last = None
+        self._last_head: str | None = None
+        self.last: dict | None = None
 
     def __call__(self, status: dict) -> None:
         from llmgw import ui

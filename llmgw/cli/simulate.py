@@ -102,7 +102,7 @@ def run(args) -> int:
     if args.plot:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
         if r.dissemination_curve:
-            xs, ys = zip(*r.dissemination_curve)
+            xs, ys = zip(*r.dissemination_curve, strict=True)
             ax1.step(xs, ys, where="post")
         ax1.set_xlabel("seconds after the update")
         ax1.set_ylabel("fraction of (update, node) pairs reached")

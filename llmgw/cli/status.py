@@ -1,6 +1,8 @@
-"""`python -m llmgw status`: the member table as a gateway sees it (GatewayAdmin.Members over gRPC)."""
+"""`llmgw status`: the member table as a gateway sees it (GatewayAdmin.Members over gRPC)."""
 
 from __future__ import annotations
+
+from llmgw.topology import DEFAULT_PORTS, ROLE_GATEWAY, ROLE_REPLICA
 
 HELP = "print the member table as a gateway sees it (--watch refreshes it like top)"
 
@@ -10,7 +12,6 @@ COLUMNS = ("id", "role", "state", "inc", "load", "version", "weight", "draining"
 
 def add_arguments(p) -> None:
     from llmgw.config import add_config_argument
-    from llmgw.config import DEFAULT_PORTS
 
     add_config_argument(p)  # [section] of the TOML file and LLMGW_* variables, flags winning
     p.add_argument("--target", default=f"127.0.0.1:{DEFAULT_PORTS['gateway']['grpc']}", help="gateway host:port")
@@ -67,7 +68,7 @@ async def fetch(channel, timeout_s: float) -> dict:
         if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
             raise
         gateway = None
-    rows = sorted((member_dict(m) for m in members.members), key=lambda r: (r["role"] != "gateway", r["member_id"]))
+    rows = sorted((member_dict(m) for m in members.members), key=lambda r: (r["role"] != ROLE_GATEWAY, r["member_id"]))
     return {"self_id": members.self_id, "members": rows, "gateway": gateway}
 
 
@@ -75,10 +76,10 @@ def render(snapshot: dict, target: str) -> str:
     from llmgw import ui
 
     members = snapshot["members"]
-    replicas = [m for m in members if m["role"] == "replica"]
+    replicas = [m for m in members if m["role"] == ROLE_REPLICA]
     alive = sum(1 for m in replicas if m["state"].lower() == "alive")
-    lines = [f"gateway {snapshot['self_id'] or '?'} at {target}: {len(members)} members, "
-             f"{alive}/{len(replicas)} replicas alive"]
+    lines = [(f"gateway {snapshot['self_id'] or '?'} at {target}: {len(members)} members, "
+              f"{alive}/{len(replicas)} replicas alive")]
     gw = snapshot.get("gateway")
     if gw:
         lines.append(f"in flight {gw['in_flight']}, queued {gw['queued']}, served {gw['served_total']}, "
@@ -86,7 +87,7 @@ def render(snapshot: dict, target: str) -> str:
                      f"failed {gw['failed_total']}")
     rows = []
     for m in members:
-        replica = m["role"] == "replica"
+        replica = m["role"] == ROLE_REPLICA
         load = f"{m['active_requests']}/{m['max_capacity']}" if replica else None
         rows.append([m["member_id"] + (" *" if m["is_self"] else ""), m["role"], m["state"].upper(),
                      m["incarnation"], load, m["model_version"] or None, m["weight"] if replica else None,

@@ -1,8 +1,18 @@
-"""The inference gateway: request path (request_path.py), admission, membership view, gRPC front (server.py)."""
+"""The inference gateway: the Gateway (service.py) and its request path (request_path.py), admission, capacity,
+membership view, replica streams and their gRPC transport, the gRPC front (server.py); app.py composes them."""
 
-from llmgw.gateway.api import (DeadlineExceeded, GatewayConfig, GatewayError, InferenceRequest, InvalidArgument,
-                               ResourceExhausted, TokenEvent, Unavailable)
-from llmgw.gateway.request_path import Gateway
+from llmgw.gateway.api import (
+                               DeadlineExceeded,
+                               ErrorKind,
+                               GatewayConfig,
+                               GatewayError,
+                               InferenceRequest,
+                               InvalidArgument,
+                               ResourceExhausted,
+                               TokenEvent,
+                               Unavailable,
+)
+from llmgw.gateway.service import Gateway
 
-__all__ = ["DeadlineExceeded", "Gateway", "GatewayConfig", "GatewayError", "InferenceRequest", "InvalidArgument",
-           "ResourceExhausted", "TokenEvent", "Unavailable"]
+__all__ = ["DeadlineExceeded", "ErrorKind", "Gateway", "GatewayConfig", "GatewayError", "InferenceRequest",
+           "InvalidArgument", "ResourceExhausted", "TokenEvent", "Unavailable"]

@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import deque
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 W = TypeVar("W")
 
@@ -94,7 +95,7 @@ class QueueTimeout(Exception):
 class Admission(Generic[W]):
     """asyncio shell: `await acquire(waiter)` returns once `try_acquire(waiter)` succeeded for it."""
 
-    def __init__(self, try_acquire: Callable[[W], bool], release: Callable[[W], None], *, max_waiters: int,
+    def __init__(self, try_acquire: Callable[[W], bool], release: Callable[[W], object], *, max_waiters: int,
                  timeout_s: float) -> None:
         self.queue: AdmissionQueue[W] = AdmissionQueue(max_waiters)
         self.timeout_s = timeout_s

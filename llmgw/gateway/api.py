@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import AsyncIterator
-
-import grpc
+import enum
+from collections.abc import AsyncGenerator
 
 
 @dataclasses.dataclass
@@ -32,7 +31,7 @@ class TokenEvent:
     finish_reason: str | None = None  # "length" | "stop" on the final event
 
 
-async def one_event_each(batches: AsyncIterator[list[TokenEvent]]) -> AsyncIterator[TokenEvent]:
+async def one_event_each(batches: AsyncGenerator[list[TokenEvent], None]) -> AsyncGenerator[TokenEvent, None]:
     """`infer_batches()` as `infer()`: the events of each batch one by one; closing this closes `batches`."""
     async with contextlib.aclosing(batches) as source:
         async for batch in source:
@@ -40,10 +39,26 @@ async def one_event_each(batches: AsyncIterator[list[TokenEvent]]) -> AsyncItera
                 yield event
 
 
-class GatewayError(Exception):
-    """A request ended without a complete answer; `code` is the gRPC status a front-end should report."""
+class ErrorKind(enum.Enum):
+    """Why a request ended without a complete answer, in no transport's terms: the gRPC front maps a kind to a
+    status code (gateway/server.py), the HTTP front to a status and an OpenAI error (http/errors.py). The value is
+    the outcome label of metrics and the request log."""
 
-    code = grpc.StatusCode.UNKNOWN
+    INVALID_ARGUMENT = "invalid_argument"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    UNAVAILABLE = "unavailable"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    NOT_FOUND = "not_found"
+    UNAUTHENTICATED = "unauthenticated"
+    PERMISSION_DENIED = "permission_denied"
+    INTERNAL = "internal"
+    UNKNOWN = "unknown"
+
+
+class GatewayError(Exception):
+    """A request ended without a complete answer; `kind` says why (each front reports it in its own terms)."""
+
+    kind = ErrorKind.UNKNOWN
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -51,11 +66,11 @@ class GatewayError(Exception):
 
 
 class InvalidArgument(GatewayError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    kind = ErrorKind.INVALID_ARGUMENT
 
 
 class ResourceExhausted(GatewayError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    kind = ErrorKind.RESOURCE_EXHAUSTED
 
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
@@ -63,11 +78,11 @@ class ResourceExhausted(GatewayError):
 
 
 class Unavailable(GatewayError):
-    code = grpc.StatusCode.UNAVAILABLE
+    kind = ErrorKind.UNAVAILABLE
 
 
 class DeadlineExceeded(GatewayError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    kind = ErrorKind.DEADLINE_EXCEEDED
 
 
 ROUTING_POLICIES = ("affinity", "least_connections", "random")

@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from typing import Any, Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 log = logging.getLogger("llmgw.gateway.hedging")
 
@@ -56,7 +57,7 @@ class RaceFailed(Exception):
         self.legs = legs
 
 
-async def race_first_token(open_leg: Callable[[Any], Awaitable[Any]], primary: Any, *, delay_s: float,
+async def race_first_token(open_leg: Callable[[Any], Coroutine[Any, Any, Any]], primary: Any, *, delay_s: float,
                            start_hedge: Callable[[], Any | None], recoverable: type[BaseException],
                            legs: list[Leg], discard: Callable[[Any], None] = lambda opened: None) -> Leg:
     """Run the race and return the winning leg (`leg.task.result()` is what `open_leg` returned).

@@ -13,19 +13,12 @@ capacity itself (RESOURCE_EXHAUSTED), so an under-count costs a retry, never an 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
-from typing import Callable
+
+from llmgw.topology import is_replica, is_routable
 
 log = logging.getLogger("llmgw.gateway.membership")
-
-ROUTABLE_STATES = ("alive", "suspect")
-
-
-def is_replica(member) -> bool:
-    # Reference peers carry no role; their convention is that ids starting with "gateway" are gateways.
-    return member.role == "replica" and not member.member_id.startswith("gateway")
 
 
 @dataclasses.dataclass
@@ -45,71 +38,42 @@ class ReplicaLoad:
 
 
 class MembershipView:
-    """Router + load book + address table, kept in sync with a membership source (a GossipNode or a fake).
+    """Router + load book + address table, brought in line with membership updates by whoever drives it (the
+    Gateway: it reads its membership source, calls apply(), then acts on what apply() reports)."""
 
-    `on_change` is called (on the event loop) after anything that may have freed capacity.
-    """
-
-    def __init__(self, router, source, *, on_change: Callable[[], None] = lambda: None,
-                 on_removed: Callable[[str, str], None] = lambda member_id, address: None) -> None:
+    def __init__(self, router) -> None:
         self.router = router
-        self.source = source
         self.loads: dict[str, ReplicaLoad] = {}
         self.addresses: dict[str, str] = {}
         self.draining: set[str] = set()
-        self._on_change = on_change
-        self._on_removed = on_removed
-        self._unsubscribe = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._unsubscribe = self.source.subscribe(self._from_source_thread)
-        for member in self.source.members():
-            self.apply(member, member.state)
-
-    def stop(self) -> None:
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
-
-    def _from_source_thread(self, event) -> None:
-        # With threaded gossip this runs on the gossip thread: all state is owned by the event loop.
-        loop = self._loop
-        if loop is None:
-            return
-        kind = "removed" if event.kind == "removed" else event.member.state
+    def apply(self, member, state: str) -> list[str]:
+        """Bring the router in line with one member's latest known state (`state` "removed" or a SWIM state).
+        Returns the addresses no longer used by this replica (it left, or restarted elsewhere)."""
         try:
-            loop.call_soon_threadsafe(self.apply, event.member, kind)
-        except RuntimeError:  # the loop closed under us: the gateway is shutting down
-            pass
-
-    def apply(self, member, state: str) -> None:
-        """Bring the router in line with one member's latest known state."""
-        try:
-            self._apply(member, state)
+            return self._apply(member, state)
         except (ValueError, KeyError):  # e.g. a weight the ring rejects: keep the previous view of this member
             log.exception("cannot apply membership update for %s", getattr(member, "member_id", member))
+            return []
 
-    def _apply(self, member, state: str) -> None:
+    def _apply(self, member, state: str) -> list[str]:
         if not is_replica(member):
-            return
+            return []
         mid = member.member_id
-        if state not in ROUTABLE_STATES:
+        if not is_routable(state):
             if mid in self.addresses:
                 log.info("replica %s removed from routing (%s)", mid, state)
                 self.router.remove_member(mid)
                 address = self.addresses.pop(mid)
                 self.loads.pop(mid, None)
                 self.draining.discard(mid)
-                self._on_removed(mid, address)
-            return
+                return [address]
+            return []
         if not member.grpc_address:
-            return  # cannot reach it; the gossip layer fills this in for reference peers
+            return []  # cannot reach it; the gossip layer fills this in for reference peers
         old_address = self.addresses.get(mid)
         self.addresses[mid] = member.grpc_address
-        if old_address is not None and old_address != member.grpc_address:  # restarted elsewhere
-            self._on_removed(mid, old_address)
+        gone = [old_address] if old_address is not None and old_address != member.grpc_address else []
         weight = member.weight if member.weight and member.weight > 0 else 1.0
         self.router.set_member(mid, weight=weight, capacity=int(member.max_capacity), state=state,
                                draining=bool(member.draining))
@@ -122,7 +86,7 @@ class MembershipView:
         load.others = max(0, int(member.active_requests) - load.own_peak)
         load.own_peak = load.own
         self.router.set_load(mid, load.total)
-        self._on_change()
+        return gone
 
     # ---- own load ------------------------------------------------------------------------------------
     def acquired(self, mid: str) -> None:

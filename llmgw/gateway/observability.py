@@ -1,27 +1,23 @@
-"""Metrics and the per-request log line for a running Gateway, attached from the outside.
+"""Metrics and the per-request log line of a running Gateway: a listener of its request path.
 
-`ObservedGateway(gateway, metrics)` is what the gRPC and HTTP fronts are handed instead of the bare Gateway: its
-`infer()` / `infer_batches()` record each request once (outcome, TTFT, inter-token gaps, tokens) and write the one
-info line per request (id, replica(s), outcome, TTFT, tokens); every other attribute is the Gateway's own. Since
-both fronts go through it, the HTTP front is started with `record_requests=False` so nothing is counted twice.
+`MetricsListener(gateway, metrics)` is registered with `gateway.add_listener` by the composition root
+(llmgw.gateway.app): both fronts call the Gateway directly, and every request is recorded once (outcome, TTFT,
+inter-token gaps, tokens, queue wait) and gets the one info line (id, replica(s), outcome, TTFT, tokens), whichever
+front it came in on; the HTTP front is then started with `record_requests=False` so nothing is counted twice.
 
 The rest is read, not pushed: queue depth, in-flight per replica, breaker states and the gateway's failover and
 hedge counters are copied into the metrics at scrape time (GatewayMetrics.on_scrape), so the request path pays
-nothing for them and needs no hook of its own (the Gateway's `attempt_listeners` stay free for policies). Queue
-wait is timed around this gateway's admission queue `acquire` (an instance attribute, removed by detach()).
+nothing for them.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import dataclasses
 import functools
 import logging
-import uuid
-from typing import Any, AsyncIterator
+from typing import Any
 
-from llmgw.gateway.api import GatewayError, InferenceRequest, TokenEvent, one_event_each
+from llmgw.gateway.api import TokenEvent
+from llmgw.gateway.events import RequestListener, RequestRecord
 from llmgw.logs import request_log
 
 log = logging.getLogger("llmgw.gateway.requests")
@@ -32,114 +28,57 @@ _HEDGE_RESULTS = {"won": ("won",), "lost": ("lost",), "cancelled": ("cancelled",
                   "denied": ("policy_hedges_denied", "denied_no_capacity")}
 
 
-@dataclasses.dataclass
-class _Request:
-    started: float
-    outcome: str = "ok"
-    tokens: int = 0
-    ttft_s: float | None = None
-    last_token_at: float = 0.0
-    replicas: list[str] = dataclasses.field(default_factory=list)
-    complete: bool = False
-
-
-class ObservedGateway:
-    """A Gateway whose requests are measured and logged; attribute access falls through to the Gateway.
-
-    `metrics` is a llmgw.metrics.GatewayMetrics; `detach()` removes the scrape-time refreshers and the queue-wait
-    timer (the Gateway itself is left as it was)."""
+class MetricsListener(RequestListener):
+    """Records a Gateway's requests in `metrics` (a llmgw.metrics.GatewayMetrics) and logs one line per request;
+    reads the rest of the gateway's state at scrape time. `detach()` removes the scrape-time refreshers (the
+    composition root also removes the listener from the gateway)."""
 
     def __init__(self, gateway, metrics, *, logger: logging.Logger = log) -> None:
-        object.__setattr__(self, "_gateway", gateway)
-        object.__setattr__(self, "metrics", metrics)
-        object.__setattr__(self, "_log", logger)
-        object.__setattr__(self, "_counters_seen", {})
-        object.__setattr__(self, "_inflight_known", set())
+        self.gateway = gateway
+        self.metrics = metrics
+        self._log = logger
+        self._counters_seen: dict[str, float] = {}
+        self._inflight_known: set[str] = set()
         metrics.queue_depth.set_function(lambda: gateway.queued)
-        remove = metrics.on_scrape(self.refresh_metrics)
-        object.__setattr__(self, "_remove_refresher", remove)
-        object.__setattr__(self, "_original_acquire", None)
-        self._time_admission()
-
-    # ---- delegation -----------------------------------------------------------------------------------------
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._gateway, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self._gateway, name, value)
-
-    @property
-    def gateway(self):
-        return self._gateway
+        self._remove_refresher = metrics.on_scrape(self.refresh_metrics)
 
     def detach(self) -> None:
         self._remove_refresher()
-        original = self._original_acquire
-        if original is not None:
-            admission = self._gateway.admission
-            if admission.__dict__.get("acquire") is not None:
-                del admission.acquire  # back to the class's own method
-            object.__setattr__(self, "_original_acquire", None)
 
-    # ---- requests -------------------------------------------------------------------------------------------
-    def infer(self, request: InferenceRequest) -> AsyncIterator[TokenEvent]:
-        return one_event_each(self.infer_batches(request))
+    # ---- pushed by the request path ---------------------------------------------------------------------------
+    def queue_waited(self, seconds: float) -> None:
+        self.metrics.queue_wait.observe(seconds)
 
-    async def infer_batches(self, request: InferenceRequest) -> AsyncIterator[list[TokenEvent]]:
-        if not request.request_id:
-            # Named here so the log line and the replicas' logs carry the same id.
-            request = dataclasses.replace(request, request_id=uuid.uuid4().hex)
-        loop = asyncio.get_running_loop()
-        state = _Request(started=loop.time())
+    def tokens_delivered(self, record: RequestRecord, batch: list[TokenEvent], now: float) -> None:
         metrics = self.metrics
-        try:
-            async with contextlib.aclosing(self._gateway.infer_batches(request)) as batches:
-                async for batch in batches:
-                    now = loop.time()
-                    for event in batch:
-                        if state.ttft_s is None:
-                            state.ttft_s = now - state.started
-                            metrics.ttft.observe(state.ttft_s)
-                        else:
-                            # Tokens that arrived in one message reach the client together: a 0 gap is the truth.
-                            metrics.inter_token.observe(now - state.last_token_at)
-                        state.last_token_at = now
-                        if event.token or not event.is_final:
-                            state.tokens += 1
-                        if not state.replicas or state.replicas[-1] != event.replica_id:
-                            state.replicas.append(event.replica_id)
-                        if event.is_final:
-                            state.complete = True
-                    yield batch
-        except GatewayError as exc:
-            state.outcome = exc.code.name.lower()
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            # A consumer that stops after the final token closes us at the last yield: that is a success.
-            if not state.complete:
-                state.outcome = "cancelled"
-            raise
-        except Exception:
-            state.outcome = "internal"
-            raise
-        finally:
-            if state.outcome == "ok" and not state.complete:
-                state.outcome = "internal"  # ended without a final token: never report a partial answer as OK
-            metrics.request_finished(state.outcome, tokens=state.tokens)
-            fields: dict[str, Any] = dict(id=request.request_id, replicas=state.replicas, outcome=state.outcome,
-                                          tokens=state.tokens)
-            if state.ttft_s is not None:
-                fields["ttft_ms"] = round(state.ttft_s * 1000, 3)
-            fields["duration_ms"] = round((loop.time() - state.started) * 1000, 3)
-            if request.client_id:
-                fields["client"] = request.client_id
-            if request.hedge:
-                fields["hedge"] = True
-            request_log(self._log, **fields)
+        if record.batches == 1:
+            metrics.ttft.observe(record.ttft_s)
+        else:
+            metrics.inter_token.observe(now - record.last_token_at)
+        # Tokens that arrived in one message reach the client together: a 0 gap is the truth.
+        together = len(batch) - 1
+        if together:
+            observe = metrics.inter_token.observe
+            for _ in range(together):
+                observe(0.0)
+
+    def request_finished(self, record: RequestRecord) -> None:
+        outcome = record.outcome.value
+        self.metrics.request_finished(outcome, tokens=record.tokens)
+        fields: dict[str, Any] = dict(id=record.request_id, replicas=record.replicas, outcome=outcome,
+                                      tokens=record.tokens)
+        if record.ttft_s is not None:
+            fields["ttft_ms"] = round(record.ttft_s * 1000, 3)
+        fields["duration_ms"] = round(record.duration_s * 1000, 3)
+        if record.client_id:
+            fields["client"] = record.client_id
+        if record.hedge:
+            fields["hedge"] = True
+        request_log(self._log, **fields)
 
     # ---- read at scrape time --------------------------------------------------------------------------------
     def refresh_metrics(self) -> None:
-        gw, metrics = self._gateway, self.metrics
+        gw, metrics = self.gateway, self.metrics
         in_flight = dict(gw.in_flight)
         view = getattr(gw, "view", None)
         # Every replica the gateway can route to gets a series (0 when idle); one that left loses its series.
@@ -175,33 +114,12 @@ class ObservedGateway:
         self._counters_seen[key] = value
 
     def _breaker_board(self):
-        return getattr(self._gateway, "breakers", None)
+        return getattr(self.gateway, "breakers", None)
 
     def _hedge_counts(self) -> dict[str, int]:
         try:
-            stats = self._gateway.hedge_stats()
-        except Exception:  # noqa: BLE001 - a broken source costs its own series only, never the scrape
+            stats = self.gateway.hedge_stats()
+        except Exception:
             log.debug("hedge stats unavailable", exc_info=True)
             return {}
         return {result: sum(int(stats.get(key, 0)) for key in keys) for result, keys in _HEDGE_RESULTS.items()}
-
-    # ---- queue wait -----------------------------------------------------------------------------------------
-    def _time_admission(self) -> None:
-        admission = getattr(self._gateway, "admission", None)
-        if admission is None or not hasattr(admission, "acquire"):
-            return
-        original = admission.acquire
-        histogram = self.metrics.queue_wait
-
-        @functools.wraps(original)
-        async def timed_acquire(*args, **kwargs):
-            loop = asyncio.get_running_loop()
-            started = loop.time()
-            try:
-                return await original(*args, **kwargs)
-            finally:
-                histogram.observe(loop.time() - started)
-
-        # An instance attribute shadows the method for this gateway only; detach() deletes it again.
-        admission.acquire = timed_acquire
-        object.__setattr__(self, "_original_acquire", original)

@@ -11,45 +11,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
-import grpc
-
-from llmgw._proto import llmgateway_pb2 as pb
-from llmgw.gateway.membership import is_replica
+from llmgw.gateway.capacity import RoutingDrains
+from llmgw.topology import is_replica, is_routable
 
 log = logging.getLogger("llmgw.gateway.operations")
 
-DRAIN_METHOD = "/llmgateway.LLMReplica/Drain"
-ROUTABLE_STATES = ("alive", "suspect")
+__all__ = ["GatewayRolloutTarget", "RolloutController", "RolloutRefused", "RoutingDrains"]
+
 # An abort interrupts the current step and restores routing within this.
 ROLLOUT_STOP_TIMEOUT_S = 15.0
 RestartHook = Callable[[str, str], Awaitable[None]]
-
-
-class RoutingDrains:
-    """Replicas an operator (or a rollout) took out of routing. Registered as one of the gateway's exclusion
-    sources, so the request path skips them exactly like draining or breaker-open replicas."""
-
-    def __init__(self, gateway) -> None:
-        self.gateway = gateway
-        self.drained: set[str] = set()
-        gateway.exclusion_sources.append(self.excluded)
-
-    def excluded(self) -> set[str]:
-        return self.drained
-
-    def drain(self, replica_id: str) -> None:
-        if replica_id not in self.drained:
-            log.info("replica %s drained in routing", replica_id)
-        self.drained.add(replica_id)
-
-    def undrain(self, replica_id: str) -> None:
-        if replica_id in self.drained:
-            self.drained.discard(replica_id)
-            log.info("replica %s undrained in routing", replica_id)
-            # Requests may be queued that only this replica can now take.
-            self.gateway.admission.capacity_changed()
+# Asks the replica at an address to drain, waiting at most the given seconds; False when it did not finish in time
+# (llmgw.gateway.grpc_transport.GrpcTransport.drain_replica).
+DrainReplica = Callable[[str, float], Awaitable[bool]]
 
 
 class GatewayRolloutTarget:
@@ -58,11 +34,12 @@ class GatewayRolloutTarget:
     is the injected hook."""
 
     def __init__(self, gateway, drains: RoutingDrains, restart: RestartHook,
-                 order: list[str] | None = None) -> None:
+                 order: list[str] | None = None, drain_replica: DrainReplica | None = None) -> None:
         self.gateway = gateway
         self.drains = drains
         self._restart = restart
         self._order = order
+        self._drain_replica = drain_replica
 
     def _member(self, replica_id: str):
         for member in self.gateway.members():
@@ -74,7 +51,7 @@ class GatewayRolloutTarget:
         if self._order is not None:
             return list(self._order)
         return sorted(m.member_id for m in self.gateway.members()
-                      if is_replica(m) and str(m.state).lower() in ROUTABLE_STATES)
+                      if is_replica(m) and is_routable(m.state))
 
     async def drain_in_routing(self, replica_id: str) -> None:
         self.drains.drain(replica_id)
@@ -86,19 +63,9 @@ class GatewayRolloutTarget:
         member = self._member(replica_id)
         if member is None or not member.grpc_address:
             raise RuntimeError(f"replica {replica_id} has no known gRPC address")
-        credentials = self.gateway.pool.credentials
-        channel = (grpc.aio.insecure_channel(member.grpc_address) if credentials is None
-                   else grpc.aio.secure_channel(member.grpc_address, credentials))
-        async with channel:
-            drain = channel.unary_unary(DRAIN_METHOD, request_serializer=pb.DrainRequest.SerializeToString,
-                                        response_deserializer=pb.DrainResponse.FromString)
-            try:
-                response = await drain(pb.DrainRequest(), timeout=timeout_s)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    return False
-                raise RuntimeError(f"Drain RPC failed: {exc.code().name}: {exc.details()}") from None
-        return bool(response.success)
+        if self._drain_replica is None:
+            raise RuntimeError("this gateway cannot ask replicas to drain")
+        return await self._drain_replica(member.grpc_address, timeout_s)
 
     async def restart(self, replica_id: str, new_version: str) -> None:
         await self._restart(replica_id, new_version)
@@ -126,10 +93,12 @@ class RolloutController:
     llmgw.rollout.CommandTemplateRestart); None = rolling updates are refused with reason "no_restart_hook".
     """
 
-    def __init__(self, gateway, drains: RoutingDrains, restart: RestartHook | None = None) -> None:
+    def __init__(self, gateway, drains: RoutingDrains, restart: RestartHook | None = None, *,
+                 drain_replica: DrainReplica | None = None) -> None:
         self.gateway = gateway
         self.drains = drains
         self.restart = restart
+        self.drain_replica = drain_replica
         self.rollout = None  # the current or last llmgw.rollout.Rollout
         self._task: asyncio.Task | None = None
 
@@ -145,7 +114,7 @@ class RolloutController:
         return rollout
 
     def start_watched(self, version: str, *, replicas: list[str] | None = None,
-                      **options) -> AsyncIterator:
+                      **options) -> AsyncGenerator:
         """Like start(), but return the update's progress events (llmgw.rollout.RolloutEvent) from its very
         first one to "finished". Refusals raise here, before anything runs. Closing the iterator early stops
         only the watching: the update runs on (abort() stops it)."""
@@ -158,7 +127,7 @@ class RolloutController:
         return self._watch(events, first)
 
     @staticmethod
-    async def _watch(events, first) -> AsyncIterator:
+    async def _watch(events, first) -> AsyncGenerator:
         try:
             try:
                 event = await first
@@ -178,6 +147,7 @@ class RolloutController:
             raise RolloutRefused("no_restart_hook", "rolling updates need a restart hook: start the gateway with "
                                                     "--restart-command")
         if self.running:
+            assert self.rollout is not None
             raise RolloutRefused("running", f"a rolling update to {self.rollout.new_version} is already running")
         if not isinstance(version, str) or not version.strip():
             raise RolloutRefused("invalid", "version must be a non-empty string")
@@ -189,7 +159,7 @@ class RolloutController:
             if not replicas or len(set(replicas)) != len(replicas):
                 raise RolloutRefused("invalid", "replicas must be a non-empty list of distinct replica ids")
         target = GatewayRolloutTarget(self.gateway, self.drains, self.restart,
-                                      list(replicas) if replicas is not None else None)
+                                      list(replicas) if replicas is not None else None, self.drain_replica)
         try:
             return Rollout(target, version.strip(), **options)
         except (ValueError, TypeError) as exc:
@@ -205,6 +175,7 @@ class RolloutController:
         task = self._task
         if task is None or task.done():
             return
+        assert self.rollout is not None  # set with the task
         self.rollout.cancel()
         async with asyncio.timeout(timeout_s):
             await asyncio.shield(task)

@@ -2,90 +2,110 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
+from typing import Any
 
 import grpc
 
+from llmgw import rpc
 from llmgw._proto import llmgateway_pb2 as pb
-from llmgw.gateway.api import GatewayConfig, GatewayError, InferenceRequest
-from llmgw.gateway.membership import is_replica
+from llmgw.gateway.api import ErrorKind, GatewayConfig, GatewayError, InferenceRequest
+from llmgw.gateway.gossip_member import start_gossip_member
+from llmgw.gateway.grpc_transport import GrpcTransport
 from llmgw.gateway.operations import ROLLOUT_STOP_TIMEOUT_S, RolloutController, RolloutRefused
-from llmgw.gateway.request_path import Gateway
-from llmgw.replica import wire
+from llmgw.gateway.service import Gateway
+from llmgw.topology import is_replica
 
 log = logging.getLogger("llmgw.gateway.server")
 
-GATEWAY_SERVICES = ["InferenceGateway", "GatewayAdmin"]
 ROLLOUT_RESTART_TIMEOUT_S = 120.0  # one replica's restart command (a real model may load for a while)
 ROLLOUT_REFUSAL_CODES = {"no_restart_hook": grpc.StatusCode.FAILED_PRECONDITION,
                          "running": grpc.StatusCode.ALREADY_EXISTS, "invalid": grpc.StatusCode.INVALID_ARGUMENT}
 FINISH_TO_PROTO = {"length": pb.LENGTH, "stop": pb.STOP, None: pb.FINISH_UNSPECIFIED}
+# The one table from a gateway outcome to the gRPC status the client gets.
+GRPC_STATUS: dict[ErrorKind, grpc.StatusCode] = {
+    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorKind.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+    ErrorKind.UNKNOWN: grpc.StatusCode.UNKNOWN,
+}
 
 
 class GatewayServer:
-    """Owns the grpc.aio server and the Gateway behind it."""
+    """Owns the grpc.aio server, the Gateway behind it (reaching replicas over gRPC) and, unless a membership
+    source is given, the gateway's gossip member."""
 
     def __init__(self, config: GatewayConfig, *, membership=None, router=None,
                  server_credentials: grpc.ServerCredentials | None = None,
                  replica_credentials: grpc.ChannelCredentials | None = None) -> None:
-        """`server_credentials` serves the gRPC port over TLS (llmgw.replica.wire.server_credentials);
-        `replica_credentials` reaches replicas over TLS (llmgw.replica.wire.channel_credentials)."""
+        """`server_credentials` serves the gRPC port over TLS (llmgw.tls.server_credentials);
+        `replica_credentials` reaches replicas over TLS (llmgw.tls.channel_credentials)."""
         self.config = config
-        self.gateway = Gateway(config, membership=membership, router=router,
-                               replica_credentials=replica_credentials)
+        self.transport = GrpcTransport(replica_credentials, sessions=config.replica_sessions,
+                                       upstream_batch=config.upstream_batch)
+        self.gateway = Gateway(config, self.transport, membership=membership, router=router)
+        self.gossip: Any = None  # the GossipNode this server started (when no membership source was given)
+        # The request listener the composition root registered for metrics and the request log (gateway.app).
+        self.metrics_listener: Any = None
         self.server_credentials = server_credentials
         self.port = config.port
-        self._server: grpc.aio.Server | None = None
-        self._health = None
+        self._rpc: rpc.RpcServer | None = None
         restart = None
         if config.restart_command:
             from llmgw.rollout import CommandTemplateRestart
 
             restart = CommandTemplateRestart(config.restart_command, timeout_s=ROLLOUT_RESTART_TIMEOUT_S)
-        # The gateway's one rolling update, shared with the HTTP front (cli.gateway hands it to start_http).
-        self.rollouts = RolloutController(self.gateway, self.gateway.drains, restart)
+        # The gateway's one rolling update, shared with the HTTP front (gateway.app hands it to start_http).
+        self.rollouts = RolloutController(self.gateway, self.gateway.drains, restart,
+                                          drain_replica=self.transport.drain_replica)
 
     @property
     def grpc_address(self) -> str:
         return f"{self.config.advertise or self.config.host}:{self.port}"
 
     async def start(self) -> None:
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if self.config.reuse_port else 0)])
-        server.add_generic_rpc_handlers((
-            grpc.method_handlers_generic_handler("llmgateway.InferenceGateway", {
-                "Infer": wire.unary_stream(self.Infer, pb.InferRequest, pb.InferResponse),
-            }),
-            grpc.method_handlers_generic_handler("llmgateway.GatewayAdmin", {
-                "Members": wire.unary_unary(self.Members, pb.MembersRequest, pb.MembersResponse),
-                "GetStatus": wire.unary_unary(self.GetStatus, pb.GatewayStatusRequest, pb.GatewayStatus),
-                "StartRollout": wire.unary_stream(self.StartRollout, pb.RolloutRequest, pb.RolloutEvent),
-                "GetRollout": wire.unary_unary(self.GetRollout, pb.GetRolloutRequest, pb.RolloutState),
-                "AbortRollout": wire.unary_unary(self.AbortRollout, pb.GetRolloutRequest, pb.RolloutState),
-            }),
-        ))
-        names = [wire.service_name(s) for s in GATEWAY_SERVICES]
-        self._health = wire.add_health_and_reflection(server, names)
-        self.port = wire.add_port(server, f"{self.config.host}:{self.config.port}", self.server_credentials)
-        if self.port == 0:
-            raise OSError(f"cannot bind gRPC port {self.config.host}:{self.config.port}")
-        await server.start()
-        self._server = server
-        await self.gateway.start(self.grpc_address)
-        await wire.set_serving(self._health, names, True)
+        """Bind and serve gRPC, then follow the membership (starting this gateway's gossip member unless a source
+        was given: peers must learn a bound address), then report SERVING."""
+        self._rpc = rpc.RpcServer({
+            "InferenceGateway": {
+                "Infer": rpc.unary_stream(self.Infer, pb.InferRequest, pb.InferResponse),
+            },
+            "GatewayAdmin": {
+                "Members": rpc.unary_unary(self.Members, pb.MembersRequest, pb.MembersResponse),
+                "GetStatus": rpc.unary_unary(self.GetStatus, pb.GatewayStatusRequest, pb.GatewayStatus),
+                "StartRollout": rpc.unary_stream(self.StartRollout, pb.RolloutRequest, pb.RolloutEvent),
+                "GetRollout": rpc.unary_unary(self.GetRollout, pb.GetRolloutRequest, pb.RolloutState),
+                "AbortRollout": rpc.unary_unary(self.AbortRollout, pb.GetRolloutRequest, pb.RolloutState),
+            },
+        }, self.config.host, self.config.port, self.server_credentials, reuse_port=self.config.reuse_port)
+        self.port = await self._rpc.start()
+        if self.gateway.membership is None:
+            self.gossip = await start_gossip_member(self.config, self.grpc_address)
+        await self.gateway.start(self.gossip)
+        await self._rpc.set_serving(True)
         log.info("gateway %s serving on %s", self.config.gateway_id, self.grpc_address)
 
     async def stop(self, grace: float = 1.0) -> None:
         await self.rollouts.close()  # restores routing; a replica mid-restart finishes its restart command
-        if self._health is not None:
-            await wire.set_serving(self._health, [wire.service_name(s) for s in GATEWAY_SERVICES], False)
-        if self._server is not None:
-            await self._server.stop(grace)
+        if self._rpc is not None:
+            await self._rpc.stop(grace)  # NOT_SERVING first, then grace for open streams
         await self.gateway.stop()
+        if self.gossip is not None:
+            try:
+                await asyncio.wait_for(self.gossip.stop(leave=True), timeout=5.0)
+            except Exception:  # a failed leave must not keep the process from stopping
+                log.exception("gossip stop failed")
 
     async def Infer(self, request, context: grpc.aio.ServicerContext):
-        if isinstance(request, wire.UndecodableRequest):
+        if isinstance(request, rpc.UndecodableRequest):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         timeout_s = request.timeout_s if request.timeout_s > 0 else None
         remaining = context.time_remaining()
@@ -115,7 +135,7 @@ class GatewayServer:
             retry_after = getattr(exc, "retry_after_s", None)
             if retry_after is not None:
                 context.set_trailing_metadata((("retry-after-s", f"{retry_after:g}"),))
-            await context.abort(exc.code, exc.message)
+            await context.abort(GRPC_STATUS.get(exc.kind, grpc.StatusCode.UNKNOWN), exc.message)
 
     async def Members(self, request, context):
         members = self.gateway.members()
@@ -123,7 +143,7 @@ class GatewayServer:
         drained = self.gateway.drains.drained
         infos = []
         for m in members:
-            info = wire.member_info(m, self.config.gateway_id)
+            info = rpc.member_info(m, self.config.gateway_id)
             if is_replica(m):
                 info.breaker = breakers.get(m.member_id, "closed")
                 # This gateway sends it nothing new, whether the replica itself drains or an operator (or a
@@ -140,7 +160,7 @@ class GatewayServer:
             queued=gw.queued, served_total=gw.stats.served_total, failovers_total=gw.stats.failovers_total,
             rejected_total=gw.stats.rejected_total, failed_total=gw.stats.failed_total,
             in_flight_by_replica=dict(gw.in_flight), grpc_address=self.grpc_address,
-            gossip_address=gw.gossip.address if gw.gossip is not None else "",
+            gossip_address=self.gossip.address if self.gossip is not None else "",
             breaker_by_replica=gw.breaker_states(), hedges_started=hedges["hedges_started"],
             hedges_won=hedges["won"], hedges_lost=hedges["lost"], hedges_cancelled=hedges["cancelled"],
             hedges_denied=hedges["policy_hedges_denied"] + hedges["denied_no_capacity"],
@@ -151,7 +171,7 @@ class GatewayServer:
     async def StartRollout(self, request, context):
         """Start a rolling update and stream its progress until it ends. The update runs on its own task: a
         caller that goes away does not abort it (AbortRollout does)."""
-        if isinstance(request, wire.UndecodableRequest):
+        if isinstance(request, rpc.UndecodableRequest):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         options = {name: getattr(request, name) for name in ("drain_timeout_s", "rejoin_timeout_s",
                                                              "restart_timeout_s") if getattr(request, name) > 0}

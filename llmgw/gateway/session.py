@@ -3,11 +3,11 @@
 A grpc.aio call costs a few hundred microseconds of CPU to set up and tens per message on each side, and a busy
 gateway pays them per request and per token. On a session the gateway sends starts and cancels in batches and the
 replica sends, in one message, every event ready since its last one. A SessionStream stands in for the grpc.aio
-call of a Generate in everything the request path does with one -- read(), cancel(), done() -- so route -> admit
--> stream -> fail over reads the same whichever carries the tokens.
+call of a Generate behind the same ReplicaStream interface (llmgw.gateway.replica_stream) -- read(), cancel(),
+done() -- so route -> admit -> stream -> fail over reads the same whichever carries the tokens.
 
-When the session ends (the replica crashed, its channel was closed), every stream on it fails with UNAVAILABLE
-and the request path fails each over from its next token, exactly as when a Generate call breaks.
+When the session ends (the replica crashed, its channel was closed), every stream on it fails with an UNAVAILABLE
+AttemptError and the request path fails each over from its next token, exactly as when a Generate call breaks.
 """
 
 from __future__ import annotations
@@ -19,6 +19,14 @@ import logging
 import grpc
 
 from llmgw._proto import llmgateway_pb2 as pb
+from llmgw.gateway.grpc_status import (
+    END_OF_STREAM,
+    FINISH_REASONS,
+    STATUS_BY_NUMBER,
+    attempt_error,
+    chunk_from_response,
+)
+from llmgw.gateway.replica_stream import AttemptError, AttemptErrorKind, ReplicaChunk
 
 log = logging.getLogger("llmgw.gateway.session")
 
@@ -29,13 +37,15 @@ OPEN_TIMEOUT_S = 5.0
 # burst of requests with long prompts must not become one message that breaks the session for every stream.
 MAX_REQUEST_BYTES = 1 << 20
 
-_STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
-
 _OPEN, _FINISHED, _FAILED, _CANCELLED = range(4)
 
 
 class SessionUnsupported(Exception):
     """The replica does not serve GenerateSession (a reference replica, or one started with --no-sessions)."""
+
+
+class SessionOpenFailed(Exception):
+    """The session could not be opened (the replica ended it at once)."""
 
 
 class ReplicaSession:
@@ -61,11 +71,11 @@ class ReplicaSession:
 
     async def open(self, timeout_s: float = OPEN_TIMEOUT_S) -> None:
         """Start the call and wait for the replica's first message. SessionUnsupported when the replica answers
-        UNIMPLEMENTED; grpc.aio.AioRpcError or TimeoutError for anything else."""
-        self._call = self._open_call()
+        UNIMPLEMENTED; grpc.aio.AioRpcError, SessionOpenFailed or TimeoutError for anything else."""
+        call = self._call = self._open_call()  # type: ignore[call-arg]  # requests are written, not iterated
         try:
             async with asyncio.timeout(timeout_s):
-                hello = await self._call.read()
+                hello = await call.read()
         except grpc.aio.AioRpcError as exc:
             self.closed = True
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
@@ -73,17 +83,17 @@ class ReplicaSession:
             raise
         except BaseException:
             self.closed = True
-            self._call.cancel()
+            call.cancel()
             raise
-        if hello is grpc.aio.EOF:
+        if hello is END_OF_STREAM:
             self.closed = True
-            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, details="replica ended the session at once")
+            raise SessionOpenFailed("replica ended the session at once")
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._read_events()), loop.create_task(self._write_requests())]
 
-    def start(self, request: pb.GenerateRequest, timeout: float | None = None) -> "SessionStream":
-        """Start one stream; the same call shape as the Generate multicallable. `timeout` is not sent: the
-        request path enforces the request's deadline and cancels the stream when it passes."""
+    def start(self, request: pb.GenerateRequest, timeout: float | None = None) -> SessionStream:
+        """Start one stream. `timeout` is not sent: the request path enforces the request's deadline and cancels
+        the stream when it passes."""
         stream_id = self._next_id
         self._next_id += 1
         stream = SessionStream(self, stream_id)
@@ -105,15 +115,17 @@ class ReplicaSession:
 
     async def _write_requests(self) -> None:
         # One write in flight at a time (grpc allows no more): whatever piled up meanwhile goes in the next one.
+        call = self._call
+        assert call is not None, "open() first"
         try:
             while True:
                 await self._pending.wait()
                 self._pending.clear()
                 while self._starts or self._cancels:
-                    await self._call.write(self._next_request())
+                    await call.write(self._next_request())
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the call broke: the reader sees it too and fails every stream
+        except Exception as exc:  # noqa: BLE001 - the call broke: the reader sees it too and fails every stream
             self._end(f"sending to the replica failed: {exc!r}")
 
     def _next_request(self) -> pb.SessionRequest:
@@ -133,11 +145,14 @@ class ReplicaSession:
 
     async def _read_events(self) -> None:
         reason = "replica ended the session"
+        call = self._call
+        assert call is not None, "open() first"
         try:
             while True:
-                message = await self._call.read()
-                if message is grpc.aio.EOF:
+                message = await call.read()
+                if message is END_OF_STREAM:
                     break
+                assert isinstance(message, pb.SessionResponse)
                 streams = self._streams
                 for event in message.events:
                     stream = streams.get(event.stream_id)
@@ -176,22 +191,22 @@ class ReplicaSession:
 
 
 class SessionStream:
-    """One Generate stream on a session, read like a grpc.aio UnaryStreamCall.
+    """One Generate stream on a session, a llmgw.gateway.replica_stream.ReplicaStream.
 
-    read() returns the next GenerateResponse -- every response that arrived since the last read, merged into one
-    when they are consecutive tokens, so tokens that are already here reach the client together -- then
-    grpc.aio.EOF; it raises grpc.aio.AioRpcError when the replica ended the stream with an error or the session
-    broke, and asyncio.CancelledError after cancel().
+    read() returns the next ReplicaChunk -- every response that arrived since the last read, merged into one chunk
+    when they are consecutive tokens, so tokens that are already here reach the client together -- then None; it
+    raises AttemptError when the replica ended the stream with an error or the session broke, and
+    asyncio.CancelledError after cancel().
     """
 
-    __slots__ = ("_session", "stream_id", "_responses", "_state", "_error", "_waiter")
+    __slots__ = ("_error", "_responses", "_session", "_state", "_waiter", "stream_id")
 
     def __init__(self, session: ReplicaSession, stream_id: int) -> None:
         self._session = session
         self.stream_id = stream_id
         self._responses: collections.deque[pb.GenerateResponse] = collections.deque()
         self._state = _OPEN
-        self._error: grpc.aio.AioRpcError | None = None
+        self._error: AttemptError | None = None
         self._waiter: asyncio.Future | None = None
 
     def _wake(self) -> None:
@@ -203,8 +218,8 @@ class SessionStream:
         if self._state != _OPEN:
             return
         if event.status_code:
-            code = _STATUS_BY_CODE.get(event.status_code, grpc.StatusCode.UNKNOWN)
-            self._error = grpc.aio.AioRpcError(code, details=event.status_details)
+            code = STATUS_BY_NUMBER.get(event.status_code, grpc.StatusCode.UNKNOWN)
+            self._error = attempt_error(code, event.status_details)
             self._state = _FAILED
             self._session._forget(self.stream_id)
         else:
@@ -217,11 +232,11 @@ class SessionStream:
     def _fail(self, details: str) -> None:
         if self._state != _OPEN:
             return
-        self._error = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, details=details)
+        self._error = AttemptError(AttemptErrorKind.UNAVAILABLE, f"UNAVAILABLE: {details}")
         self._state = _FAILED
         self._wake()
 
-    async def read(self):
+    async def read(self) -> ReplicaChunk | None:
         while True:
             if self._state == _CANCELLED:
                 raise asyncio.CancelledError()
@@ -230,19 +245,19 @@ class SessionStream:
             if self._error is not None:
                 raise self._error
             if self._state == _FINISHED:
-                return grpc.aio.EOF
+                return None
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
 
-    def _take(self) -> pb.GenerateResponse:
+    def _take(self) -> ReplicaChunk:
         responses = self._responses
         first = responses.popleft()
-        if not responses or not first.token or first.is_final:
-            return first
-        # Consecutive token-carrying responses become one: the request path relays it as one batch.
+        if not first.token or first.is_final or not responses:
+            return chunk_from_response(first)
+        # Consecutive token-carrying responses become one chunk: the request path relays it as one batch.
         tokens = [first.token, *first.more_tokens]
         last = first
         while responses:
@@ -255,10 +270,9 @@ class SessionStream:
             last = nxt
             if nxt.is_final:
                 break
-        if last is first:
-            return first
-        return pb.GenerateResponse(token=tokens[0], more_tokens=tokens[1:], index=first.index,
-                                   is_final=last.is_final, finish_reason=last.finish_reason)
+        if last.is_final:
+            return ReplicaChunk(first.index, tokens, True, FINISH_REASONS.get(last.finish_reason, "length"), last)
+        return ReplicaChunk(first.index, tokens, False, None, last)
 
     def cancel(self) -> bool:
         if self._state != _OPEN:

@@ -5,7 +5,7 @@
     node = GossipNode("replica-1", bind="0.0.0.0:17946", advertise="10.0.0.5:17946", seeds=["10.0.0.2:17946"])
     await node.start()
     unsubscribe = node.subscribe(lambda event: print(event.kind, event.member.member_id))
-    live = [m for m in node.members() if m.state == "alive"]
+    live = [m for m in node.members() if m.state == MemberState.ALIVE]
     node.update_meta(active_requests=3)
     await node.stop()
 
@@ -14,6 +14,15 @@ See docs/gossip.md for the protocol, the knobs and measured behaviour.
 
 from llmgw.gossip.config import GossipConfig
 from llmgw.gossip.lossy import LossyNetwork
-from llmgw.gossip.node import EVENT_KINDS, GossipNode, Member, MemberEvent
+from llmgw.gossip.node import EVENT_KINDS, GossipNode, Member, MemberEvent, MemberEventKind, MemberState
 
-__all__ = ["GossipNode", "GossipConfig", "Member", "MemberEvent", "LossyNetwork", "EVENT_KINDS"]
+__all__ = [
+           "EVENT_KINDS",
+           "GossipConfig",
+           "GossipNode",
+           "LossyNetwork",
+           "Member",
+           "MemberEvent",
+           "MemberEventKind",
+           "MemberState",
+]

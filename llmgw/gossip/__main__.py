@@ -39,8 +39,9 @@ def _row(member) -> dict:
 
 async def _run(args) -> int:
     from llmgw.gossip import GossipConfig, GossipNode
+    from llmgw.topology import role_of
 
-    role = args.role or ("gateway" if args.id.startswith("gateway") else "replica")
+    role = role_of(args.id, args.role or "")
     key = bytes.fromhex(args.key_hex) if args.key_hex else None
     node = GossipNode(args.id, bind=args.bind, advertise=args.advertise,
                       seeds=[s for s in args.seeds.split(",") if s], role=role, grpc_address=args.grpc_address,
@@ -68,7 +69,7 @@ async def _run(args) -> int:
             timeout = args.table_interval if args.table_interval > 0 else None
             try:
                 await asyncio.wait_for(done.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 print_table()
     finally:
         await node.stop()

@@ -66,3 +66,21 @@ class Authenticator:
             self._watermark_ms = max(self._watermark_ms, evicted_ts)
         seen[tag] = timestamp_ms
         return True
+
+
+MAX_KEY_FILE_SIZE = 64 * 1024
+
+
+def read_gossip_key(path: str) -> bytes:
+    """The shared gossip key in `path` (surrounding whitespace, e.g. a trailing newline, is not part of it);
+    ValueError naming the file when it cannot be read or is too short to be a key."""
+    try:
+        with open(path, "rb") as fh:
+            key = fh.read(MAX_KEY_FILE_SIZE + 1).strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read gossip key file {path}: {exc.strerror or exc}") from None
+    if len(key) > MAX_KEY_FILE_SIZE:
+        raise ValueError(f"gossip key file {path} is over 64 KiB: not a key")
+    if len(key) < MIN_KEY_SIZE:
+        raise ValueError(f"gossip key file {path} holds {len(key)} bytes; a key needs at least {MIN_KEY_SIZE}")
+    return key

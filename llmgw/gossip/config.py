@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -88,35 +89,36 @@ class GossipConfig:
             raise ValueError("GossipConfig.max_members must be >= 1")
 
     @classmethod
-    def lan(cls, **overrides) -> "GossipConfig":
+    def lan(cls, **overrides) -> GossipConfig:
         """Defaults for a LAN (memberlist DefaultLANConfig, with k = 3 as llmgw's issue asks)."""
         return cls(**overrides)
 
     @classmethod
-    def local(cls, **overrides) -> "GossipConfig":
+    def local(cls, **overrides: Any) -> GossipConfig:
         """Faster timers for loopback tests and single-host demos."""
-        base = dict(protocol_period=0.25, probe_timeout=0.1, suspicion_mult=3.0, gossip_interval=0.1,
+        base: dict[str, Any] = dict(protocol_period=0.25, probe_timeout=0.1, suspicion_mult=3.0, gossip_interval=0.1,
                     gossip_min_interval=0.02, push_pull_interval=5.0, join_retry_interval=0.5, reconnect_interval=3.0,
                     dead_gc_after=10.0, tombstone_ttl=300.0)
         base.update(overrides)
         return cls(**base)
 
     @classmethod
-    def wan(cls, **overrides) -> "GossipConfig":
+    def wan(cls, **overrides: Any) -> GossipConfig:
         """Slower timers for links with high latency (memberlist DefaultWANConfig)."""
-        base = dict(protocol_period=5.0, probe_timeout=3.0, suspicion_mult=6.0, gossip_interval=0.5,
-                    gossip_fanout=4, gossip_min_interval=0.1, push_pull_interval=60.0, join_retry_interval=5.0, reconnect_interval=30.0,
+        base: dict[str, Any] = dict(protocol_period=5.0, probe_timeout=3.0, suspicion_mult=6.0, gossip_interval=0.5,
+                    gossip_fanout=4, gossip_min_interval=0.1, push_pull_interval=60.0, join_retry_interval=5.0,
+                    reconnect_interval=30.0,
                     dead_gc_after=300.0, tombstone_ttl=3600.0)
         base.update(overrides)
         return cls(**base)
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "GossipConfig":
+    def preset(cls, name: str, **overrides) -> GossipConfig:
         presets = {"lan": cls.lan, "local": cls.local, "wan": cls.wan}
         try:
             return presets[name](**overrides)
         except KeyError:
             raise ValueError(f"unknown gossip preset {name!r}; choose one of {sorted(presets)}") from None
 
-    def replace(self, **changes) -> "GossipConfig":
+    def replace(self, **changes) -> GossipConfig:
         return dataclasses.replace(self, **changes)

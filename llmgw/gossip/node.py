@@ -15,24 +15,52 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
 
+from llmgw._core.swim import MEMBER_FIELDS, Swim  # compiled core; ImportError here means the build is missing
+from llmgw.gossip.auth import Authenticator
 from llmgw.gossip.config import GossipConfig
+from llmgw.gossip.lossy import LossyNetwork
+from llmgw.topology import SEED_PLACEHOLDER_PREFIX, grpc_address_for, is_routable, role_from_wire, role_number
 
 log = logging.getLogger("llmgw.gossip")
 
-ROLES = {"replica": 1, "gateway": 2}
-EVENT_KINDS = ("joined", "updated", "suspect", "alive", "dead", "left", "removed")
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
+
+
+class MemberState(StrEnum):
+    """A member's SWIM state (a str: compares equal to "alive", "suspect", ...)."""
+
+    ALIVE = "alive"
+    SUSPECT = "suspect"
+    DEAD = "dead"
+    LEFT = "left"
+
+
+class MemberEventKind(StrEnum):
+    """What happened to a member (a str: compares equal to "joined", "updated", ...)."""
+
+    JOINED = "joined"
+    UPDATED = "updated"  # metadata changed (load, capacity, version, weight, draining, addresses)
+    SUSPECT = "suspect"
+    ALIVE = "alive"  # a suspicion was refuted
+    DEAD = "dead"
+    LEFT = "left"
+    REMOVED = "removed"  # garbage-collected after DEAD/LEFT
+
+
+EVENT_KINDS = tuple(MemberEventKind)
 
 
 @dataclass(frozen=True)
 class Member:
     member_id: str
     address: str  # gossip host:port
-    grpc_address: str
-    role: str  # "replica" | "gateway"
-    state: str  # "alive" | "suspect" | "dead" | "left"
+    grpc_address: str  # advertised, else derived by the reference convention (llmgw.topology); "" if neither
+    role: str  # "replica" | "gateway" (llmgw.topology.ROLES)
+    state: MemberState
     incarnation: int
     model_version: str
     active_requests: int
@@ -42,12 +70,22 @@ class Member:
 
     @property
     def is_live(self) -> bool:
-        return self.state in ("alive", "suspect")
+        return is_routable(self.state)
+
+    @classmethod
+    def from_core(cls, row: tuple) -> Member:
+        """A Member from one of the core's member tuples (fields named by MEMBER_FIELDS, as gossiped): the
+        application's readings -- gRPC address and role name -- are derived here, by llmgw.topology."""
+        fields: dict[str, Any] = dict(zip(MEMBER_FIELDS, row, strict=True))
+        fields["grpc_address"] = grpc_address_for(fields["address"], fields["grpc_address"])
+        fields["role"] = role_from_wire(fields["member_id"], fields["role"])
+        fields["state"] = MemberState(fields["state"])
+        return cls(**fields)
 
 
 @dataclass(frozen=True)
 class MemberEvent:
-    kind: str  # "joined" | "updated" | "suspect" | "alive" | "dead" | "left" | "removed"
+    kind: MemberEventKind
     member: Member
 
 
@@ -85,7 +123,7 @@ def _default_advertise_host() -> str:
 
 
 class _Protocol(asyncio.DatagramProtocol):
-    def __init__(self, node: "GossipNode") -> None:
+    def __init__(self, node: GossipNode) -> None:
         self._node = node
 
     def datagram_received(self, data: bytes, addr) -> None:
@@ -107,11 +145,11 @@ class GossipNode:
                  seeds: Sequence[str] = (), role: str = "replica", grpc_address: str = "",
                  model_version: str = "", max_capacity: int = 0, weight: float = 1.0,
                  config: GossipConfig | None = None, key: bytes | None = None, threaded: bool = False,
-                 network=None, incarnation: int | None = None, seed: int | None = None) -> None:
+                 network: LossyNetwork | None = None, incarnation: int | None = None,
+                 seed: int | None = None) -> None:
         if not isinstance(member_id, str) or not member_id:
             raise ValueError("member_id must be a non-empty string")
-        if role not in ROLES:
-            raise ValueError(f"role must be one of {sorted(ROLES)}, got {role!r}")
+        self._role = role_number(role)
         self._bind = parse_host_port(bind)
         if advertise is not None:
             parse_host_port(advertise)
@@ -124,21 +162,18 @@ class GossipNode:
         if max_capacity < 0 or weight < 0:
             raise ValueError("max_capacity and weight must be >= 0")
         self.member_id = member_id
-        self._role = ROLES[role]
-        self._meta = dict(grpc_address=grpc_address, model_version=model_version, max_capacity=int(max_capacity),
-                          weight=float(weight))
+        self._grpc_address = grpc_address
+        self._model_version = model_version
+        self._max_capacity = int(max_capacity)
+        self._weight = float(weight)
         self.config = config or GossipConfig.lan()
-        if key is not None:
-            from llmgw.gossip.auth import Authenticator
-            self._auth = Authenticator(key, window=self.config.replay_window)
-        else:
-            self._auth = None
+        self._auth = Authenticator(key, window=self.config.replay_window) if key is not None else None
         self._threaded = threaded
         self._network = network
         self._incarnation = incarnation
         self._rng_seed = seed
         self._lock = threading.RLock()
-        self._core = None
+        self._core: Swim | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._transport: asyncio.DatagramTransport | None = None
@@ -198,8 +233,6 @@ class GossipNode:
         else:
             adv_host = _default_advertise_host() if _is_unspecified(host) else host
             self._address = format_host_port(adv_host, bound_port)
-        from llmgw._core.swim import Swim  # compiled core; ImportError here means the build is missing
-
         now = loop.time()
         # Time-based incarnation: a restarted node outranks every rumour about its previous life.
         incarnation = self._incarnation if self._incarnation is not None else time.time_ns() // 1_000_000
@@ -207,7 +240,9 @@ class GossipNode:
             self._core = Swim(self.member_id, self._address, self.config,
                               self._rng_seed if self._rng_seed is not None else random.getrandbits(64), now,
                               incarnation, role=self._role, wall_offset=time.time() - now, auth=self._auth,
-                              **self._meta)
+                              placeholder_prefix=SEED_PLACEHOLDER_PREFIX, grpc_address=self._grpc_address,
+                              model_version=self._model_version, max_capacity=self._max_capacity,
+                              weight=self._weight)
             if self._seeds:
                 self._core.join(self._seeds, now)
         self._pump()
@@ -240,7 +275,7 @@ class GossipNode:
     async def _stop_on_loop(self, leave: bool) -> None:
         if leave and self._core is not None:
             with self._lock:
-                self._core.leave(self._loop.time())
+                self._core.leave(self._require_loop().time())
             self._flush()
             if self._network is not None:
                 # Let delayed sends of the LEFT announcement go out before the socket closes.
@@ -262,23 +297,24 @@ class GossipNode:
 
     def local_member(self) -> Member:
         with self._lock:
-            return Member(*self._require_core().local_member())
+            return Member.from_core(self._require_core().local_member())
 
     def members(self, *, include_self: bool = False) -> list[Member]:
         with self._lock:
             rows = self._require_core().members(include_self)
-        return [Member(*r) for r in rows]
+        return [Member.from_core(r) for r in rows]
 
     def member(self, member_id: str) -> Member | None:
         with self._lock:
             row = self._require_core().member(member_id)
-        return None if row is None else Member(*row)
+        return None if row is None else Member.from_core(row)
 
     def update_meta(self, *, active_requests=None, max_capacity=None, model_version=None, weight=None,
                     draining=None, grpc_address=None) -> None:
         core = self._require_core()
+        loop = self._require_loop()
         with self._lock:
-            core.set_meta(self._loop.time(), active_requests=active_requests, max_capacity=max_capacity,
+            core.set_meta(loop.time(), active_requests=active_requests, max_capacity=max_capacity,
                           model_version=model_version, weight=weight, draining=draining,
                           grpc_address=grpc_address)
         if self._stopped:
@@ -287,7 +323,7 @@ class GossipNode:
             self._pump()
         else:
             try:
-                self._loop.call_soon_threadsafe(self._pump)
+                loop.call_soon_threadsafe(self._pump)
             except RuntimeError:  # loop already closed during shutdown
                 pass
 
@@ -313,10 +349,15 @@ class GossipNode:
 
     # -- internals -------------------------------------------------------------------------------------------------
 
-    def _require_core(self):
+    def _require_core(self) -> Swim:
         if self._core is None:
             raise RuntimeError("GossipNode is not started")
         return self._core
+
+    def _require_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("GossipNode is not started")
+        return self._loop
 
     def _on_loop_thread(self) -> bool:
         try:
@@ -324,13 +365,14 @@ class GossipNode:
         except RuntimeError:
             return False
 
-    def _on_datagram(self, data: bytes, addr) -> None:
-        if self._core is None:
+    def _on_datagram(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        core, loop = self._core, self._loop
+        if core is None or loop is None:
             return
         source = format_host_port(addr[0], addr[1])
         try:
             with self._lock:
-                self._core.handle_datagram(data, source, self._loop.time())
+                core.handle_datagram(data, source, loop.time())
         except Exception:  # the core counts bad input itself; anything else is a bug we log, not a crash
             log.exception("gossip core failed on a datagram from %s", source)
         self._pump()
@@ -339,26 +381,28 @@ class GossipNode:
         due = self._timer_when
         self._timer = None
         self._timer_when = float("inf")
-        if self._core is None or self._transport is None:
+        core, loop = self._core, self._loop
+        if core is None or loop is None or self._transport is None:
             return
         try:
             with self._lock:
                 # asyncio may run a call_at callback a clock-resolution early; never tick before the deadline
                 # it was armed for, or the timer would re-arm for the same instant and spin.
-                self._core.tick(max(self._loop.time(), due))
+                core.tick(max(loop.time(), due))
         except Exception:
             log.exception("gossip core failed in tick")
         self._pump()
 
-    def _flush(self) -> list:
+    def _flush(self) -> list[tuple[str, tuple[Any, ...]]]:
+        core, loop = self._require_core(), self._require_loop()
         with self._lock:
-            out = self._core.drain_outgoing()
-            events = self._core.drain_events()
+            out = core.drain_outgoing()
+            events = core.drain_events()
         transport = self._transport
         if transport is not None:
             for address, data in out:
                 if self._network is not None:
-                    self._network.send(self._sendto, address, data, self._loop)
+                    self._network.send(self._sendto, address, data, loop)
                 else:
                     self._sendto(data, address)
         return events
@@ -385,14 +429,15 @@ class GossipNode:
 
     def _pump(self) -> None:
         """Send what the core produced, deliver its events, and re-arm the timer for its next deadline."""
-        if self._core is None or self._transport is None:
+        core, loop = self._core, self._loop
+        if core is None or loop is None or self._transport is None:
             return
         events = self._flush()
         if events:
             with self._lock:
                 subscribers = list(self._subscribers)
             for kind, row in events:
-                event = MemberEvent(kind, Member(*row))
+                event = MemberEvent(MemberEventKind(kind), Member.from_core(row))
                 for cb in subscribers:
                     try:
                         cb(event)
@@ -400,9 +445,9 @@ class GossipNode:
                         self.callback_errors += 1
                         log.exception("gossip subscriber raised on %s", kind)
         with self._lock:
-            deadline = self._core.next_deadline()
+            deadline = core.next_deadline()
         if deadline < self._timer_when - 1e-4:
             if self._timer is not None:
                 self._timer.cancel()
             self._timer_when = deadline
-            self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._timer = loop.call_at(deadline, self._on_timer)

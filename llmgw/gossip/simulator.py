@@ -19,8 +19,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 from llmgw._core.codec import SYNC_ACK, Message, Update, encode_limited
-from llmgw._core.swim import Swim
+from llmgw._core.swim import MEMBER_FIELDS, Swim
 from llmgw.gossip.config import GossipConfig
+from llmgw.gossip.node import Member
+from llmgw.topology import ROLE_REPLICA, SEED_PLACEHOLDER_PREFIX, role_number
 
 _DELIVER = 0
 _TIMER = 1
@@ -28,10 +30,15 @@ _CALL = 2
 _RESUME = 3
 
 WALL_OFFSET = 1.7e9  # simulated wall clock = simulated monotonic time + this (only incarnations use it)
+# Positions in the core's member tuples (the event callback and the measurements read raw rows: at N = 1,000 a
+# Member object per event would cost more than the protocol itself).
+_ID, _ADDRESS, _STATE, _INCARNATION, _VERSION, _ACTIVE, _CAPACITY, _WEIGHT, _DRAINING = (
+    MEMBER_FIELDS.index(name) for name in ("member_id", "address", "state", "incarnation", "model_version",
+                                           "active_requests", "max_capacity", "weight", "draining"))
 
 
 class SimNode:
-    __slots__ = ("index", "member_id", "address", "core", "generation", "timer_at", "paused_until", "backlog")
+    __slots__ = ("address", "backlog", "core", "generation", "index", "member_id", "paused_until", "timer_at")
 
     def __init__(self, index: int, member_id: str, address: str) -> None:
         self.index = index
@@ -46,6 +53,13 @@ class SimNode:
     @property
     def running(self) -> bool:
         return self.core is not None
+
+    @property
+    def live_core(self) -> Swim:
+        """The core of a running node (RuntimeError for a crashed one: a caller that should have checked)."""
+        if self.core is None:
+            raise RuntimeError(f"{self.member_id} is not running")
+        return self.core
 
 
 class Simulator:
@@ -90,7 +104,7 @@ class Simulator:
             else:
                 seed_address = self.nodes[0].address
                 for n in self.nodes[1:]:
-                    n.core.join([seed_address], 0.0)
+                    n.live_core.join([seed_address], 0.0)
                     self._after(n)
         finally:
             gc.freeze()
@@ -102,7 +116,8 @@ class Simulator:
     def _boot(self, n: SimNode, t: float) -> None:
         n.generation += 1
         n.core = Swim(n.member_id, n.address, self.config, self.rng.getrandbits(64), t,
-                      int((t + WALL_OFFSET) * 1000), wall_offset=WALL_OFFSET, role=1)
+                      int((t + WALL_OFFSET) * 1000), wall_offset=WALL_OFFSET, role=role_number(ROLE_REPLICA),
+                      placeholder_prefix=SEED_PLACEHOLDER_PREFIX)
         n.timer_at = math.inf
         n.paused_until = -math.inf
         n.backlog = []
@@ -110,8 +125,8 @@ class Simulator:
 
     def _bootstrap_full_state(self) -> None:
         """Hand every node the whole table at t=0 through the core's own SYNC_ACK path (no special hook)."""
-        state = [Update(*n.core.local_member()[:2], 0, n.core.incarnation, "", 0, 0, "", 1, 1.0, False, "")
-                 for n in self.nodes]
+        state = [Update(n.member_id, n.address, 0, n.live_core.incarnation, "", 0, 0, "", role_number(ROLE_REPLICA),
+                        1.0, False, "") for n in self.nodes]
         msg = Message(SYNC_ACK, "bootstrap", "", 0, None, "", "", int(WALL_OFFSET * 1000))
         chunks = []
         pos = 0
@@ -121,7 +136,7 @@ class Simulator:
             pos += k
         for n in self.nodes:
             for data in chunks:
-                n.core.handle_datagram(data, "", 0.0)  # empty source: the fake sender is not learned
+                n.live_core.handle_datagram(data, "", 0.0)  # empty source: the fake sender is not learned
             self._after(n)
 
     # -- event plumbing --------------------------------------------------------------------------------------------
@@ -132,7 +147,7 @@ class Simulator:
 
     def _after(self, n: SimNode) -> None:
         """Ship what the node produced, record its events and make sure its next deadline is scheduled."""
-        core = n.core
+        core = n.live_core
         out = core.drain_outgoing()
         if out:
             rng = self.rng
@@ -214,7 +229,7 @@ class Simulator:
         self._boot(n, self.now)
         seed_addresses = [self.nodes[s].address for s in seeds if s != i]
         if seed_addresses:
-            n.core.join(seed_addresses, self.now)
+            n.live_core.join(seed_addresses, self.now)
         self._after(n)
 
     def pause(self, i: int, duration: float) -> None:
@@ -233,11 +248,18 @@ class Simulator:
 
     def set_meta(self, i: int, **fields) -> None:
         n = self.nodes[i]
-        n.core.set_meta(self.now, **fields)
+        n.live_core.set_meta(self.now, **fields)
         self._after(n)
 
     def running(self) -> list[int]:
         return [n.index for n in self.nodes if n.core is not None]
+
+    def members(self, index: int, *, include_self: bool = False) -> list[Member]:
+        """Node `index`'s member table as the UDP shell presents it (llmgw.gossip.Member, same derivations)."""
+        core = self.nodes[index].core
+        if core is None:
+            raise ValueError(f"node {index} is not running")
+        return [Member.from_core(row) for row in core.members(include_self)]
 
     def bytes_out(self) -> int:
         return sum(n.core.bytes_out for n in self.nodes if n.core is not None)
@@ -254,10 +276,11 @@ class Simulator:
         running = self.running()
         if not running:
             return 0.0
-        core = self.nodes[running[0]].core
-        rows = core.members(True)
-        state_bytes = sum(Update(r[0], r[1], 0, r[5], r[6], r[7], r[8], "", 1, r[9], r[10], "").encoded_size()
-                          for r in rows)
+        rows = [Member.from_core(r) for r in self.nodes[running[0]].live_core.members(True)]
+        state_bytes = sum(Update(m.member_id, m.address, 0, m.incarnation, m.model_version, m.active_requests,
+                                 m.max_capacity, "", role_number(ROLE_REPLICA), m.weight, m.draining,
+                                 "").encoded_size()
+                          for m in rows)
         datagrams = max(1, math.ceil(state_bytes / (self.config.max_datagram - 80)))
         state_bytes += datagrams * 60  # message header per datagram
         interval = self.config.push_pull_interval * max(1.0, len(rows) / 32.0)
@@ -303,13 +326,13 @@ class ScenarioResult:
 
     def summary(self) -> dict:
         period = self.protocol_period
+        suspicion_p50 = percentile(self.first_suspicion, 50)
         out = {
             "nodes": self.nodes, "loss": self.loss, "duration_s": self.duration, "seed": self.seed,
             "crashes": self.crashes, "undetected_crashes": self.undetected_crashes,
             "first_suspicion_p50_s": percentile(self.first_suspicion, 50),
             "first_suspicion_p99_s": percentile(self.first_suspicion, 99),
-            "first_suspicion_p50_periods": (None if not self.first_suspicion
-                                            else percentile(self.first_suspicion, 50) / period),
+            "first_suspicion_p50_periods": None if suspicion_p50 is None else suspicion_p50 / period,
             "dead_everywhere_p50_s": percentile(self.dead_everywhere, 50),
             "dead_everywhere_p99_s": percentile(self.dead_everywhere, 99),
             "false_dead": self.false_dead, "false_dead_members": self.false_dead_members,
@@ -360,7 +383,7 @@ def run_scenario(nodes: int = 64, *, loss: float = 0.0, duration: float = 60.0, 
     sim_ref: list[Simulator] = []
 
     def on_event(t: float, observer: int, kind: str, row: tuple) -> None:
-        member_id = row[0]
+        member_id = row[_ID]
         if kind == "suspect" or kind == "dead":
             if member_id in crashed_at:
                 if member_id not in first_suspect:
@@ -374,9 +397,9 @@ def run_scenario(nodes: int = 64, *, loss: float = 0.0, duration: float = 60.0, 
                 else:
                     res.false_suspicions += 1
         if pending_updates and (kind == "updated" or kind == "joined" or kind == "alive"):
-            entry = pending_updates.get(row[6])
+            entry = pending_updates.get(row[_VERSION])
             if (entry is not None and entry[1] == member_id and observer not in entry[2]
-                    and update_population[row[6]].get(observer) == sim_ref[0].nodes[observer].generation):
+                    and update_population[row[_VERSION]].get(observer) == sim_ref[0].nodes[observer].generation):
                 entry[2].add(observer)
                 entry[3].append(t - entry[0])
 
@@ -398,7 +421,7 @@ def run_scenario(nodes: int = 64, *, loss: float = 0.0, duration: float = 60.0, 
     crash_times = [quiet_end + i * spacing for i in range(crashes)]
     victims: list[int] = []
     stall_nodes = rng.sample(range(nodes), min(stalls, nodes)) if stalls else []
-    for i, ct in enumerate(crash_times):
+    for ct in crash_times:
         candidates = [x for x in range(nodes) if x not in stall_nodes]
         victim = rng.choice(candidates)
         victims.append(victim)
@@ -442,11 +465,11 @@ def run_scenario(nodes: int = 64, *, loss: float = 0.0, duration: float = 60.0, 
     _latest_dead_time: dict[str, float] = {}
 
     # Exact DEAD-everywhere time: track the last observer's dead event time.
-    inner = sim.on_event
+    inner = on_event
 
     def on_event_with_latest(t_ev: float, observer: int, kind: str, row: tuple) -> None:
-        if kind == "dead" and row[0] in crashed_at:
-            _latest_dead_time[row[0]] = t_ev
+        if kind == "dead" and row[_ID] in crashed_at:
+            _latest_dead_time[row[_ID]] = t_ev
         inner(t_ev, observer, kind, row)
 
     sim.on_event = on_event_with_latest
@@ -475,7 +498,10 @@ def run_scenario(nodes: int = 64, *, loss: float = 0.0, duration: float = 60.0, 
         k = 0
         while first + k * stall_every < end:
             st = first + k * stall_every
-            sim.at(st, lambda now, s=s: sim.pause(s, stall_min + rng.random() * (stall_max - stall_min)))
+            def stall(now: float, s: int = s) -> None:  # the stall's length is drawn when it starts
+                sim.pause(s, stall_min + rng.random() * (stall_max - stall_min))
+
+            sim.at(st, stall)
             k += 1
 
     restarted: list[int] = []
@@ -506,7 +532,7 @@ def run_scenario(nodes: int = 64, *, loss: float = 0.0, duration: float = 60.0, 
 
     running = sim.running()
     curve_points: list[float] = []
-    for tag, (t0, member_id, seen, times) in pending_updates.items():
+    for tag, (_t0, _member_id, seen, times) in pending_updates.items():
         # Nodes that crashed or restarted after the update are not expected to hear it as news.
         population = {x for x, gen in update_population[tag].items() if sim.nodes[x].generation == gen}
         if population <= seen:
@@ -522,8 +548,7 @@ def run_scenario(nodes: int = 64, *, loss: float = 0.0, duration: float = 60.0, 
     # Convergence: every running node sees every other running node alive.
     stuck = []
     for i in running:
-        core = sim.nodes[i].core
-        states = {row[0]: row[4] for row in core.members()}
+        states = {row[_ID]: row[_STATE] for row in sim.nodes[i].live_core.members()}
         for j in running:
             if j != i and states.get(sim.nodes[j].member_id) != "alive":
                 stuck.append(f"{sim.nodes[i].member_id} sees {sim.nodes[j].member_id} as "

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from llmgw._core.codec import ACK, ALIVE, PING, Message, Update, decode, encode
-from llmgw._core.swim import Swim
+from llmgw._core.swim import MEMBER_FIELDS, Swim
 from llmgw.gossip.config import GossipConfig
 
 BASE_INC = 1_000_000
+_STATE = MEMBER_FIELDS.index("state")
+_INCARNATION = MEMBER_FIELDS.index("incarnation")
 
 
 def addr(member_id: str) -> str:
@@ -46,12 +48,12 @@ def outgoing(node: Swim) -> list[tuple[str, Message, int]]:
 
 def state_of(node: Swim, member_id: str) -> str | None:
     row = node.member(member_id)
-    return None if row is None else row[4]
+    return None if row is None else str(row[_STATE])
 
 
 def inc_of(node: Swim, member_id: str) -> int | None:
     row = node.member(member_id)
-    return None if row is None else row[5]
+    return None if row is None else int(row[_INCARNATION])
 
 
 def run(node: Swim, until: float, step_cb=None) -> None:
@@ -80,7 +82,7 @@ def answering(node: Swim, log: list | None = None):
     """A run() step callback under which every PING the node sends is ACKed by its target at once."""
 
     def step(t: float) -> None:
-        for dst, msg, size in outgoing(node):
+        for dst, msg, _size in outgoing(node):
             if log is not None:
                 log.append((t, dst, msg))
             if msg.type == PING:

@@ -24,10 +24,10 @@ from typing import Any
 
 from aiohttp import web
 
-from llmgw.gateway.membership import is_replica
 from llmgw.gateway.operations import ROLLOUT_STOP_TIMEOUT_S, RolloutController, RolloutRefused
 from llmgw.http.openai_api import ApiError, bad_request, compact_json, decode_json_body
 from llmgw.metrics import aiohttp_handler
+from llmgw.topology import is_replica
 
 log = logging.getLogger("llmgw.http.admin")
 
@@ -110,10 +110,7 @@ class AdminApi:
 
     # ---- health -------------------------------------------------------------------------------------------
     def routable(self) -> set[str]:
-        excluded: set[str] = set()
-        for source in self.gateway.exclusion_sources:
-            excluded.update(source())
-        return self.gateway.view.routable() - excluded
+        return self.gateway.routable()
 
     async def healthz(self, request: web.Request) -> web.Response:
         return _json({"status": "ok"})
@@ -186,9 +183,9 @@ class AdminApi:
                     raise bad_request(f"'{name}' must be a boolean", name)
                 options[name] = value
         order = body.get("replicas")
-        if order is not None:
-            if not isinstance(order, list) or not order or not all(isinstance(r, str) and r for r in order):
-                raise bad_request("'replicas' must be a non-empty list of replica ids", "replicas")
+        if order is not None and (not isinstance(order, list) or not order
+                                  or not all(isinstance(r, str) and r for r in order)):
+            raise bad_request("'replicas' must be a non-empty list of replica ids", "replicas")
         try:
             rollout = self.rollouts.start(version, replicas=order, **options)
         except RolloutRefused as exc:

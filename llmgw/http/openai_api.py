@@ -34,9 +34,9 @@ from typing import Any
 
 from aiohttp import web
 
-from llmgw.gateway.api import GatewayError, InferenceRequest, InvalidArgument, ResourceExhausted
-from llmgw.gateway.membership import is_replica
+from llmgw.gateway.api import ErrorKind, GatewayError, InferenceRequest
 from llmgw.logs import request_log
+from llmgw.topology import is_routable_replica
 
 log = logging.getLogger("llmgw.http.openai")
 
@@ -97,18 +97,27 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return ApiError(400, message, param=param, code=code)
 
 
+# The one table from a gateway outcome to HTTP: status and OpenAI error type (the error's `code` is the kind's
+# name). 400 bad input, 429 queue full/timed out (with Retry-After), 503 no replica, 504 deadline.
+HTTP_ERRORS: dict[ErrorKind, tuple[int, str]] = {
+    ErrorKind.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    ErrorKind.NOT_FOUND: (404, "invalid_request_error"),
+    ErrorKind.UNAUTHENTICATED: (401, "invalid_request_error"),
+    ErrorKind.PERMISSION_DENIED: (403, "permission_error"),
+    ErrorKind.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    ErrorKind.UNAVAILABLE: (503, "service_unavailable"),
+    ErrorKind.DEADLINE_EXCEEDED: (504, "timeout"),
+    ErrorKind.INTERNAL: (500, "server_error"),
+    ErrorKind.UNKNOWN: (500, "server_error"),
+}
+
+
 def from_gateway_error(exc: GatewayError) -> ApiError:
-    """HTTP status for a gateway outcome: 400 bad input, 429 queue full/timed out, 503 no replica, 504 deadline."""
-    name = exc.code.name.lower()
-    if isinstance(exc, InvalidArgument):
-        return ApiError(400, exc.message, code="invalid_argument")
-    if isinstance(exc, ResourceExhausted):
-        retry_after = max(1, math.ceil(exc.retry_after_s))
-        return ApiError(429, exc.message, type="rate_limit_error", code="resource_exhausted",
-                        headers={"Retry-After": str(retry_after)})
-    status = {"unavailable": 503, "deadline_exceeded": 504}.get(name, 500)
-    type_ = {503: "service_unavailable", 504: "timeout"}.get(status, "server_error")
-    return ApiError(status, exc.message, type=type_, code=name)
+    """The HTTP answer to a gateway outcome (HTTP_ERRORS); a retry delay becomes a Retry-After header."""
+    status, type_ = HTTP_ERRORS.get(exc.kind, (500, "server_error"))
+    retry_after_s = getattr(exc, "retry_after_s", None)
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else None
+    return ApiError(status, exc.message, type=type_, code=exc.kind.value, headers=headers)
 
 
 # ---- request parsing (pure) ---------------------------------------------------------------------------------
@@ -401,7 +410,7 @@ class OpenAIApi:
         # aiohttp has no body-read timeout of its own: without this, a client trickling its body a byte at a
         # time holds its connection and handler for as long as it likes (slowloris).
         self.body_timeout_s = float(body_timeout_s)
-        # With record_requests false the gateway (llmgw.gateway.observability.ObservedGateway) measures and logs
+        # With record_requests false the gateway (its llmgw.gateway.observability.MetricsListener) measures and logs
         # every request that reaches it; this front still counts and logs the ones refused before that (bad
         # JSON, bad fields), which the gateway never sees.
         self.record_requests = record_requests
@@ -423,7 +432,7 @@ class OpenAIApi:
     async def models(self, request: web.Request) -> web.Response:
         versions: dict[str, int] = {}
         for member in self.gateway.members():
-            if not is_replica(member) or str(member.state).lower() not in ("alive", "suspect"):
+            if not is_routable_replica(member):
                 continue
             version = getattr(member, "model_version", "") or "unknown"
             versions[version] = versions.get(version, 0) + 1

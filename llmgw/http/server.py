@@ -24,7 +24,7 @@ class HttpFront:
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, openai: OpenAIApi, admin: AdminApi,
                  *, tls: bool = False, owns_rollouts: bool = False) -> None:
-        self._runner = runner
+        self._runner: web.AppRunner | None = runner
         self._owns_rollouts = owns_rollouts
         self.host = host
         self.port = port
@@ -103,7 +103,9 @@ async def start_http(gateway, *, host: str = "127.0.0.1", port: int = 0, admin_t
                        default_max_tokens=default_max_tokens, body_timeout_s=body_timeout_s)
     owns_rollouts = rollouts is None
     if rollouts is None:
-        rollouts = RolloutController(gateway, gateway.drains, restart)
+        # A transport that can ask replicas to drain (gRPC) lets rolling updates do so.
+        drain_replica = getattr(getattr(gateway, "transport", None), "drain_replica", None)
+        rollouts = RolloutController(gateway, gateway.drains, restart, drain_replica=drain_replica)
     elif restart is not None:
         raise ValueError("pass either rollouts (which carries its restart hook) or restart, not both")
     admin = AdminApi(gateway, bound_host=host, admin_token=admin_token, metrics=metrics, breakers=breakers,

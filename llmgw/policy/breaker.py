@@ -115,9 +115,9 @@ class _Replica:
     """One replica's breaker state. Outcomes in the window: True = failure."""
 
     __slots__ = (
-        "state", "reason", "changed_at", "opened_at", "open_until", "cooldown", "trips", "window", "window_failures",
-        "consecutive", "probe_in_flight", "probe_started_at", "last_failure_kind", "successes", "failures",
-        "ejections",
+        "changed_at", "consecutive", "cooldown", "ejections", "failures", "last_failure_kind", "open_until",
+        "opened_at", "probe_in_flight", "probe_started_at", "reason", "state", "successes", "trips", "window",
+        "window_failures",
     )
 
     def __init__(self, now: float, window_size: int) -> None:
@@ -291,19 +291,19 @@ class BreakerBoard:
         alive. As a half-open probe it decides like a successful probe with that TTFT: still slow -> OPEN, else the
         probe slot is freed for a real probe (a lower bound cannot prove recovery).
         """
-        waited_s = check_latency("waited_s", waited_s)
-        if waited_s is None:
+        waited = check_latency("waited_s", waited_s)
+        if waited is None:
             raise ValueError("waited_s must be a number, not None")
         now = self._clock()
         entry = self._entry(_check_replica_id(replica_id), now)
         self._refresh(replica_id, entry, now)
         if entry.state == CLOSED:
-            self._outliers.observe_checked(replica_id, waited_s, None)
+            self._outliers.observe_checked(replica_id, waited, None)
             metric = self._outliers.slow_metric(replica_id) if self.config.slow_detection else None
             if metric is not None:
                 self._trip(replica_id, entry, now, REASON_SLOW_TTFT if metric == "ttft" else REASON_SLOW_ITL)
         elif entry.state == HALF_OPEN and not self._stale(entry, started_at):
-            if self.config.slow_detection and self._outliers.slow_sample(replica_id, waited_s, None) == "ttft":
+            if self.config.slow_detection and self._outliers.slow_sample(replica_id, waited, None) == "ttft":
                 self._reopen(replica_id, entry, now, REASON_PROBE_SLOW_TTFT)
             else:
                 entry.probe_in_flight = False
@@ -330,7 +330,7 @@ class BreakerBoard:
     def max_ejected(self) -> int:
         """How many replicas may be ejected at once with the current membership."""
         # The epsilon absorbs float error in e.g. 0.3 x 10 = 2.9999999999999996.
-        return int(math.floor(self.config.max_ejection_fraction * len(self._replicas) + 1e-9))
+        return math.floor(self.config.max_ejection_fraction * len(self._replicas) + 1e-9)
 
     def snapshot(self) -> dict:
         """Plain-data view for metrics and the admin API."""

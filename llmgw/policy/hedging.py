@@ -154,7 +154,8 @@ class HedgePolicy:
         n = len(self._ttft_sorted)
         if n < self.config.adaptive_min_samples:
             return None
-        return self._ttft_sorted[max(0, math.ceil(q * n) - 1)]
+        quantile: float = self._ttft_sorted[max(0, math.ceil(q * n) - 1)]
+        return quantile
 
     def record_outcome(self, outcome: str) -> None:
         """How a hedge race ended: HEDGE_WON, HEDGE_LOST or HEDGE_CANCELLED (explicit and policy hedges alike)."""

@@ -51,7 +51,7 @@ class OutlierConfig:
 
 
 class _Ewma:
-    __slots__ = ("value", "samples")
+    __slots__ = ("samples", "value")
 
     def __init__(self) -> None:
         self.value = 0.0

@@ -8,15 +8,19 @@ import dataclasses
 import logging
 import os
 import random
+from collections.abc import AsyncGenerator
+from typing import Protocol
 
 import grpc
 
+from llmgw import rpc
 from llmgw._proto import llmgateway_pb2 as pb
-from llmgw.replica import model, wire
+from llmgw.gossip import GossipConfig, GossipNode
+from llmgw.replica import model
+from llmgw.topology import gossip_port_for
 
 log = logging.getLogger("llmgw.replica")
 
-REPLICA_SERVICES = ["LLMReplica", "ReplicaAdmin"]
 
 # Gossip carries load to gateways; publishing every single change would flood update_meta at thousands of
 # changes per second while gossip only disseminates a few times per second anyway.
@@ -43,13 +47,21 @@ class ReplicaAbort(Exception):
         self.details = details
 
 
+class TokenBackend(Protocol):
+    """A real model behind the replica (llmgw.backends.OpenAIUpstreamBackend is one)."""
+
+    def generate(self, prompt: str, max_tokens: int, already: list[str]) -> AsyncGenerator[str, None]: ...
+
+    async def close(self) -> None: ...
+
+
 @dataclasses.dataclass
 class ReplicaConfig:
     replica_id: str = "replica-1"
     host: str = "127.0.0.1"
     port: int = 50051
     advertise: str = ""  # host other nodes use to reach us; defaults to host
-    gossip_port: int | None = 0  # 0 = port + 10000 (reference convention), None = no gossip
+    gossip_port: int | None = 0  # 0 = llmgw.topology.gossip_port_for(port), None = no gossip
     seeds: tuple[str, ...] = ()
     gossip_config: str = "lan"
     # Shared gossip key (llmgw.gossip.auth); None = unsigned gossip. Same key on every member of the cluster.
@@ -65,8 +77,8 @@ class ReplicaConfig:
     seed: int | None = None
     # A real model behind an OpenAI-compatible server (llmgw.backends.OpenAIUpstreamBackend, or anything with
     # the same `generate(prompt, max_tokens, already)` async iterator and `close()`); None = the simulator.
-    backend: object | None = None
-    # TLS for the gRPC port (llmgw.replica.wire.server_credentials); None = plaintext.
+    backend: TokenBackend | None = None
+    # TLS for the gRPC port (llmgw.tls.server_credentials); None = plaintext.
     server_credentials: grpc.ServerCredentials | None = None
     # Serve GenerateSession (many streams on one call from a gateway); False = Generate only, as the reference.
     sessions: bool = True
@@ -78,6 +90,7 @@ class Replica:
     def __init__(self, config: ReplicaConfig, *, metrics=None) -> None:
         self.config = config
         self.backend = config.backend
+        self.active = 0
         # A llmgw.metrics.ReplicaMetrics, or None for no metrics.
         self.metrics = metrics
         if metrics is not None:
@@ -85,16 +98,14 @@ class Replica:
             metrics.capacity.set(config.max_capacity)
         self.faults = dataclasses.replace(config.faults)
         self.cache = model.PrefixCache(config.prefix_cache_size)
-        self.active = 0
         self.peak_active = 0
         self.served_total = 0
         self.rejected_total = 0
         self.draining = False
-        self.gossip = None
+        self.gossip: GossipNode | None = None
         self.port = config.port
         self._rng = random.Random(config.seed)
-        self._server: grpc.aio.Server | None = None
-        self._health = None
+        self._rpc: rpc.RpcServer | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         # Stalled streams wait on this so stop() can release them instead of leaving tasks behind.
@@ -109,39 +120,31 @@ class Replica:
         return f"{self.config.advertise or self.config.host}:{self.port}"
 
     async def start(self) -> None:
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         replica_methods = {
-            "Generate": wire.unary_stream(self.Generate, pb.GenerateRequest, pb.GenerateResponse),
-            "Drain": wire.unary_unary(self.Drain, pb.DrainRequest, pb.DrainResponse),
+            "Generate": rpc.unary_stream(self.Generate, pb.GenerateRequest, pb.GenerateResponse),
+            "Drain": rpc.unary_unary(self.Drain, pb.DrainRequest, pb.DrainResponse),
         }
         if self.config.sessions:
-            replica_methods["GenerateSession"] = wire.stream_stream(self.GenerateSession, pb.SessionRequest,
-                                                                    pb.SessionResponse)
-        server.add_generic_rpc_handlers((
-            grpc.method_handlers_generic_handler("llmgateway.LLMReplica", replica_methods),
-            grpc.method_handlers_generic_handler("llmgateway.ReplicaAdmin", {
-                "SetFaults": wire.unary_unary(self.SetFaults, pb.Faults, pb.Faults),
-                "GetStatus": wire.unary_unary(self.GetStatus, pb.StatusRequest, pb.ReplicaStatus),
-                "Members": wire.unary_unary(self.Members, pb.MembersRequest, pb.MembersResponse),
-            }),
-        ))
-        names = [wire.service_name(s) for s in REPLICA_SERVICES]
-        self._health = wire.add_health_and_reflection(server, names)
-        self.port = wire.add_port(server, f"{self.config.host}:{self.config.port}", self.config.server_credentials)
-        if self.port == 0:
-            raise OSError(f"cannot bind gRPC port {self.config.host}:{self.config.port}")
-        await server.start()
-        self._server = server
+            replica_methods["GenerateSession"] = rpc.stream_stream(self.GenerateSession, pb.SessionRequest,
+                                                                   pb.SessionResponse)
+        server = rpc.RpcServer({
+            "LLMReplica": replica_methods,
+            "ReplicaAdmin": {
+                "SetFaults": rpc.unary_unary(self.SetFaults, pb.Faults, pb.Faults),
+                "GetStatus": rpc.unary_unary(self.GetStatus, pb.StatusRequest, pb.ReplicaStatus),
+                "Members": rpc.unary_unary(self.Members, pb.MembersRequest, pb.MembersResponse),
+            },
+        }, self.config.host, self.config.port, self.config.server_credentials)
+        self.port = await server.start()
+        self._rpc = server
         if self.config.gossip_port is not None:
             await self._start_gossip()
-        await wire.set_serving(self._health, names, True)
+        await server.set_serving(True)
         log.info("replica %s serving on %s", self.config.replica_id, self.grpc_address)
 
     async def _start_gossip(self) -> None:
-        from llmgw.gossip import GossipConfig, GossipNode
-
         cfg = self.config
-        gossip_port = cfg.gossip_port or self.port + 10000
+        gossip_port = cfg.gossip_port or gossip_port_for(self.port)
         preset = GossipConfig.preset(cfg.gossip_config)
         advertise = f"{cfg.advertise}:{gossip_port}" if cfg.advertise else None
         self.gossip = GossipNode(
@@ -153,22 +156,21 @@ class Replica:
 
     async def stop(self, grace: float = 1.0) -> None:
         self._stopping.set()
-        if self._health is not None:
-            await wire.set_serving(self._health, [wire.service_name(s) for s in REPLICA_SERVICES], False)
+        if self._rpc is not None:
+            await self._rpc.set_serving(False)
         if self.gossip is not None:
             try:
                 await asyncio.wait_for(self.gossip.stop(leave=True), timeout=5.0)
             except Exception:  # a failed leave must not prevent the server from stopping
                 log.exception("gossip stop failed")
-        if self._server is not None:
-            await self._server.stop(grace)
-        close = getattr(self.backend, "close", None)
-        if close is not None:
-            await close()
+        if self._rpc is not None:
+            await self._rpc.stop(grace)
+        if self.backend is not None:
+            await self.backend.close()
 
     async def wait_for_termination(self) -> None:
-        if self._server is not None:
-            await self._server.wait_for_termination()
+        if self._rpc is not None:
+            await self._rpc.wait_for_termination()
 
     # ---- load publication -------------------------------------------------------------------------------
     def _load_changed(self) -> None:
@@ -184,7 +186,7 @@ class Replica:
 
     # ---- LLMReplica -------------------------------------------------------------------------------------
     async def Generate(self, request, context: grpc.aio.ServicerContext):
-        if isinstance(request, wire.UndecodableRequest):
+        if isinstance(request, rpc.UndecodableRequest):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         try:
             async with contextlib.aclosing(self._serve(request)) as responses:
@@ -242,7 +244,8 @@ class Replica:
         self._idle.clear()
         self._load_changed()
         generate = self._generate if self.backend is None else self._generate_upstream
-        outcome, tokens = "cancelled", 0
+        # How the stream ended, as its gRPC status (the metrics label it by name).
+        outcome, tokens = grpc.StatusCode.CANCELLED, 0
         try:
             async with contextlib.aclosing(generate(request)) as responses:
                 async for response in responses:
@@ -250,15 +253,15 @@ class Replica:
                     if response.is_final:
                         # Counted before the yield: the caller may close the stream as soon as it has this.
                         self.served_total += 1
-                        outcome = "ok"
+                        outcome = grpc.StatusCode.OK
                     yield response
         except ReplicaAbort as exc:
-            outcome = exc.code.name.lower()
+            outcome = exc.code
             raise
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception:
-            outcome = "internal"
+            outcome = grpc.StatusCode.INTERNAL
             raise
         finally:
             self.active -= 1
@@ -331,6 +334,9 @@ class Replica:
         prompt plus the text the previous replica produced, so a real model continues where it stopped."""
         from llmgw.backends.openai_upstream import UpstreamError
 
+        backend = self.backend
+        if backend is None:  # Generate picks this path only with a backend
+            raise ReplicaAbort(grpc.StatusCode.INTERNAL, "no upstream backend configured")
         first, max_tokens = request.tokens_already_generated, request.max_tokens
         already = list(request.generated_tokens)
         if first and len(already) != first:
@@ -343,7 +349,7 @@ class Replica:
             return
         index = first
         try:
-            async with contextlib.aclosing(self.backend.generate(request.prompt, max_tokens, already)) as tokens:
+            async with contextlib.aclosing(backend.generate(request.prompt, max_tokens, already)) as tokens:
                 async for text in tokens:
                     if self._stopping.is_set():
                         raise UpstreamError("replica stopping")
@@ -364,21 +370,21 @@ class Replica:
         self.draining = True
         if self.gossip is not None:
             self.gossip.update_meta(draining=True)
-        if self._health is not None:
+        if self._rpc is not None:
             # Load balancers and probes that speak grpc.health stop sending work here too.
-            await wire.set_serving(self._health, [wire.service_name(s) for s in REPLICA_SERVICES], False)
+            await self._rpc.set_serving(False)
         remaining = context.time_remaining()
         limit = DRAIN_MAX_WAIT_S if remaining is None else max(0.0, remaining - 0.05)
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=limit)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("drain of %s timed out with %d streams in flight", self.config.replica_id, self.active)
             return pb.DrainResponse(success=False)
         return pb.DrainResponse(success=True)
 
     # ---- ReplicaAdmin -----------------------------------------------------------------------------------
     async def SetFaults(self, request, context):
-        if isinstance(request, wire.UndecodableRequest):
+        if isinstance(request, rpc.UndecodableRequest):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         changes = {}
         if request.set_error_rate:
@@ -424,7 +430,7 @@ class Replica:
             return pb.MembersResponse(self_id=self.config.replica_id)
         members = self.gossip.members(include_self=True)
         return pb.MembersResponse(self_id=self.config.replica_id,
-                                  members=[wire.member_info(m, self.config.replica_id) for m in members])
+                                  members=[rpc.member_info(m, self.config.replica_id) for m in members])
 
 
 class _Session:
@@ -445,7 +451,7 @@ class _Session:
     async def read(self, requests) -> None:
         try:
             async for message in requests:
-                if isinstance(message, wire.UndecodableRequest):
+                if isinstance(message, rpc.UndecodableRequest):
                     self.invalid = message.message
                     return
                 for start in message.start:

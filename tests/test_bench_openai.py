@@ -1,0 +1,263 @@
+"""`bench openai`: the load generator against the deterministic mock (answers checked in full, every fault the mock
+can inject counted as an error of its kind), the statistics and soak helpers, and the runner's direct half."""
+
+import asyncio
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import openai_load as load
+from benchmarks import run_openai as bench
+from llmgw.testing.mock_openai import Fault, FaultKind, MockOpenAIServer, expected_text, render_chat
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_TOKENS = 6
+
+
+def run_against_mock(*, concurrency=4, requests=40, faults=(), mock_options=None, **spec_options):
+    """The load generator against an in-process mock; returns (result, the mock's recorded requests)."""
+    async def main():
+        async with MockOpenAIServer(token_delay=0.002, **(mock_options or {})) as mock:
+            for fault, times in faults:
+                mock.inject(fault, times)
+            spec = load.LoadSpec(url=mock.base_url, concurrency=concurrency, requests=requests, duration_s=20.0,
+                                 max_tokens=MAX_TOKENS, **spec_options)
+            result = await asyncio.wait_for(load.run_load(spec), timeout=60)
+            return result, mock.generation_requests()
+    return asyncio.run(main())
+
+
+# ---- the load generator against the mock --------------------------------------------------------------------
+def test_every_answer_is_streamed_and_checked_at_concurrency_4():
+    result, recorded = run_against_mock(concurrency=4, requests=40)
+    assert result["errors"] == {} and result["error_count"] == 0 and result["warmup_errors"] == {}
+    assert result["ok"] == result["requests"] == 40
+    assert len(recorded) == 40 + 4  # one warm-up request per pooled connection, then the 40 measured
+    assert all(r.body["stream"] is True and r.body["max_tokens"] == MAX_TOKENS for r in recorded)
+    # Every answer's content arrived as MAX_TOKENS content events: one TTFT, MAX_TOKENS - 1 gaps each.
+    assert result["chunks"] == 40 * MAX_TOKENS
+    assert result["ttft_ms"]["count"] == 40 and result["inter_chunk_ms"]["count"] == 40 * (MAX_TOKENS - 1)
+    assert result["total_ms"]["count"] == 40
+    ttft = result["ttft_ms"]
+    assert 0 < ttft["p50"] <= ttft["p90"] <= ttft["p99"] <= ttft["max"]
+    assert ttft["p50"] <= result["total_ms"]["p50"]
+    assert result["requests_per_s"] == pytest.approx(40 / result["wall_s"])
+
+
+def test_the_expected_text_is_the_mocks_answer_to_that_request():
+    messages = load.chat_messages(7)
+    assert messages != load.chat_messages(8)
+    answer = expected_text(render_chat(messages), MAX_TOKENS)
+    assert len(answer.split()) == MAX_TOKENS
+    assert answer != expected_text(render_chat(load.chat_messages(8)), MAX_TOKENS)
+
+
+@pytest.mark.parametrize(("fault", "kind"), [
+    (Fault(FaultKind.TRUNCATED, after_chunks=2), load.ErrorKind.WRONG_TEXT),  # [DONE] after 2 of 6 tokens
+    (Fault(FaultKind.NO_DONE, after_chunks=None), load.ErrorKind.MISSING_DONE),  # whole text, no [DONE]
+    (Fault(FaultKind.NO_DONE, after_chunks=3), load.ErrorKind.MISSING_DONE),
+    (Fault(FaultKind.ERROR_EVENT, after_chunks=1), load.ErrorKind.ERROR_EVENT),
+    (Fault(FaultKind.MALFORMED, after_chunks=1), load.ErrorKind.MALFORMED),
+    (Fault(FaultKind.SERVER_ERROR, status=503), load.ErrorKind.HTTP_STATUS),
+    (Fault(FaultKind.RATE_LIMIT), load.ErrorKind.HTTP_STATUS),
+    (Fault(FaultKind.RESET, after_chunks=2), load.ErrorKind.CONNECTION),
+])
+def test_a_faulty_answer_counts_as_an_error_of_its_kind(fault, kind):
+    result, _ = run_against_mock(concurrency=4, requests=20, faults=[(fault, 3)], warmup=0)
+    assert result["errors"] == {kind: 3}
+    assert result["ok"] == 17 and result["requests"] == 20
+    assert len(result["error_samples"]) == 3 and all(s.startswith(kind) for s in result["error_samples"])
+    assert result["ttft_ms"]["count"] == 17  # figures only from correct answers
+
+
+def test_a_silent_server_is_a_timeout_not_a_hang():
+    result, _ = run_against_mock(concurrency=2, requests=4, warmup=0, request_timeout_s=0.5,
+                                 faults=[(Fault(FaultKind.STALL, after_chunks=1, stall_seconds=30), 1)])
+    assert result["errors"] == {load.ErrorKind.TIMEOUT: 1} and result["ok"] == 3
+
+
+def test_an_answer_that_stops_early_is_a_wrong_text():
+    # With stop_probability 1 every answer ends at once (finish_reason "stop", no content, then [DONE]).
+    result, _ = run_against_mock(concurrency=2, requests=6, warmup=0, mock_options={"stop_probability": 1.0})
+    assert result["errors"] == {load.ErrorKind.WRONG_TEXT: 6} and result["ok"] == 0
+    assert math.isnan(result["ttft_ms"]["p50"])
+
+
+def test_an_unknown_model_is_an_http_error():
+    result, _ = run_against_mock(concurrency=2, requests=4, warmup=0, model="no-such-model")
+    assert result["errors"] == {load.ErrorKind.HTTP_STATUS: 4}
+    assert "HTTP 404" in result["error_samples"][0]
+
+
+def test_the_duration_bounds_a_run_with_many_requests_left():
+    async def main():
+        async with MockOpenAIServer(token_delay=0.01) as mock:
+            spec = load.LoadSpec(url=mock.base_url, concurrency=2, requests=100_000, duration_s=0.5,
+                                 max_tokens=4, warmup=0)
+            return await asyncio.wait_for(load.run_load(spec), timeout=30)
+    result = asyncio.run(main())
+    assert 2 <= result["requests"] < 100 and result["error_count"] == 0
+    assert 0.5 <= result["wall_s"] < 2.0
+
+
+@pytest.mark.parametrize(("bad", "reason"), [
+    ({"concurrency": 0}, "concurrency"), ({"requests": 0}, "requests"), ({"duration_s": 0}, "duration_s"),
+    ({"duration_s": math.inf}, "duration_s"), ({"url": "127.0.0.1:80"}, "url"), ({"max_tokens": 0}, "max_tokens"),
+    ({"warmup": -1}, "warmup"), ({"request_timeout_s": 0}, "request_timeout_s"),
+])
+def test_a_bad_spec_is_refused_with_a_reason(bad, reason):
+    spec = load.LoadSpec(**{"url": "http://127.0.0.1:1", "concurrency": 1, "requests": 1, "duration_s": 1.0, **bad})
+    with pytest.raises(ValueError, match=reason):
+        spec.validate()
+
+
+def test_the_load_generator_runs_as_its_own_process():
+    async def main():
+        async with MockOpenAIServer(token_delay=0.001) as mock:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(ROOT / "benchmarks" / "openai_load.py"), "--url", mock.base_url,
+                "--concurrency", "3", "--requests", "9", "--duration", "10", "--max-tokens", "5",
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+            return proc.returncode, out, err
+    code, out, err = asyncio.run(main())
+    assert code == 0, err.decode()
+    result = json.loads(out)
+    assert result["ok"] == 9 and result["errors"] == {} and result["chunks"] == 9 * 5
+
+
+# ---- statistics ---------------------------------------------------------------------------------------------
+def test_percentile_interpolates_between_closest_ranks():
+    values = [10.0, 20.0, 30.0, 40.0]
+    assert load.percentile(values, 0) == 10.0 and load.percentile(values, 100) == 40.0
+    assert load.percentile(values, 50) == 25.0  # halfway between 20 and 30
+    assert load.percentile(values, 99) == pytest.approx(39.7)  # 30 + 0.97 * 10
+    assert load.percentile([40.0, 10.0, 30.0, 20.0], 50) == 25.0  # order does not matter
+    assert load.percentile([5.0], 99) == 5.0
+    assert math.isnan(load.percentile([], 50))
+    sample = [((i * 7919) % 1000) / 7.0 for i in range(1, 500)]
+    cuts = statistics.quantiles(sample, n=100, method="inclusive")
+    for q in (1, 50, 90, 99):
+        assert load.percentile(sample, q) == pytest.approx(cuts[q - 1])
+    with pytest.raises(ValueError):
+        load.percentile(values, 101)
+
+
+def test_summaries_are_in_milliseconds():
+    s = load.summarize_ms([0.001 * i for i in range(1, 101)])  # 1..100 ms
+    assert s["count"] == 100 and s["max"] == pytest.approx(100.0) and s["mean"] == pytest.approx(50.5)
+    assert s["p50"] == pytest.approx(50.5) and s["p99"] == pytest.approx(99.01)
+    empty = load.summarize_ms([])
+    assert empty["count"] == 0 and math.isnan(empty["p50"])
+
+
+def _round(p50, p99, rps, gap99=5.0, errors=None):
+    errors = errors or {}
+    return {"ttft_ms": {"p50": p50, "p99": p99}, "inter_chunk_ms": {"p99": gap99}, "requests_per_s": rps,
+            "requests": 100, "errors": errors, "error_count": sum(errors.values()), "warmup_errors": {},
+            "error_samples": [], "loadgen_cpu_share": 0.5}
+
+
+def test_overheads_are_medians_of_per_round_pairs():
+    direct = [_round(10.0, 20.0, 100.0), _round(12.0, 30.0, 200.0), _round(11.0, 25.0, 100.0)]
+    via = [_round(10.5, 22.0, 95.0), _round(20.0, 90.0, 100.0), _round(11.25, 26.0, 99.0)]
+    o = bench.overhead(direct, via)
+    assert o["added_ttft_p50_ms"] == 0.5  # of 0.5, 8.0, 0.25
+    assert o["added_ttft_p99_ms"] == 2.0  # of 2, 60, 1
+    assert o["rps_ratio"] == 0.95  # of 0.95, 0.5, 0.99
+    s = bench.path_summary(via)
+    assert s["ttft_p50_ms"] == 11.25 and s["requests_per_s"] == 99.0 and s["errors"] == 0
+
+
+def test_targets_are_judged_on_the_gateway_figures():
+    runs = {1: {"direct": [_round(10.0, 12.0, 50.0)] * 3, "gateway": [_round(10.8, 13.0, 49.0)] * 3},
+            64: {"direct": [_round(20.0, 40.0, 1000.0)] * 3, "gateway": [_round(25.0, 70.0, 960.0)] * 3},
+            256: {"direct": [_round(40.0, 90.0, 2000.0)] * 3,
+                  "gateway": [_round(50.0, 150.0, 1900.0, errors={"timeout": 1})] + [_round(50.0, 150.0, 1900.0)] * 2}}
+    verdicts = dict(bench.target_verdicts(bench.summarize(runs), "gateway"))
+    assert verdicts["c=1: added TTFT p50 <= 1.0 ms"].startswith("met")
+    assert verdicts["c=64: requests/s >= 0.95x direct"].startswith("met")
+    assert verdicts["c=64: TTFT p99 <= direct + 20 ms"].startswith("NOT met")  # +30 ms
+    assert verdicts["c=256: 0 errors"].startswith("NOT met")  # one error in one round counts
+    assert verdicts["c=256: requests/s >= 0.9x direct"].startswith("met")
+    only_direct = bench.summarize({1: {"direct": [_round(10.0, 12.0, 50.0)]}})
+    assert all(v.startswith("n/a") for _, v in bench.target_verdicts(only_direct, "gateway"))
+
+
+def test_rounds_alternate_the_order_of_the_paths():
+    paths = [bench.LoadPath(n, "http://x", None) for n in ("direct", "gateway", "litellm")]
+    orders = [[p.name for p in bench.rotated(paths, k)] for k in range(3)]
+    assert orders == [["direct", "gateway", "litellm"], ["gateway", "litellm", "direct"],
+                      ["litellm", "direct", "gateway"]]
+
+
+def test_soak_figures_rss_growth_and_fd_drift_after_the_baseline():
+    samples = [{"t": float(t), "rss": 100 * 2**20 if t < 60 else (200 + (t - 60) // 10) * 2**20, "fds": 40 + t // 100}
+               for t in range(0, 601, 5)]
+    f = bench.soak_figures(samples, 60.0)
+    assert f["rss_at_baseline_mb"] == 200.0 and f["rss_last_mb"] == 254.0  # the warm-up minute's growth is not counted
+    assert f["rss_growth_pct"] == pytest.approx(27.0)
+    assert f["fds_min"] == 40 and f["fds_max"] == 46
+    assert f["fd_slope_per_min"] == pytest.approx(0.6, rel=0.05)  # one fd per 100 s
+    verdicts = dict(bench.soak_verdicts({"errors": 0, "requests": 10, "figures": f}))
+    assert verdicts["0 errors"].startswith("met")
+    assert verdicts["RSS growth <= 10% after the first 60 s"].startswith("NOT met")
+    assert verdicts["open fds flat"].startswith("met")  # a drift of ~5.4 fds is within the tolerance
+    leaking = [{**s, "fds": 40 + s["t"] // 5} for s in samples]
+    assert dict(bench.soak_verdicts({"errors": 0, "requests": 10, "figures": bench.soak_figures(leaking, 60.0)})
+                )["open fds flat"].startswith("NOT met")
+
+
+def test_linear_slope():
+    assert bench.linear_slope([0, 1, 2, 3], [1, 3, 5, 7]) == pytest.approx(2.0)
+    assert bench.linear_slope([0, 1, 2], [4, 4, 4]) == 0.0
+    assert math.isnan(bench.linear_slope([1, 1], [2, 3]))
+    with pytest.raises(ValueError):
+        bench.linear_slope([1, 2], [1])
+
+
+# ---- the runner ---------------------------------------------------------------------------------------------
+def test_the_upstream_flag_is_told_apart_from_longer_flags():
+    assert not bench.help_lists_upstream("  --upstream-batch UPSTREAM_BATCH\n  --upstreams X")
+    assert bench.help_lists_upstream("  --upstream-batch N\n  --upstream URL   an OpenAI-compatible server")
+    assert bench.help_lists_upstream("[--upstream URL]")
+
+
+def test_the_gateway_command_streams_from_the_mock_on_free_ports():
+    argv = bench.gateway_command("http://127.0.0.1:9", grpc_port=1001, gossip_port=1002, http_port=1003)
+    assert argv[:4] == [sys.executable, "-m", "llmgw", "gateway"]
+    flags = dict(zip(argv[4::2], argv[5::2], strict=False))
+    assert flags["--upstream"] == "http://127.0.0.1:9" and flags["--http-port"] == "1003"
+    assert flags["--port"] == "1001" and flags["--gossip-port"] == "1002"
+
+
+@pytest.mark.parametrize("argv", [["--paths", "gateway"], ["--paths", "direct,nginx"], ["--rounds", "0"],
+                                  ["--run-seconds", "0"], ["--gateway-url", "http://127.0.0.1:1"],
+                                  ["--concurrency", "1,x"], ["--concurrency", "0"]])
+def test_bad_runner_arguments_are_refused(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(argv)
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_the_direct_half_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    code = bench.main(["--paths", "direct", "--concurrency", "1,4", "--rounds", "2", "--run-seconds", "1",
+                       "--min-requests", "8", "--requests-per-connection", "2", "--max-tokens", "4",
+                       "--token-delay-ms", "2", "--json", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "| 1 | direct |" in text and "| 4 | direct |" in text
+    results = json.loads(out.read_text())
+    for c in ("1", "4"):
+        rounds = results["runs"][c]["direct"]
+        assert len(rounds) == 2 and all(r["error_count"] == 0 and r["ok"] > 0 for r in rounds)
+        summary = results["summary"][c]["direct"]
+        assert summary["errors"] == 0 and summary["mock_cpu_share"] is not None
+        assert summary["ttft_p50_ms"] == statistics.median(r["ttft_ms"]["p50"] for r in rounds)
