@@ -46,16 +46,11 @@ llamacpp: $(LLAMA_STAMP)
 test: build $(LLAMA_STAMP)
 	LLMGW_LLAMACPP_PYTHON=$(abspath $(LLAMA_PY)) $(PY) -m pytest $(PYTEST_ARGS)
 
-# The unit tier: cores and policies driven by hand (no listening socket, no server, no cluster), ~20 s.
-# Until the test files move into tests/unit/ (issue 11), the tier is this list.
-UNIT_TESTS ?= tests/test_codec.py tests/test_codec_fuzz.py tests/test_ring.py tests/test_picker.py \
-	tests/test_routing.py tests/test_swim_core.py tests/test_swim_merge.py tests/test_swim_parts.py \
-	tests/test_simulator.py tests/test_breaker.py tests/test_hedging_policy.py tests/test_admission.py \
-	tests/test_resilience_units.py tests/test_rollout_core.py tests/test_config.py tests/test_logs.py \
-	tests/test_eventloop.py tests/test_deploy_manifests.py tests/test_sourcecode.py
-
+# The unit tier: cores and policies driven by hand (no listening socket, no server, no child process: enforced),
+# without the two simulator soaks. Every test file's tier is in tests/conftest.py (TEST_TIERS); `-m inprocess`,
+# `-m cluster` and `-m system` select the others.
 test-fast: build
-	$(PY) -m pytest -q -m "not slow" $(UNIT_TESTS) $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "unit and not slow" $(PYTEST_ARGS)
 
 bench: build
 	$(PY) -m llmgw bench

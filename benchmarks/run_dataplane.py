@@ -187,14 +187,16 @@ def scenario_ttft(lg, workdir, n, rounds=3):
     return out
 
 
-def scenario_relay(lg, workdir, rounds, repeats=3):
+def scenario_relay(lg, workdir, rounds, repeats=3, otel=False):
     """16 streams x 200 tokens at 0 ms/token: how many tokens/s the gateway relays compared with a client
     talking to the replica directly (one token per message to the client in both cases). Direct and gateway runs
     alternate `repeats` times and the ratio is the median of the per-pair ratios, so one noisy stretch of a shared
-    machine cannot decide it."""
+    machine cannot decide it. `otel`: the gateway traces every request, exporting over OTLP to a local sink."""
+    from otlp_sink import traced_gateways
+
     out = {}
     for label, upstream in (("batched", "64"), ("per_token", "1")):
-        with _cluster(workdir / f"relay-{label}") as c:
+        with _cluster(workdir / f"relay-{label}{'-otel' if otel else ''}") as c, traced_gateways(otel) as sink:
             r = c.start_replica("replica-1", token_delay_ms=0, max_capacity=64,
                                 extra=["--prefill-ms-per-kchar", "0"])
             gw = c.start_gateway("gateway-1", extra=["--upstream-batch", upstream])
@@ -208,11 +210,13 @@ def scenario_relay(lg, workdir, rounds, repeats=3):
                 via = lg.run(gw.grpc_address, "infer", prompts, 200, 16)
                 gw_cpu = cpu_seconds(gw.pid) - gw_cpu0
                 pairs.append((via["tokens_per_s"] / direct["tokens_per_s"], direct, via, gw_cpu))
+            c.stop(gw)  # flushes the spans still batched
+            exported = sink.requests if sink is not None else 0
         pairs.sort(key=lambda pair: pair[0])
         ratio, direct, via, gw_cpu = pairs[len(pairs) // 2]
         out[label] = {"direct": direct, "gateway": via, "ratio": ratio, "ratios": [pair[0] for pair in pairs],
                       "gateway_cpu_us_per_token": gw_cpu / max(1, via["tokens"]) * 1e6,
-                      "gateway_cpu_share": gw_cpu / via["wall_s"]}
+                      "gateway_cpu_share": gw_cpu / via["wall_s"], "otel": otel, "otlp_exports": exported}
     return out
 
 
@@ -315,9 +319,11 @@ def report(results: dict) -> str:
                      f"code), p50 / p99 (ms) | {_fmt(t['bare_relay']['ttft_p50_ms'], 2)} / "
                      f"{_fmt(t['bare_relay']['ttft_p99_ms'], 2)} | (same direct) | added p50 "
                      f"{_fmt(t['bare_added_p50_ms'], 2)} ms: the floor grpc.aio sets for any relay |")
-    for label, r in (results.get("relay") or {}).items():
+    for label, r in [*(results.get("relay") or {}).items(), *(results.get("relay_otel") or {}).items()]:
         what = ("replica->gateway batched (default)" if label == "batched"
                 else "one message per token on both hops (--upstream-batch 1)")
+        if r.get("otel"):
+            what += f", tracing on (LLMGW_OTEL=1, {r['otlp_exports']} OTLP exports to a local sink)"
         lines.append(f"| relay ceiling, 0 ms/token, 16 x 200 tokens, {what} (tokens/s) | "
                      f"{_fmt(r['gateway']['tokens_per_s'], 0)} (gateway CPU {_fmt(r['gateway_cpu_us_per_token'])} "
                      f"us/token, {_fmt(r['gateway_cpu_share'] * 100, 0)}% of a core) | "
@@ -371,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated scenarios: ttft,relay,streams256,burst,"
                                                    "streams1000,routing")
     parser.add_argument("--json", default="", help="also write the raw results to this file")
+    parser.add_argument("--otel", choices=("off", "on", "both"), default="off",
+                        help="relay scenario with the gateway's request tracing off, on (OTLP to a local sink), or "
+                             "both in the same run")
     parser.add_argument("--thousand-delay-ms", type=float, default=100.0)
     parser.add_argument("--thousand-tokens", type=int, default=20)
     parser.add_argument("--per-message", type=int, default=16,
@@ -385,7 +394,10 @@ def main(argv: list[str] | None = None) -> int:
         if want("ttft"):
             results["ttft"] = scenario_ttft(lg, workdir, 100 if args.quick else 400)
         if want("relay"):
-            results["relay"] = scenario_relay(lg, workdir, 1 if args.quick else 4)
+            if args.otel in ("off", "both"):
+                results["relay"] = scenario_relay(lg, workdir, 1 if args.quick else 4)
+            if args.otel in ("on", "both"):
+                results["relay_otel"] = scenario_relay(lg, workdir, 1 if args.quick else 4, otel=True)
         if want("streams256"):
             res = scenario_streams(lg, workdir, 256, 100, 20, 1, "s256", args.per_message)
             res.update(tokens=100, delay_ms=20, per_message=args.per_message)

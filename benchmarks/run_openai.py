@@ -27,6 +27,7 @@ import math
 import os
 import re
 import secrets
+import shlex
 import shutil
 import socket
 import statistics
@@ -48,8 +49,8 @@ LOADGEN = ROOT / "benchmarks" / "openai_load.py"
 MODEL = "mock-model"
 CONCURRENCIES = (1, 16, 64, 256)
 Runs = dict[int, dict[str, list[dict[str, Any]]]]  # concurrency -> path name -> one load result per round
-LITELLM_ENV = "LLMGW_BENCH_LITELLM"
-DEFAULT_API_KEY = "sk-llmgw-bench"  # path of a `litellm` executable (e.g. in a venv of its own)
+LITELLM_ENV = "LLMGW_BENCH_LITELLM"  # path of a `litellm` executable (e.g. in a venv of its own)
+DEFAULT_API_KEY = "sk-llmgw-bench"  # the bearer token sent where no other is needed
 
 
 # ---- the commands (adjust here) ----------------------------------------------------------------------------
@@ -209,15 +210,30 @@ def cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def rss_bytes(pid: int) -> int:
+def _per_process(pid: int, read: Callable[[int], int]) -> int:
+    """`read` summed over `pid` (OSError if it is gone) and its descendants (one that just exited counts 0)."""
+    total = read(pid)
+    for child in process_tree(pid)[1:]:
+        with contextlib.suppress(OSError):
+            total += read(child)
+    return total
+
+
+def _vm_rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise OSError(f"no VmRSS for pid {pid}")
 
 
+def rss_bytes(pid: int) -> int:
+    """Resident memory of `pid` and its descendants (a gateway's --workers are its children)."""
+    return _per_process(pid, _vm_rss)
+
+
 def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    """Open file descriptors of `pid` and its descendants."""
+    return _per_process(pid, lambda p: len(os.listdir(f"/proc/{p}/fd")))
 
 
 # ---- paths -------------------------------------------------------------------------------------------------
@@ -225,7 +241,7 @@ def open_fds(pid: int) -> int:
 class LoadPath:
     name: str  # "direct", "gateway", "litellm"
     url: str  # base URL the load generator sends to
-    pid: int | None  # the process whose CPU is this path's cost (None: direct, or a process we did not start)
+    pid: int | None  # the process serving it (the mock's, for direct); None when this run did not start it
     api_key: str = DEFAULT_API_KEY  # sent as the bearer token
 
 
@@ -339,7 +355,9 @@ def run_loadgen(url: str, concurrency: int, size: RunSize, workdir: Path, *, api
     # Bound: import + warm-up + the run + requests in flight at its deadline + the warm-up's worst case.
     limit = 60.0 + size.seconds + 2 * size.request_timeout_s
     started = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    errors_path = out.with_suffix(".err")  # a file, not a pipe: nobody reads a pipe while the run goes on
+    with open(errors_path, "wb") as errors:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=errors, cwd=ROOT)
     try:
         next_tick = tick_s
         while proc.poll() is None:
@@ -354,9 +372,8 @@ def run_loadgen(url: str, concurrency: int, size: RunSize, workdir: Path, *, api
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)
-        stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-        if proc.stderr:
-            proc.stderr.close()
+    stderr = errors_path.read_text(errors="replace")
+    errors_path.unlink()
     if proc.returncode != 0 or not out.exists():
         raise RuntimeError(f"load generator failed (exit {proc.returncode}): {_tail(stderr)}")
     result: dict[str, Any] = json.loads(out.read_text())
@@ -377,6 +394,8 @@ def measure(path: LoadPath, mock_pid: int | None, concurrency: int, size: RunSiz
     served = result["requests"] + result["warmup_requests"]
     for key, pid in pids.items():
         used = cpu_seconds(pid) - before[key]
+        if used < 0:  # the process died during the run (its errors are in the result): no CPU figure
+            used = float("nan")
         result[f"{key}_cpu_share"] = used / busy_s if busy_s > 0 else float("nan")
         result[f"{key}_cpu_ms_per_request"] = used * 1000.0 / served if served else float("nan")
     return result
@@ -557,6 +576,8 @@ def run_soak(path: LoadPath, concurrency: int, seconds: float, args: argparse.Na
     started = time.monotonic()
 
     def sample(_elapsed: float) -> None:
+        if time.monotonic() - started > seconds:
+            return  # the load is winding down (in-flight requests finishing, then the pool closing): not steady
         try:
             samples.append({"t": time.monotonic() - started, "rss": rss_bytes(pid), "fds": open_fds(pid)})
         except OSError as exc:
@@ -571,7 +592,6 @@ def run_soak(path: LoadPath, concurrency: int, seconds: float, args: argparse.Na
                    request_timeout_s=args.request_timeout)
     result = run_loadgen(path.url, concurrency, size, workdir, api_key=path.api_key, on_tick=sample,
                          tick_s=args.soak_sample_s)
-    sample(time.monotonic() - started)
     baseline = min(60.0, seconds / 6.0)
     return {"path": path.name, "concurrency": concurrency, "seconds": seconds, "requests": result["requests"],
             "ok": result["ok"], "errors": result["error_count"] + sum(result["warmup_errors"].values()),
@@ -705,6 +725,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be > 0")
     if args.token_delay_ms < 0 or args.first_token_delay_ms < 0:
         p.error("delays must be >= 0")
+    try:
+        shlex.split(args.gateway_args)
+    except ValueError as exc:
+        p.error(f"--gateway-args: {exc}")
     if args.gateway_url and not args.mock_url:
         p.error("--gateway-url needs --mock-url (the mock that gateway streams from): overhead is only "
                 "meaningful against the same server")
@@ -731,7 +755,8 @@ def started_paths(args: argparse.Namespace, workdir: Path, unavailable: dict[str
                 paths.append(LoadPath("gateway", args.gateway_url.rstrip("/"), args.gateway_pid, args.api_key))
             else:
                 try:
-                    gateway, url = start_gateway(workdir, mock_url, args.gateway_args.split(), args.ready_timeout)
+                    gateway, url = start_gateway(workdir, mock_url, shlex.split(args.gateway_args),
+                                                 args.ready_timeout)
                     started.append(gateway)
                     paths.append(LoadPath("gateway", url, gateway.pid, args.api_key))
                 except PathUnavailable as exc:
@@ -786,6 +811,9 @@ def main(argv: list[str] | None = None) -> int:
         except PathUnavailable as exc:  # the mock itself did not start: nothing can be measured
             print(f"bench openai: {exc}", file=sys.stderr)
             return 2
+        except RuntimeError as exc:  # a load generator failed or hung, or the soaked process died
+            print(f"bench openai: {exc}", file=sys.stderr)
+            return 1
     results["machine"]["loadavg_1m_at_end"] = os.getloadavg()[0]
     print(report(results))
     if args.json:

@@ -9,6 +9,9 @@ gossip    16 GossipNodes on real UDP, 10% loss, 5 minutes: false DEAD count
 restart   two gateways under load, SIGKILL one, restart it: errors only on the killed one, time to learn members
 overload  10x (capacity + queue) concurrent callers for 30 s: every request OK or RESOURCE_EXHAUSTED in time
 fuzz      1,000,000 mutated / random / adversarial datagrams into the SWIM core
+stall     3 replicas at 20 ms/token, 30 streams, one SIGSTOPped 3 s: failures, exactness, client token gaps (issue 14)
+quiet     a +/-50 %-jittery, a 10x slower and a 100 ms-every-second pausing replica (each beside a healthy one,
+          30 streams, 60 s each, one after another): stall suspicions and stall failovers from /metrics must be 0
 (The network-namespace campaign is tests/test_netns.py: it needs root.)
 
 Prints one line of figures per campaign and exits non-zero if any campaign broke its promise.
@@ -29,7 +32,7 @@ for p in (str(ROOT), str(ROOT / "tests")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-CAMPAIGNS = ("chaos", "gray", "gossip", "restart", "overload", "fuzz")
+CAMPAIGNS = ("chaos", "gray", "gossip", "restart", "overload", "fuzz", "stall", "quiet")
 
 
 def chaos(quick: bool, workdir: Path) -> tuple[dict, bool]:
@@ -189,7 +192,37 @@ def fuzz(quick: bool, workdir: Path) -> tuple[dict, bool]:
     return r, True  # fuzz_swim raises on the first broken invariant
 
 
-RUNNERS = dict(chaos=chaos, gray=gray, gossip=gossip, restart=restart, overload=overload, fuzz=fuzz)
+def stall(quick: bool, workdir: Path) -> tuple[dict, bool]:
+    import stall_helpers as s
+
+    with s.Cluster(workdir, gossip_config="lan") as c:
+        setup = s.start(c, {"replica-1": [], "replica-2": [], "replica-3": []})
+        figures = asyncio.run(s.frozen_replica_run(setup, streams=30, max_tokens=50, before_s=3.0, pause_s=3.0,
+                                                   after_s=3.0 if quick else 10.0))
+    ok = (figures["failed"] == 0 and figures["inexact"] == 0 and figures["gap_max_ms"] <= 1000.0
+          and figures["moved"] > 0)
+    return figures, ok
+
+
+def quiet(quick: bool, workdir: Path) -> tuple[dict, bool]:
+    import stall_helpers as s
+
+    duration = 15.0 if quick else 60.0
+    results = {}
+    for kind, extra in s.BEHAVIOURS.items():  # one after another: each run has the host to itself
+        with s.Cluster(workdir / kind, gossip_config="local") as c:
+            setup = s.start(c, {f"replica-{kind}": extra, "replica-healthy": []},
+                            gateway_args=s.GATEWAY_ARGS.get(kind, ()))
+            results[kind] = asyncio.run(s.steady_run(setup, streams=30, max_tokens=10 if kind == "slow" else 30,
+                                                     duration_s=duration, prefix=kind))
+        print(f"  quiet/{kind}: {json.dumps(results[kind], default=str)}", flush=True)
+    ok = all(f["failed"] == 0 and f["inexact"] == 0 and f["suspicions"] == 0 and f["stall_failovers"] == 0
+             for f in results.values())
+    return results, ok
+
+
+RUNNERS = dict(chaos=chaos, gray=gray, gossip=gossip, restart=restart, overload=overload, fuzz=fuzz, stall=stall,
+               quiet=quiet)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,9 +6,11 @@ given, load from its Prometheus metrics where it has them) and calls `publish(me
 (upstream/metadata.py, opaque bytes for the gossip layer) whenever it changes. The agent is not in the data path:
 gateways decode the advertisement into a Backend and stream from the server directly.
 
-What triggers a publish: the first probe round; then any change of health, models or settings at once; a change
-of load alone at most every `load_publish_interval_s` (load moves all the time, and every publish is a gossip
-broadcast to the whole mesh). A publish that raises is logged and retried after the next round.
+What triggers a publish: the first probe round that knows the server's health (healthy, or unhealthy after
+`unhealthy_after` failures: a server that has never answered is not advertised as routable); then any change of
+health, models or settings at once; a change of load alone at most every `load_publish_interval_s` (load moves all
+the time, and every publish is a gossip broadcast to the whole mesh). A publish that raises is logged and retried
+after the next round.
 
 Timing, with the defaults: a server that stops answering is advertised unhealthy after `unhealthy_after` (2)
 failed probes, `probe_interval_s` (0.5 s) apart, each bounded by `probe_timeout_s` (1 s): within about 1 s of a
@@ -23,7 +25,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 
-from llmgw.upstream.backends import Backend
+from llmgw.upstream.backends import Backend, HealthState
 from llmgw.upstream.capabilities import BackendKind, ChatPrefill, capabilities_for
 from llmgw.upstream.client import UpstreamClient, UpstreamLimits
 from llmgw.upstream.metadata import MetadataTooLarge, encode_backend
@@ -129,6 +131,8 @@ class Agent:
         self.publishes += 1
 
     def _worth_publishing(self, backend: Backend, now: float) -> bool:
+        if backend.health is HealthState.UNKNOWN:
+            return False  # gateways would route to an unknown server: wait until a probe decides
         last = self._published_backend
         if last is None or dataclasses.replace(backend, load=last.load) != last:
             return True  # the first advertisement, or health / models changed

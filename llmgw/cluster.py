@@ -1,18 +1,18 @@
-"""LocalCluster: a gateway and N simulated replicas on this machine, as supervised subprocesses.
+"""Local clusters: the one launcher of llmgw member processes, and LocalCluster, a supervised gateway + N replicas.
 
     async with LocalCluster(ClusterConfig(replicas=3)) as cluster:
         print(cluster.grpc_address, cluster.http_url)
         await cluster.restart_replica("replica-2", "v2")   # same ports, new --model-version
 
-Each member is `python -m llmgw gateway|replica ...` in its own session (process group), so a Ctrl-C in the
-terminal reaches only the supervisor, which then stops the members in order, and so a member's own children
-(gateway --workers) are stopped with it. stop() runs on every exit path: SIGTERM to each group, a bounded wait,
-then SIGKILL; an atexit hook kills whatever is left if the event loop never got to stop() (a crash, a second
-Ctrl-C). A member that dies unexpectedly is restarted on the same ports with exponential backoff unless
-restart is off.
+MemberProcess is the process layer that `llmgw cluster` (through LocalCluster) and the tests' multi-process
+Cluster (tests/harness.py) share: each member is `python -m llmgw gateway|replica ...` in its own session (process
+group), so a Ctrl-C in the terminal reaches only the supervisor, and a member's own children (gateway --workers)
+are signalled with it. Its output goes straight to its log file; the one `READY ...` line it prints once it serves
+is read from there. Stopping is SIGTERM to the group, a bounded wait, then SIGKILL of the group; an atexit hook
+kills whatever is left if the supervisor never got to stop it (a crash, a second Ctrl-C).
 
-Members print one `READY ...` line once they serve; the supervisor reads their output (copied to one log file per
-member in the log directory) to know when. The cluster is ready when the gateway's member table
+LocalCluster starts the members on free or fixed ports, restarts a member that dies unexpectedly on the same
+ports with exponential backoff (unless restart is off), and is ready when the gateway's member table
 (GatewayAdmin.Members) shows every replica ALIVE.
 """
 
@@ -24,14 +24,16 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shlex
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from llmgw.topology import DEFAULT_PORTS, GOSSIP_PORT_OFFSET, gossip_port_for
 
@@ -46,6 +48,213 @@ GOSSIP_CONFIGS = ("local", "lan", "wan")
 
 class ClusterError(Exception):
     """The cluster could not be started, a member could not be (re)started, or it never became ready."""
+
+
+# ---- the process layer: one member as a child process ---------------------------------------------------------------
+READY_PREFIX = b"READY "
+_READY_SCAN_LIMIT = 4096  # bytes of an unfinished line kept while looking for READY (the line is short)
+_POLL_S = 0.02
+
+# pids of member process groups still running, across every MemberProcess in this process: the atexit hook kills
+# them if the supervisor exits without stopping them (an exception inside asyncio.run, a second Ctrl-C, sys.exit).
+_LIVE_GROUPS: set[int] = set()
+
+
+def kill_leftover_members() -> None:
+    """SIGKILL every member process group this process started and has not stopped yet."""
+    for pgid in list(_LIVE_GROUPS):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        _LIVE_GROUPS.discard(pgid)
+
+
+atexit.register(kill_leftover_members)
+
+
+def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
+    """A port the OS calls free right now on `host` (TCP, or UDP with kind=SOCK_DGRAM). Another process may take it
+    before ours binds; LocalCluster retries a member whose bind failed with fresh ports."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, kind) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def member_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A member's environment: `base` (default: ours) with unbuffered output and this llmgw first on the path, so
+    members run the same code as their supervisor even from a source checkout."""
+    env = dict(os.environ if base is None else base, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+class MemberProcess:
+    """One child process (normally `python -m llmgw gateway|replica ...`), started by the constructor in its own
+    session with its output appended to `log_path`.
+
+    One life: restarted() starts a new process with the same argv (so the same ports) and log file. Only a READY
+    line past where this life's output starts counts. Every wait is bounded, and stop()/kill() end with SIGKILL of
+    the process group, so nothing the member started outlives it.
+    """
+
+    def __init__(self, argv: Sequence[str], log_path: Path | str, *, name: str | None = None,
+                 env: Mapping[str, str] | None = None, cwd: Path | str | None = None) -> None:
+        self.argv = [str(arg) for arg in argv]
+        self.log_path = Path(log_path)
+        self.name = name or shlex.join(self.argv[:4])  # for messages: `python -m llmgw replica`
+        self._env, self._cwd = env, cwd
+        self.ready_line = ""
+        with open(self.log_path, "ab") as log:
+            # Not the argv: it may hold a secret (--admin-token).
+            log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting {self.name}\n".encode())
+            log.flush()
+            # Where this life's output starts: the log of a member restarted under the same name is appended to.
+            self.log_offset = log.tell()
+            try:
+                self.popen = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
+                                              stderr=subprocess.STDOUT, env=member_env(env), cwd=cwd,
+                                              start_new_session=True)
+            except OSError as exc:
+                raise ClusterError(f"cannot start {self.name} ({shlex.join(self.argv)}): {exc}") from exc
+        _LIVE_GROUPS.add(self.popen.pid)
+        self.started_at = time.monotonic()
+        self._scan_pos = self.log_offset
+        self._unfinished_line = b""
+
+    def restarted(self) -> MemberProcess:
+        """A new life of this member: same argv (ports included), same log file. This one must have exited."""
+        if self.alive():
+            raise ClusterError(f"{self.name} (pid {self.pid}) is still running; stop it before restarting it")
+        return MemberProcess(self.argv, self.log_path, name=self.name, env=self._env, cwd=self._cwd)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    # ---- readiness ------------------------------------------------------------------------------------------------
+    def ready(self) -> str:
+        """This life's READY line once the member printed it, else "" (reads only what was appended since)."""
+        if self.ready_line:
+            return self.ready_line
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(self._scan_pos)
+                chunk = log.read()
+        except OSError:
+            return ""
+        self._scan_pos += len(chunk)
+        lines = (self._unfinished_line + chunk).split(b"\n")
+        self._unfinished_line = lines.pop()[:_READY_SCAN_LIMIT]
+        for line in lines:
+            if line.startswith(READY_PREFIX):
+                self.ready_line = line.decode(errors="replace").strip()
+                break
+        return self.ready_line
+
+    def _not_ready(self, deadline: float, timeout_s: float) -> ClusterError | None:
+        """The error to raise while READY is missing: the member exited, or the wait's deadline passed."""
+        if not self.alive():
+            if self.ready():  # printed READY, then exited before we looked
+                return None
+            return ClusterError(f"{self.name} exited with status {self.returncode} before it was ready; "
+                                f"log {self.log_path}:\n{self.log_tail()}")
+        if time.monotonic() >= deadline:
+            return ClusterError(f"{self.name} did not print READY within {timeout_s:g} s; log {self.log_path}:\n"
+                                f"{self.log_tail()}")
+        return None
+
+    def wait_ready(self, timeout_s: float) -> str:
+        """Block until this life's READY line (returned); ClusterError if the member exits first or `timeout_s`
+        passes. The member is left running either way."""
+        deadline = time.monotonic() + timeout_s
+        while not self.ready():
+            error = self._not_ready(deadline, timeout_s)
+            if error is not None:
+                raise error
+            time.sleep(_POLL_S)
+        return self.ready_line
+
+    async def wait_ready_async(self, timeout_s: float) -> str:
+        """wait_ready for an event loop."""
+        deadline = time.monotonic() + timeout_s
+        while not self.ready():
+            error = self._not_ready(deadline, timeout_s)
+            if error is not None:
+                raise error
+            await asyncio.sleep(_POLL_S)
+        return self.ready_line
+
+    # ---- signals ----------------------------------------------------------------------------------------------
+    def _signal_group(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, sig)
+
+    def pause(self) -> None:
+        """SIGSTOP the member's group: it keeps its sockets but answers nothing (a gray failure)."""
+        self._signal_group(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal_group(signal.SIGCONT)
+
+    def _terminate(self) -> None:
+        self._signal_group(signal.SIGCONT)  # a paused member cannot act on SIGTERM
+        self._signal_group(signal.SIGTERM)
+
+    def _reaped_after_kill(self, rc: int | None) -> int | None:
+        if rc is None:
+            log.error("%s (pid %d) did not exit after SIGKILL", self.name, self.pid)
+        else:
+            _LIVE_GROUPS.discard(self.popen.pid)
+        return rc
+
+    def kill(self) -> int | None:
+        """SIGKILL the group (the member vanishes without a word: no gossip leave) and reap it; its exit status."""
+        self._signal_group(signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(5.0)
+        return self._reaped_after_kill(self.popen.poll())
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM to the group (graceful: the member leaves gossip), up to `timeout_s` for it to exit, then SIGKILL
+        of the group (stragglers, or a member that ignored SIGTERM). Returns the member's exit status."""
+        if self.alive():
+            self._terminate()
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s (pid %d) ignored SIGTERM for %.1f s; killing it", self.name, self.pid, timeout_s)
+        return self.kill()
+
+    async def wait_exit(self, timeout_s: float | None = None) -> int | None:
+        """The exit status once the member exits (None if `timeout_s` passes first), for an event loop."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while (rc := self.popen.poll()) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(_POLL_S * 2.5)
+        return rc
+
+    async def stop_async(self, timeout_s: float = 10.0) -> int | None:
+        """stop() for an event loop."""
+        if self.alive():
+            self._terminate()
+            if await self.wait_exit(timeout_s) is None:
+                log.warning("%s (pid %d) ignored SIGTERM for %.1f s; killing it", self.name, self.pid, timeout_s)
+        self._signal_group(signal.SIGKILL)
+        return self._reaped_after_kill(await self.wait_exit(5.0))
 
 
 @dataclasses.dataclass
@@ -115,61 +324,26 @@ class Member:
     gossip_port: int
     model_version: str = ""
     http_port: int = 0
-    proc: asyncio.subprocess.Process | None = None
+    process: MemberProcess | None = None
     restarts: int = 0  # unexpected deaths the supervisor restarted it after
     started_at: float = 0.0
     ready_line: str = ""
     log_path: Path | None = None
     # Set while the supervisor itself stops this member (restart_replica, stop): its exit is not a crash.
     expected_exit: bool = False
-    _ready: asyncio.Future | None = None
-    _reader: asyncio.Task | None = None
     _watcher: asyncio.Task | None = None
     _lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
+        return self.process.pid if self.process is not None else None
 
     @property
     def running(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
+        return self.process is not None and self.process.alive()
 
     def log_tail(self, lines: int = 20) -> str:
-        if self.log_path is None:
-            return ""
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-
-# pids of member process groups still running, across every LocalCluster in this process: the atexit hook kills
-# them if the supervisor exits without stop() (an exception inside asyncio.run, a second Ctrl-C, sys.exit).
-_LIVE_GROUPS: set[int] = set()
-
-
-def _kill_leftover_groups() -> None:
-    for pgid in list(_LIVE_GROUPS):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
-        _LIVE_GROUPS.discard(pgid)
-
-
-atexit.register(_kill_leftover_groups)
-
-
-def _open_log(path: Path) -> BinaryIO:
-    return open(path, "ab")  # the caller closes it (a `with` on the returned file)
-
-
-def free_port(host: str, kind: int = socket.SOCK_STREAM) -> int:
-    """A port the OS calls free right now on `host` (TCP or UDP). Another process may take it before ours binds;
-    the start path retries a member whose bind failed with fresh ports."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, kind) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+        return self.process.log_tail(lines) if self.process is not None else ""
 
 
 class LocalCluster:
@@ -346,79 +520,30 @@ class LocalCluster:
         if self._stopping:
             raise ClusterError("the cluster is stopping")
         member.log_path = self._log_dir() / f"{member.member_id}.log"
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
         argv = self._argv(member)
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True,
-            )
-        except OSError as exc:
-            raise ClusterError(f"cannot start {member.member_id} ({' '.join(argv)}): {exc}") from exc
-        _LIVE_GROUPS.add(proc.pid)
-        member.proc = proc
-        member.started_at = time.monotonic()
+        process = MemberProcess(argv, member.log_path, name=member.member_id)
+        member.process = process
+        member.started_at = process.started_at
         member.expected_exit = False
         member.ready_line = ""
-        loop = asyncio.get_running_loop()
-        member._ready = loop.create_future()
-        # Mark its outcome retrieved: when start() is cancelled nobody awaits it, and asyncio would log the
-        # "exited before it was ready" error as never retrieved.
-        member._ready.add_done_callback(lambda f: f.cancelled() or f.exception())
-        member._reader = loop.create_task(self._read_output(member, proc, member._ready),
-                                          name=f"llmgw-cluster-out-{member.member_id}")
-        log.info("started %s pid %d: %s", member.member_id, proc.pid, " ".join(argv[1:]))
+        log.info("started %s pid %d: %s", member.member_id, process.pid, " ".join(argv[1:]))
         try:
-            async with asyncio.timeout(self.config.ready_timeout_s):
-                member.ready_line = await asyncio.shield(member._ready)
-        except (TimeoutError, ClusterError) as exc:
+            member.ready_line = await process.wait_ready_async(self.config.ready_timeout_s)
+        except ClusterError:
             await self._terminate(member)
-            if isinstance(exc, ClusterError):
-                raise
-            raise ClusterError(f"{member.member_id} did not print READY within {self.config.ready_timeout_s:g} s; "
-                               f"log {member.log_path}:\n{member.log_tail()}") from None
-        member._watcher = loop.create_task(self._watch(member, proc), name=f"llmgw-cluster-watch-{member.member_id}")
+            raise
+        member._watcher = asyncio.get_running_loop().create_task(
+            self._watch(member, process), name=f"llmgw-cluster-watch-{member.member_id}")
 
-    async def _read_output(self, member: Member, proc: asyncio.subprocess.Process, ready: asyncio.Future) -> None:
-        """Copy the member's output to its log file (forever: a full pipe would block the child) and resolve
-        `ready` on its READY line, or fail it when the process ends first."""
-        # Line-sized writes to a local log file: not worth a thread hop each (they never block for long).
-        out = await asyncio.to_thread(_open_log, self._log_dir() / f"{member.member_id}.log")
-        stdout = proc.stdout
-        if stdout is None:
-            raise ClusterError(f"{member.member_id}: no output pipe")  # _spawn always asks for one
-        with out:
-            out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} pid {proc.pid}\n".encode())
-            out.flush()
-            while True:
-                try:
-                    line = await stdout.readline()
-                except (ValueError, asyncio.LimitOverrunError):  # a line over the stream limit: keep going
-                    continue
-                if not line:
-                    break
-                out.write(line)
-                out.flush()
-                if not ready.done() and line.startswith(b"READY "):
-                    ready.set_result(line.decode(errors="replace").strip())
-        rc = await proc.wait()
-        if not ready.done():
-            ready.set_exception(ClusterError(
-                f"{member.member_id} exited with status {rc} before it was ready; log {member.log_path}:\n"
-                f"{member.log_tail()}"))
-
-    async def _watch(self, member: Member, proc: asyncio.subprocess.Process) -> None:
-        rc = await proc.wait()
-        _LIVE_GROUPS.discard(proc.pid)
+    async def _watch(self, member: Member, process: MemberProcess) -> None:
+        rc = await process.wait_exit()
         # The process group may still hold the member's own children; they go with it.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        if self._stopping or member.expected_exit or member.proc is not proc:
+        process.kill()
+        if self._stopping or member.expected_exit or member.process is not process:
             return
         ran = time.monotonic() - member.started_at
         log.warning("%s (pid %d) exited unexpectedly with status %s after %.1f s; log %s", member.member_id,
-                    proc.pid, rc, ran, member.log_path)
+                    process.pid, rc, ran, member.log_path)
         self._notify(member.member_id, f"exited unexpectedly with status {rc}")
         if not self.config.restart:
             return
@@ -456,37 +581,11 @@ class LocalCluster:
                 log.exception("cluster member event callback failed")
 
     async def _terminate(self, member: Member) -> None:
-        """SIGTERM the member's process group, wait (bounded), SIGKILL the group; always reaps the process."""
-        proc = member.proc
-        if proc is None:
+        """Stop the member's process (SIGTERM to its group, bounded wait, SIGKILL of the group); always reaps it."""
+        if member.process is None:
             return
         member.expected_exit = True
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                async with asyncio.timeout(self.config.stop_timeout_s):
-                    await proc.wait()
-            except TimeoutError:
-                log.warning("%s (pid %d) ignored SIGTERM for %.1f s; killing it", member.member_id, proc.pid,
-                            self.config.stop_timeout_s)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # stragglers in its group, and the member if it ignored SIGTERM
-        try:
-            async with asyncio.timeout(5.0):
-                await proc.wait()
-        except TimeoutError:
-            log.error("%s (pid %d) did not exit after SIGKILL", member.member_id, proc.pid)
-            return
-        _LIVE_GROUPS.discard(proc.pid)
-        if member._reader is not None:
-            try:  # the reader ends at EOF, which follows the exit of every holder of the pipe
-                async with asyncio.timeout(2.0):
-                    await member._reader
-            except (TimeoutError, asyncio.CancelledError):
-                member._reader.cancel()
-            except ClusterError:
-                pass
+        await member.process.stop_async(self.config.stop_timeout_s)
 
     async def stop(self) -> None:
         """Stop every member (replicas and gateway together: SIGTERM, bounded wait, SIGKILL). Idempotent."""

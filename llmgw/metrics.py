@@ -106,6 +106,8 @@ GAUGE_MERGE_RULES: dict[str, MergeRule] = {
     "llmgw_gateway_queue_depth": "livesum",
     "llmgw_gateway_inflight": "livesum",
     "llmgw_gateway_breaker_state": "livemax",
+    "llmgw_gateway_inter_token_deadline_seconds": "livemax",
+    "llmgw_gateway_first_token_deadline_seconds": "livemax",
     "llmgw_build_info": "livemax",
     "llmgw_gossip_members": "livemax",
     "llmgw_gossip_awareness": "livemax",
@@ -439,6 +441,26 @@ class GatewayMetrics(_GossipBinding):
         self.hedges = Counter("llmgw_gateway_hedges",
                               "Hedged attempts by result: won/lost the race, cancelled, denied by the budget",
                               ["result"], registry=r)
+        # Adaptive stall deadlines (llmgw.gateway.stall_race): each replica's current limits, and what they caught.
+        self.inter_token_deadline = Gauge(
+            "llmgw_gateway_inter_token_deadline_seconds",
+            "Current adaptive inter-token deadline per replica (a silence this long is a suspected stall)",
+            ["replica"], registry=r,
+            multiprocess_mode=GAUGE_MERGE_RULES["llmgw_gateway_inter_token_deadline_seconds"])
+        self.first_token_deadline = Gauge(
+            "llmgw_gateway_first_token_deadline_seconds",
+            "Current adaptive first-token deadline per replica, for a short prompt", ["replica"], registry=r,
+            multiprocess_mode=GAUGE_MERGE_RULES["llmgw_gateway_first_token_deadline_seconds"])
+        self.stall_suspicions = Counter("llmgw_gateway_stall_suspicions",
+                                        "Replica silences past their adaptive deadline (suspected stalls)",
+                                        registry=r)
+        self.stall_failovers = Counter("llmgw_gateway_stall_failovers",
+                                       "Continuations started on another replica after a suspected stall",
+                                       registry=r)
+        self.stall_races = Counter("llmgw_gateway_stall_races",
+                                   "Suspected stalls by how they ended: continuation_won, original_won, "
+                                   "continuation_failed, no_replica (no free replica to race)", ["result"],
+                                   registry=r)
         # labels() costs ~4 us (lock, tuple, dict); these per-request paths use the children resolved up front.
         self._requests_by_outcome = _ChildCache(self.requests, _outcome, _COMMON_OUTCOMES)
         self._hedges_by_result = {result: self.hedges.labels(result) for result in HEDGE_RESULTS}
@@ -466,6 +488,43 @@ class GatewayMetrics(_GossipBinding):
         self._per_model: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
         self._per_reason: dict[tuple[str, str, str], Any] = {}
         self.set_models(models)
+        # Tenancy (docs/tenancy.md): the tenant label takes only the key file's tenants (bounded cardinality).
+        self.tenant_requests = Counter("llmgw_gateway_tenant_requests",
+                                       "Finished requests of each configured tenant, by outcome",
+                                       ["tenant", "outcome"], registry=r)
+        self.tenant_tokens = Counter("llmgw_gateway_tenant_tokens", "Tokens streamed to each configured tenant",
+                                     ["tenant"], registry=r)
+        self.tenant_refusals = Counter("llmgw_gateway_tenant_refusals",
+                                       "Requests refused for a tenant's limit, by limit", ["tenant", "limit"],
+                                       registry=r)
+        self.auth_failures = Counter("llmgw_gateway_auth_failures",
+                                     "Requests refused for their API key: missing, malformed, too_large, unknown, "
+                                     "forbidden (a model the key may not use)", ["reason"], registry=r)
+        self._tenants: frozenset[str] = frozenset()
+        self._per_tenant: dict[tuple[str, str], Any] = {}
+
+    def set_tenants(self, tenants: Iterable[str]) -> None:
+        """The tenants that get their own ``tenant`` label value (the key file's); requests of any other are not
+        counted per tenant. Called again after a key file reload."""
+        self._tenants = frozenset(tenants)
+        for tenant in self._tenants:  # known series start at 0, so a rate() sees the first request
+            for outcome in ("ok", "resource_exhausted"):
+                self._tenant_child(tenant, outcome)
+            self.tenant_tokens.labels(tenant)
+
+    def _tenant_child(self, tenant: str, outcome: str) -> Any:
+        child = self._per_tenant.get((tenant, outcome))
+        if child is None:
+            child = self._per_tenant[(tenant, outcome)] = self.tenant_requests.labels(tenant, _outcome(outcome))
+        return child
+
+    def tenant_request(self, tenant: str, outcome: Any, *, tokens: int = 0) -> None:
+        """One finished request of `tenant` (ignored unless it is a configured tenant, see set_tenants)."""
+        if tenant not in self._tenants:
+            return
+        self._tenant_child(tenant, _outcome(outcome)).inc()
+        if tokens:
+            self.tenant_tokens.labels(tenant).inc(tokens)
 
     def set_models(self, models: Iterable[str]) -> None:
         """The model names that get their own ``model`` label value (the served or configured models); any
@@ -569,7 +628,7 @@ class GatewayMetrics(_GossipBinding):
         """Drop a removed replica's series so the member table's GC is reflected in /metrics. In multiprocess
         mode the files keep a series once written: it is set to 0 (in-flight none, breaker closed) instead."""
         self._inflight_by_replica.pop(replica, None)
-        for family in (self.inflight, self.breaker_state):
+        for family in (self.inflight, self.breaker_state, self.inter_token_deadline, self.first_token_deadline):
             if self._multiprocess_dir is not None:
                 if (replica,) in family._metrics:
                     family.labels(replica).set(0)

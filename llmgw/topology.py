@@ -27,9 +27,12 @@ ROUTABLE_STATES = frozenset({"alive", "suspect"})
 
 ROLE_REPLICA = "replica"
 ROLE_GATEWAY = "gateway"
-ROLES = (ROLE_REPLICA, ROLE_GATEWAY)
+# An agent sidecar advertising an OpenAI-compatible model server (its advertisement is the member's app_meta);
+# gateways stream to the server directly, never to the agent, so it is not a replica.
+ROLE_UPSTREAM = "upstream"
+ROLES = (ROLE_REPLICA, ROLE_GATEWAY, ROLE_UPSTREAM)
 # The role numbers of proto/gossip.proto (Role enum); 0 = unspecified, what reference nodes send.
-ROLE_NUMBERS: Mapping[str, int] = MappingProxyType({ROLE_REPLICA: 1, ROLE_GATEWAY: 2})
+ROLE_NUMBERS: Mapping[str, int] = MappingProxyType({ROLE_REPLICA: 1, ROLE_GATEWAY: 2, ROLE_UPSTREAM: 3})
 _ROLE_BY_NUMBER = {number: name for name, number in ROLE_NUMBERS.items()}
 
 # Reference peers do not gossip a role; their convention is that ids starting with "gateway" are gateways.
@@ -68,11 +71,17 @@ def role_from_wire(member_id: str, role_number: int) -> str:
 
 
 def role_number(role: str) -> int:
-    """The gossip role number of `role` ("replica" or "gateway"); ValueError for anything else."""
+    """The gossip role number of `role` ("replica", "gateway" or "upstream"); ValueError for anything else."""
     try:
         return ROLE_NUMBERS[role]
     except KeyError:
         raise ValueError(f"role must be one of {sorted(ROLE_NUMBERS)}, got {role!r}") from None
+
+
+def understands_user_messages(role_number: int) -> bool:
+    """Whether a member that gossiped `role_number` can be sent gossip USER datagrams: llmgw nodes always gossip
+    a role; reference peers gossip none (0) and do not know the message type."""
+    return role_number != 0
 
 
 def is_replica(member: MemberLike) -> bool:
@@ -83,6 +92,11 @@ def is_replica(member: MemberLike) -> bool:
 
 def is_routable_replica(member: MemberLike) -> bool:
     return is_replica(member) and is_routable(member.state)
+
+
+def is_upstream_agent(member: MemberLike) -> bool:
+    """Whether a gossip Member is an agent advertising a model server (read its app_meta for the server)."""
+    return member.role == ROLE_UPSTREAM
 
 
 def gossip_port_for(grpc_port: int) -> int:

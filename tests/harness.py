@@ -8,22 +8,20 @@
         result = c.infer(gw, "hello", 5)
 
 Every process gets explicitly chosen free ports, logs to tmp_path/<name>.log, and is killed in close() (the
-context manager and the `cluster` fixtures call it) whatever happened. Every wait is bounded.
+context manager and the `cluster` fixtures call it) whatever happened. Every wait is bounded. The processes
+themselves are llmgw.cluster.MemberProcess, the launcher `llmgw cluster` uses too: own session, READY line read
+from the log, stop = SIGTERM to the group, bounded wait, SIGKILL of the group.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from socket import SOCK_DGRAM
 
 import grpc
 
@@ -34,20 +32,19 @@ if str(ROOT) not in sys.path:
 from llmgw import client  # noqa: E402
 from llmgw._proto import llmgateway_pb2 as pb  # noqa: E402
 from llmgw._proto import llmgateway_pb2_grpc as pb_grpc  # noqa: E402
+from llmgw.cluster import ClusterError, MemberProcess, free_port  # noqa: E402
 
 READY_TIMEOUT_S = 30.0
 
 
 def free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback TCP port (llmgw.cluster.free_port, the one helper)."""
+    return free_port("127.0.0.1")
 
 
 def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback UDP port (llmgw.cluster.free_port, the one helper)."""
+    return free_port("127.0.0.1", SOCK_DGRAM)
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.1, what: str = "condition"):
@@ -71,15 +68,23 @@ def wait_until(predicate: Callable[[], object], timeout: float, interval: float 
 class Node:
     name: str
     role: str  # "replica" | "gateway"
-    proc: subprocess.Popen
+    process: MemberProcess  # this life of the node; a node started again under the same name gets a new one
     grpc_port: int
     gossip_port: int
-    log_path: Path
-    argv: list[str]
-    # Where this life's output starts in log_path: the log of a node restarted under the same name is appended
-    # to, and only a READY line past this offset means *this* process is ready.
-    log_offset: int = 0
     ready_at: float | None = None  # time.monotonic() when wait_ready saw this life's READY line
+
+    @property
+    def log_path(self) -> Path:
+        return self.process.log_path
+
+    @property
+    def argv(self) -> list[str]:
+        return self.process.argv
+
+    @property
+    def log_offset(self) -> int:
+        """Where this life's output starts in log_path (the log of a node started again is appended to)."""
+        return self.process.log_offset
 
     @property
     def grpc_address(self) -> str:
@@ -91,16 +96,13 @@ class Node:
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.process.pid
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.process.alive()
 
     def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return self.process.log_tail(n)
 
 
 class Cluster:
@@ -129,14 +131,9 @@ class Cluster:
                wait_ready: bool) -> Node:
         if name in self.nodes and self.nodes[name].alive():
             raise ValueError(f"node {name} is already running")
-        log_path = self.workdir / f"{name}.log"
         argv = [sys.executable, "-m", "llmgw", role, *args, "--log-level", self.log_level]
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-        with open(log_path, "ab") as log:
-            offset = log.seek(0, os.SEEK_END)
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT),
-                                    start_new_session=True)
-        node = Node(name, role, proc, grpc_port, gossip_port, log_path, argv, log_offset=offset)
+        process = MemberProcess(argv, self.workdir / f"{name}.log", name=name, cwd=ROOT)
+        node = Node(name, role, process, grpc_port, gossip_port)
         self.nodes[name] = node
         if wait_ready:
             self.wait_ready(node)
@@ -144,15 +141,12 @@ class Cluster:
 
     def wait_ready(self, node: Node, timeout: float = READY_TIMEOUT_S) -> float:
         """Wait for this life's READY line (printed once the node serves); returns, and records in
-        node.ready_at, the monotonic time it was seen (within ~20 ms)."""
-        def ready():
-            if not node.alive():
-                raise AssertionError(f"{node.name} exited with {node.proc.returncode}:\n{node.log_tail()}")
-            with open(node.log_path, "rb") as f:
-                f.seek(node.log_offset)
-                return any(line.startswith(b"READY") for line in f.read().splitlines())
-
-        wait_until(ready, timeout, 0.02, f"{node.name} to be ready")
+        node.ready_at, the monotonic time it was seen (within ~20 ms). AssertionError if the node exits first or
+        `timeout` passes."""
+        try:
+            node.process.wait_ready(timeout)
+        except ClusterError as exc:
+            raise AssertionError(str(exc)) from None
         node.ready_at = time.monotonic()
         return node.ready_at
 
@@ -185,38 +179,35 @@ class Cluster:
 
     def kill(self, node: Node) -> None:
         """SIGKILL: the node vanishes without a word (no gossip leave)."""
-        if node.alive():
-            os.kill(node.pid, signal.SIGKILL)
-        node.proc.wait(timeout=10)
+        node.process.kill()
         self._drop_channel(node)
 
-    def stop(self, node: Node, timeout: float = 15.0) -> int:
-        """SIGTERM (graceful: gossip leave), then SIGKILL after `timeout`."""
-        if node.alive():
-            node.proc.send_signal(signal.SIGTERM)
-            try:
-                node.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                node.proc.kill()
-                node.proc.wait(timeout=10)
+    def stop(self, node: Node, timeout: float = 15.0) -> int | None:
+        """SIGTERM (graceful: gossip leave), then SIGKILL after `timeout`; the exit status."""
+        rc = node.process.stop(timeout)
         self._drop_channel(node)
-        return node.proc.returncode
+        return rc
 
     def pause(self, node: Node) -> None:
-        os.kill(node.pid, signal.SIGSTOP)
+        node.process.pause()
 
     def resume(self, node: Node) -> None:
-        os.kill(node.pid, signal.SIGCONT)
+        node.process.resume()
+
+    def restart(self, node: Node, *, wait_ready: bool = True) -> Node:
+        """Start a stopped or killed node again on the same ports (same argv, same log file): a process restart,
+        where start_replica/start_gateway under the same name would pick fresh ports."""
+        if self.nodes.get(node.name) is not node:
+            raise ValueError(f"{node.name} has been started again since; restart its current Node")
+        again = Node(node.name, node.role, node.process.restarted(), node.grpc_port, node.gossip_port)
+        self.nodes[node.name] = again
+        if wait_ready:
+            self.wait_ready(again)
+        return again
 
     def close(self) -> None:
         for node in self.nodes.values():
-            if node.alive():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(node.pid, signal.SIGCONT)  # a paused process cannot handle SIGKILL cleanup quickly
-                    os.killpg(node.pid, signal.SIGKILL)
-        for node in self.nodes.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                node.proc.wait(timeout=10)
+            node.process.kill()
         for ch in self._channels.values():
             ch.close()
         self._channels.clear()

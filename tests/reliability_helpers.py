@@ -26,7 +26,8 @@ for _p in (str(ROOT), str(ROOT / "tests")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from harness import Cluster, Node, free_tcp_port, wait_until  # noqa: E402
+from harness import Cluster, Node, wait_until  # noqa: E402
+from harness import free_tcp_port as free_port  # noqa: E402  (a free loopback TCP port: llmgw.cluster.free_port)
 from llmgw import client  # noqa: E402
 from llmgw._proto import llmgateway_pb2 as pb  # noqa: E402
 from llmgw._proto import llmgateway_pb2_grpc as pb_grpc  # noqa: E402
@@ -319,10 +320,6 @@ class StateWatcher:
 
     def most_ejected_at_once(self) -> int:
         return max((sum(1 for v in snap.values() if v != "closed") for _, _, snap in self.breakers), default=0)
-
-
-def free_port() -> int:
-    return free_tcp_port()
 
 
 __all__ = ["ChaosLog", "Cluster", "LoadReport", "Node", "Outcome", "ResourceSampler", "StateWatcher", "chaos_monkey",

@@ -1,6 +1,7 @@
 """The agent (llmgw/agent.py) against the deterministic mock server: what it advertises, and when."""
 
 import asyncio
+import socket
 
 import pytest
 
@@ -48,8 +49,8 @@ def test_models_load_and_health_are_advertised_kill_and_restart():
         port, url = mock.port, mock.base_url
         published = Recorder()
         try:
-            async with Agent(url, "vllm", publish=published, capacity=8, probe_interval_s=0.1,
-                             load_publish_interval_s=0.1):
+            # The default probe interval, timeout and K: the 2 s bound below is the one the defaults promise.
+            async with Agent(url, "vllm", publish=published, capacity=8, load_publish_interval_s=0.1):
                 await published.wait_for(lambda b: b.health is HealthState.HEALTHY, 2)
                 first = published.last
                 assert first.base_url == url and first.kind is BackendKind.VLLM and first.capacity == 8
@@ -80,6 +81,22 @@ def test_models_load_and_health_are_advertised_kill_and_restart():
         states = [advert.health for _, advert in published.adverts]
         assert states[0] is HealthState.HEALTHY  # the first round already answered
         assert HealthState.UNHEALTHY in states and states[-1] is HealthState.HEALTHY
+    run(scenario())
+
+
+def test_a_server_down_from_the_start_is_advertised_unhealthy_never_unknown():
+    async def scenario():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]  # nothing listens here once the socket is closed
+        published = Recorder()
+        async with Agent(f"http://127.0.0.1:{port}", "vllm", publish=published, probe_interval_s=0.05,
+                         unhealthy_after=3) as agent:
+            await published.wait_for(lambda b: b.health is HealthState.UNHEALTHY, 2)
+            assert agent.backend.health is HealthState.UNHEALTHY
+            assert agent.settings.models_retry_max_s == 5.0
+        assert [advert.health for _, advert in published.adverts] == [HealthState.UNHEALTHY]
+        assert published.last.models == () and published.last.load is None
     run(scenario())
 
 

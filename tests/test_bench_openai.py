@@ -4,9 +4,11 @@ can inject counted as an error of its kind), the statistics and soak helpers, an
 import asyncio
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -238,7 +240,8 @@ def test_the_gateway_command_streams_from_the_mock_on_free_ports():
 
 @pytest.mark.parametrize("argv", [["--paths", "gateway"], ["--paths", "direct,nginx"], ["--rounds", "0"],
                                   ["--run-seconds", "0"], ["--gateway-url", "http://127.0.0.1:1"],
-                                  ["--concurrency", "1,x"], ["--concurrency", "0"]])
+                                  ["--concurrency", "1,x"], ["--concurrency", "0"],
+                                  ["--gateway-args", "--x 'unclosed"]])
 def test_bad_runner_arguments_are_refused(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         bench.parse_args(argv)
@@ -261,3 +264,76 @@ def test_the_direct_half_runs_end_to_end(tmp_path, capsys):
         summary = results["summary"][c]["direct"]
         assert summary["errors"] == 0 and summary["mock_cpu_share"] is not None
         assert summary["ttft_p50_ms"] == statistics.median(r["ttft_ms"]["p50"] for r in rounds)
+
+
+# A stand-in for the gateway: a second mock that prints a gateway's READY line and serves on the given HTTP port.
+STAND_IN = (
+    "import asyncio, sys\n"
+    "from llmgw.testing.mock_openai import MockOpenAIServer\n"
+    "async def main():\n"
+    "    server = MockOpenAIServer(port=int(sys.argv[1]), record=False, token_delay=0.002)\n"
+    "    await server.start()\n"
+    "    print(f'READY gateway stand-in grpc=127.0.0.1:1 gossip= http={server.base_url} pid=1', flush=True)\n"
+    "    await asyncio.Event().wait()\n"
+    "asyncio.run(main())\n"
+)
+
+
+def test_the_gateway_half_runs_once_the_gateway_command_works(tmp_path, capsys, monkeypatch):
+    def stand_in(upstream_url, *, grpc_port, gossip_port, http_port, extra=()):
+        return [sys.executable, "-c", STAND_IN, str(http_port)]
+
+    monkeypatch.setattr(bench, "gateway_command", stand_in)
+    monkeypatch.setattr(bench, "gateway_lacks_upstream_flag", lambda: None)
+    out = tmp_path / "results.json"
+    code = bench.main(["--paths", "direct,gateway", "--concurrency", "1,64", "--rounds", "2", "--run-seconds", "1",
+                       "--min-requests", "8", "--requests-per-connection", "1", "--max-tokens", "4",
+                       "--token-delay-ms", "2", "--json", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "| 1 | gateway |" in text and "targets, gateway vs direct (same run):" in text
+    assert "NOT AVAILABLE" not in text
+    results = json.loads(out.read_text())
+    gateway = results["summary"]["64"]["gateway"]
+    assert gateway["errors"] == 0 and gateway["path_cpu_share"] > 0
+    assert set(results["summary"]["64"]["overhead"]) == {"gateway"}
+    assert [len(results["runs"]["1"][p]) for p in ("direct", "gateway")] == [2, 2]
+
+
+def test_a_gateway_without_the_upstream_flag_is_reported_not_crashed(tmp_path, capsys, monkeypatch):
+    argparse_refusal = "import argparse; argparse.ArgumentParser(prog='gateway').parse_args(sys.argv[1:])"
+
+    def old_gateway(upstream_url, *, grpc_port, gossip_port, http_port, extra=()):
+        return [sys.executable, "-c", "import sys; " + argparse_refusal, "--upstream", upstream_url]
+
+    monkeypatch.setattr(bench, "gateway_command", old_gateway)
+    monkeypatch.setattr(bench, "gateway_lacks_upstream_flag", lambda: None)  # only the exit message tells
+    code = bench.main(["--paths", "direct,gateway", "--concurrency", "2", "--rounds", "1", "--run-seconds", "1",
+                       "--min-requests", "4", "--max-tokens", "3", "--token-delay-ms", "1"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "gateway: NOT AVAILABLE -- this llmgw's gateway has no --upstream flag yet" in text
+    assert "| 2 | direct |" in text and "| 2 | gateway |" not in text
+    assert bench.main(["--paths", "direct,gateway", "--concurrency", "2", "--rounds", "1", "--run-seconds", "1",
+                       "--min-requests", "4", "--max-tokens", "3", "--token-delay-ms", "1", "--strict"]) == 1
+
+
+def test_proc_readings_follow_the_process(tmp_path):
+    pid = os.getpid()
+    fds = bench.open_fds(pid)
+    with open(tmp_path / "a", "w"), open(tmp_path / "b", "w"):
+        assert bench.open_fds(pid) == fds + 2
+    assert bench.rss_bytes(pid) > 10 * 2**20
+    cpu = bench.cpu_seconds(pid)
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:
+        pass
+    assert bench.cpu_seconds(pid) - cpu >= 0.1
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert child.pid in bench.process_tree(pid)
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+    with pytest.raises(OSError):
+        bench.rss_bytes(child.pid)  # reaped: gone

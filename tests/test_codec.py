@@ -17,11 +17,13 @@ from llmgw._proto import gossip_pb2
 INT32 = st.integers(-(2**31), 2**31 - 1)
 UINT64 = st.integers(0, 2**64 - 1)
 # Known values most of the time, any int32 (open enums) the rest.
-MESSAGE_TYPES = st.one_of(st.sampled_from([0, 1, 2, 3, 4, 5]), INT32)
+MESSAGE_TYPES = st.one_of(st.sampled_from([0, 1, 2, 3, 4, 5, 6]), INT32)
 STATES = st.one_of(st.sampled_from([0, 1, 2, 3]), INT32)
-ROLES = st.one_of(st.sampled_from([0, 1, 2]), INT32)
+ROLES = st.one_of(st.sampled_from([0, 1, 2, 3]), INT32)
 TEXT = st.one_of(st.sampled_from(["", "replica-1", "10.0.0.7:7946"]), st.text(max_size=40))
 WEIGHTS = st.floats(width=32)  # every float32, including NaN, infinities and -0.0
+# Opaque bytes: empty most often, short ones, and now and then one past the 128-byte length-prefix boundary.
+BLOBS = st.one_of(st.just(b""), st.binary(max_size=40), st.binary(min_size=120, max_size=300))
 
 updates_st = st.builds(
     Update,
@@ -37,6 +39,7 @@ updates_st = st.builds(
     weight=WEIGHTS,
     draining=st.booleans(),
     reporter_id=TEXT,
+    app_meta=BLOBS,
 )
 messages_st = st.builds(
     Message,
@@ -48,6 +51,7 @@ messages_st = st.builds(
     sender_address=TEXT,
     target_address=TEXT,
     timestamp_ms=UINT64,
+    payload=BLOBS,
 )
 
 # Generating rich messages dominates the run time; these counts keep the file well inside its time budget.
@@ -67,6 +71,7 @@ def to_pb(msg: Message) -> gossip_pb2.GossipMessage:
         sender_address=msg.sender_address,
         target_address=msg.target_address,
         timestamp_ms=msg.timestamp_ms,
+        payload=msg.payload,
     )
     for u in msg.updates:
         pb.updates.add(
@@ -82,6 +87,7 @@ def to_pb(msg: Message) -> gossip_pb2.GossipMessage:
             weight=u.weight,
             draining=u.draining,
             reporter_id=u.reporter_id,
+            app_meta=u.app_meta,
         )
     return pb
 
@@ -95,6 +101,7 @@ def from_pb(pb: gossip_pb2.GossipMessage) -> Message:
         sender_address=pb.sender_address,
         target_address=pb.target_address,
         timestamp_ms=pb.timestamp_ms,
+        payload=pb.payload,
         updates=[
             Update(
                 member_id=u.member_id,
@@ -109,6 +116,7 @@ def from_pb(pb: gossip_pb2.GossipMessage) -> Message:
                 weight=u.weight,
                 draining=u.draining,
                 reporter_id=u.reporter_id,
+                app_meta=u.app_meta,
             )
             for u in pb.updates
         ],
@@ -201,14 +209,14 @@ def sample_message(n_updates: int = 3) -> Message:
 
 def test_constants_match_the_proto_enums():
     assert tuple(
-        gossip_pb2.MessageType.Value(n) for n in ("PING", "PING_REQ", "ACK", "NACK", "SYNC", "SYNC_ACK")
-    ) == (codec.PING, codec.PING_REQ, codec.ACK, codec.NACK, codec.SYNC, codec.SYNC_ACK)
+        gossip_pb2.MessageType.Value(n) for n in ("PING", "PING_REQ", "ACK", "NACK", "SYNC", "SYNC_ACK", "USER")
+    ) == (codec.PING, codec.PING_REQ, codec.ACK, codec.NACK, codec.SYNC, codec.SYNC_ACK, codec.USER)
     assert tuple(
         gossip_pb2.MemberState.Value(n) for n in ("ALIVE", "SUSPECT", "DEAD", "LEFT")
     ) == (codec.ALIVE, codec.SUSPECT, codec.DEAD, codec.LEFT)
     assert tuple(
-        gossip_pb2.Role.Value(n) for n in ("ROLE_UNSPECIFIED", "REPLICA", "GATEWAY")
-    ) == (codec.ROLE_UNSPECIFIED, codec.ROLE_REPLICA, codec.ROLE_GATEWAY)
+        gossip_pb2.Role.Value(n) for n in ("ROLE_UNSPECIFIED", "REPLICA", "GATEWAY", "UPSTREAM")
+    ) == (codec.ROLE_UNSPECIFIED, codec.ROLE_REPLICA, codec.ROLE_GATEWAY, codec.ROLE_UPSTREAM)
     assert type(codec.PING) is int
     assert codec.MAX_DATAGRAM == 1400
     assert issubclass(CodecError, ValueError)
@@ -220,9 +228,9 @@ def test_defaults_encode_to_nothing():
     assert Update().encoded_size() == 2  # tag + zero length
     assert encode(Message(updates=[Update()])) == b"\x2a\x00"
     m = Message.__new__(Message)  # bypasses __init__, as decoding and unpickling do
-    assert m.sender_id == "" and m.updates == []
+    assert m.sender_id == "" and m.updates == [] and m.payload == b""
     u = Update.__new__(Update)
-    assert u.member_id == "" and u.reporter_id == ""
+    assert u.member_id == "" and u.reporter_id == "" and u.app_meta == b""
 
 
 def test_equality_repr_and_copy():
@@ -598,7 +606,7 @@ def test_round_trips_through_protobuf_both_ways(m):
 
 @st.composite
 def unknown_field(draw):
-    known = set(range(1, 13))
+    known = set(range(1, 14))
     number = draw(st.integers(1, 2**29 - 1).filter(lambda n: n not in known))
     wire = draw(st.sampled_from([0, 1, 2, 5]))
     tag = varint((number << 3) | wire)
@@ -619,7 +627,7 @@ def test_injected_unknown_fields_are_skipped(m, data):
     # Unknown fields inside updates: rebuild each update's body with unknown fields spliced in.
     pieces = [encode(Message(type=m.type, sender_id=m.sender_id, target_id=m.target_id,
                              sequence_num=m.sequence_num, sender_address=m.sender_address,
-                             target_address=m.target_address, timestamp_ms=m.timestamp_ms))]
+                             target_address=m.target_address, timestamp_ms=m.timestamp_ms, payload=m.payload))]
     for u in m.updates:
         body = _update_body(encode(Message(updates=[u])))
         at = data.draw(st.sampled_from(field_spans(body)))
@@ -705,7 +713,7 @@ def test_corrupted_messages_fail_cleanly_or_agree_with_protobuf(m, data):
 def test_encode_limited_takes_the_longest_prefix_that_fits(m, updates, max_size):
     header = Message(type=m.type, sender_id=m.sender_id, target_id=m.target_id, sequence_num=m.sequence_num,
                      sender_address=m.sender_address, target_address=m.target_address,
-                     timestamp_ms=m.timestamp_ms)
+                     timestamp_ms=m.timestamp_ms, payload=m.payload)
     header_size = len(encode(header))
     if header_size > max_size:
         with pytest.raises(CodecError):
@@ -724,9 +732,10 @@ def test_encode_limited_takes_the_longest_prefix_that_fits(m, updates, max_size)
 # ------------------------------------------------------------------------------------------------------------------
 # Lazy decoding: decode() validates everything up front, fields become Python objects when first read.
 
-HEADER_FIELDS = ("type", "sender_id", "target_id", "sequence_num", "sender_address", "target_address", "timestamp_ms")
+HEADER_FIELDS = ("type", "sender_id", "target_id", "sequence_num", "sender_address", "target_address", "timestamp_ms",
+                 "payload")
 UPDATE_FIELDS = ("member_id", "address", "state", "incarnation", "model_version", "active_requests", "max_capacity",
-                 "grpc_address", "role", "weight", "draining", "reporter_id")
+                 "grpc_address", "role", "weight", "draining", "reporter_id", "app_meta")
 
 
 def _same_value(a, b) -> bool:
@@ -896,3 +905,62 @@ def test_encoding_larger_than_the_stack_buffer_and_long_updates():
     assert 0 < n < len(m.updates) and len(limited) <= 50_000
     assert limited == to_pb(Message(type=m.type, sender_id=m.sender_id, target_address=m.target_address,
                                     updates=m.updates[:n])).SerializeToString()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The opaque bytes fields: MembershipUpdate.app_meta (13) and GossipMessage.payload (9)
+
+
+def test_app_meta_and_payload_are_byte_identical_to_protobuf_and_any_bytes():
+    blob = bytes(range(256)) * 2  # not UTF-8, and a two-byte length prefix
+    m = Message(type=codec.USER, sender_id="gw-1", target_id="gw-2", sequence_num=7, sender_address="h:1",
+                timestamp_ms=5, payload=blob,
+                updates=[Update(member_id="agent-1", address="h:2", role=codec.ROLE_UPSTREAM, app_meta=blob[:200])])
+    data = encode(m)
+    assert data == to_pb(m).SerializeToString()
+    pb = pb_parse(data)
+    assert pb.type == gossip_pb2.USER and pb.payload == blob and pb.updates[0].app_meta == blob[:200]
+    assert pb.updates[0].role == gossip_pb2.UPSTREAM
+    got = decode(data)
+    assert got == m and type(got.payload) is bytes and got.updates[0].app_meta == blob[:200]
+    # Field 13 is the last of an update and field 9 the last of a message, as protobuf orders them.
+    assert data.endswith(b"\x4a\x80\x04" + blob)
+    assert encode(Message(updates=[Update(app_meta=b"x")])) == b"\x2a\x03\x6a\x01x"
+    assert Update(app_meta=b"x" * 200).encoded_size() == len(encode(Message(updates=[Update(app_meta=b"x" * 200)])))
+    assert "payload=b'ab'" in repr(Message(payload=b"ab")) and "app_meta=b'c'" in repr(Update(app_meta=b"c"))
+    clone = m.copy()
+    assert clone == m and clone.payload == blob
+    assert Message(payload=b"a") != Message(payload=b"b") and Update(app_meta=b"a") != Update(app_meta=b"b")
+
+
+def test_opaque_bytes_fields_refuse_other_types():
+    with pytest.raises(TypeError):
+        Update(app_meta="text")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Message(payload=None)  # type: ignore[arg-type]
+    m = Message()
+    m.payload = None  # type: ignore[assignment]
+    with pytest.raises(TypeError, match="payload must be bytes"):
+        encode(m)
+    u = Update()
+    u.app_meta = None  # type: ignore[assignment]
+    with pytest.raises(TypeError, match="app_meta must be bytes"):
+        encode(Message(updates=[u]))
+
+
+def test_payload_counts_against_the_limit_of_encode_limited():
+    updates = [Update(member_id=f"m{i}", address="10.0.0.1:7946") for i in range(30)]
+    _, n_plain = encode_limited(Message(type=codec.ACK, sender_id="s"), updates, 400)
+    with_payload, n_with = encode_limited(Message(type=codec.ACK, sender_id="s", payload=b"p" * 200), updates, 400)
+    assert len(with_payload) <= 400 and n_with < n_plain
+    assert decode(with_payload).payload == b"p" * 200
+    with pytest.raises(CodecError, match="header alone"):
+        encode_limited(Message(type=codec.USER, payload=b"p" * 500), [], 400)
+
+
+def test_a_mutated_source_buffer_never_changes_decoded_opaque_bytes():
+    m = Message(type=codec.USER, payload=b"payload", updates=[Update(member_id="a", app_meta=b"meta")])
+    buffer = bytearray(encode(m))
+    got = decode(buffer)
+    buffer[:] = b"\xff" * len(buffer)
+    assert got.payload == b"payload" and got.updates[0].app_meta == b"meta"

@@ -45,6 +45,7 @@ def seed_datagrams() -> list[bytes]:
             weight=0.5 * (i % 4),
             draining=i % 6 == 0,
             reporter_id="gateway-ü" if i % 2 else "",
+            app_meta=bytes([i % 256]) * (i % 7) if i % 3 == 0 else b"",
         )
 
     ping = Message(type=codec.PING, sender_id="gateway-1", target_id="replica-3", sequence_num=987654321,
@@ -56,7 +57,12 @@ def seed_datagrams() -> list[bytes]:
     sync.updates = codec.decode(codec.encode_limited(sync, [update(i) for i in range(60)])[0]).updates
     with_unknown = encode(Message(type=codec.ACK, sender_id="x")) + b"\x98\x01\x05" + b"\xa5\x01abcd" + \
         b"\xaa\x01\x02\xff\xfe" + b"\xa1\x01" + b"12345678"
-    return [encode(ping), encode(ping_req), encode(sync), encode(Message(type=codec.NACK)), with_unknown]
+    agent = Update(member_id="agent-1", address="10.1.0.9:7946", incarnation=3, role=codec.ROLE_UPSTREAM,
+                   app_meta=b'{"u":"http://10.1.0.9:8000","v":1}\xff' + bytes(range(120)))
+    user = Message(type=codec.USER, sender_id="gateway-1", target_id="gateway-2", sequence_num=77,
+                   sender_address="10.1.0.1:7946", timestamp_ms=1_718_000_000_456, payload=bytes(range(256)) + b"tail")
+    return [encode(ping), encode(ping_req), encode(sync), encode(Message(type=codec.NACK)), with_unknown,
+            encode(Message(type=codec.ACK, sender_id="agent-1", updates=[agent, update(3)])), encode(user)]
 
 
 def mutate(rng: random.Random, data: bytes, corpus: list[bytes]) -> bytes:

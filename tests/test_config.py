@@ -378,7 +378,7 @@ def test_every_configurable_command_takes_config_and_is_documented_in_configurat
 @pytest.mark.parametrize("command, toml_text, fragment", [
     ("gateway", "[gateway]\nhttp-prot = 8080\n", "unknown key 'http-prot' in [gateway]; did you mean 'http-port'?"),
     ("gateway", "[gateway]\nhttp-port = \"8080\"\n", "key 'http-port' in [gateway]: expected integer, got str"),
-    ("replica", "[replica]\nbackend = \"vllm\"\n", "'vllm' is not one of 'sim', 'openai'"),
+    ("gateway", "[gateway]\nrouting = \"fastest\"\n", "'fastest' is not one of 'affinity'"),
     ("client", "[client]\ntls-ca = 5\n", "key 'tls-ca' in [client]: expected string, got int"),
     ("gateway", "[gateway\n", "invalid TOML"),
 ])

@@ -1,4 +1,4 @@
-"""Issue 4 acceptance: multi-process clusters on loopback (gateway + replicas as subprocesses).
+"""The data plane end to end: multi-process clusters on loopback (gateway + replicas as subprocesses).
 
 Each test starts its own cluster through tests/harness.py and asserts exact counts.
 """
@@ -59,8 +59,8 @@ def mapping(c, gw, prompts):
     return out
 
 
-# ---- 1. routing: spread, affinity, minimal remapping -----------------------------------------------------
-def test_item1_spread_affinity_and_minimal_remap(cluster):
+# ---- routing: spread, affinity, minimal remapping --------------------------------------------------------
+def test_routing_spreads_keeps_affinity_and_remaps_minimally(cluster):
     c = cluster
     replicas = [c.start_replica(f"replica-{i}", token_delay_ms=50, max_capacity=32) for i in range(3)]
     gw = c.start_gateway("gateway-1")
@@ -92,8 +92,8 @@ def test_item1_spread_affinity_and_minimal_remap(cluster):
     assert len(remapped) <= 2, remapped
 
 
-# ---- 2. failure detection at LAN defaults, newcomer joins --------------------------------------------------
-def test_item2_dead_detection_and_join_at_lan_defaults(lan_cluster):
+# ---- failure detection at LAN defaults, newcomer joins -----------------------------------------------------
+def test_dead_replica_is_detected_and_a_newcomer_joins_at_lan_defaults(lan_cluster):
     c = lan_cluster
     replicas = [c.start_replica(f"replica-{i}", token_delay_ms=20, max_capacity=32) for i in range(5)]
     gw = c.start_gateway("gateway-1")
@@ -132,7 +132,7 @@ def test_item2_dead_detection_and_join_at_lan_defaults(lan_cluster):
     assert res.replicas <= {"replica-new", *(a.name for a in alive)}
 
 
-# ---- 3. token-exact mid-stream failover --------------------------------------------------------------------
+# ---- token-exact mid-stream failover -----------------------------------------------------------------------
 async def _stream_and_sabotage(c, gw, prompt, sabotage_after, sabotage):
     """Stream a 20-token request; once `sabotage_after` tokens arrived, call sabotage(replica_id)."""
     tokens = []
@@ -145,7 +145,7 @@ async def _stream_and_sabotage(c, gw, prompt, sabotage_after, sabotage):
     return tokens, time.monotonic() - start
 
 
-def _item3_cluster(c, carrier):
+def _failover_cluster(c, carrier):
     """3 replicas at 100 ms/token and a gateway whose replica streams travel on `carrier`: "sessions" (the
     default; opened to every replica before the test so the stream under test really is on one) or "calls"
     (--no-replica-sessions: one Generate call per request). Returns (replicas by id, gateway, a check that the
@@ -173,9 +173,9 @@ def _item3_cluster(c, carrier):
 
 
 @pytest.mark.parametrize("carrier", ["sessions", "calls"])
-def test_item3_failover_after_sigkill_is_token_exact(cluster, carrier):
+def test_failover_after_sigkill_is_token_exact(cluster, carrier):
     c = cluster
-    replicas, gw, check_carrier = _item3_cluster(c, carrier)
+    replicas, gw, check_carrier = _failover_cluster(c, carrier)
 
     def kill(rid):
         check_carrier(rid)
@@ -191,9 +191,9 @@ def test_item3_failover_after_sigkill_is_token_exact(cluster, carrier):
 
 
 @pytest.mark.parametrize("carrier", ["sessions", "calls"])
-def test_item3_failover_after_silent_stall_is_token_exact(cluster, carrier):
+def test_failover_after_silent_stall_is_token_exact(cluster, carrier):
     c = cluster
-    replicas, gw, check_carrier = _item3_cluster(c, carrier)  # default inter-token timeout (5 s)
+    replicas, gw, check_carrier = _failover_cluster(c, carrier)  # default inter-token timeout (5 s)
 
     def stall(rid):
         check_carrier(rid)
@@ -207,7 +207,7 @@ def test_item3_failover_after_silent_stall_is_token_exact(cluster, carrier):
     assert elapsed < 15
 
 
-# ---- 4. FIFO backpressure --------------------------------------------------------------------------------
+# ---- FIFO backpressure -----------------------------------------------------------------------------------
 def _burst(c, gw, n=8):
     async def go():
         finished = []
@@ -225,7 +225,7 @@ def _burst(c, gw, n=8):
     return asyncio.run(go())
 
 
-def test_item4_fifo_backpressure_and_bounded_queue(cluster):
+def test_fifo_backpressure_with_a_bounded_queue(cluster):
     c = cluster
     replicas = [c.start_replica(f"replica-{i}", token_delay_ms=100, max_capacity=2) for i in range(2)]
     gw = c.start_gateway("gateway-1")
@@ -251,8 +251,8 @@ def test_item4_fifo_backpressure_and_bounded_queue(cluster):
             assert_exactly_once(res, 10)
 
 
-# ---- 5. suspicion refutation -----------------------------------------------------------------------------
-def test_item5_suspected_replica_refutes_and_is_never_dead(lan_cluster):
+# ---- suspicion refutation --------------------------------------------------------------------------------
+def test_suspected_replica_refutes_and_is_never_declared_dead(lan_cluster):
     c = lan_cluster
     replicas = [c.start_replica(f"replica-{i}", token_delay_ms=20) for i in range(4)]
     gw = c.start_gateway("gateway-1")
@@ -297,8 +297,8 @@ def test_item5_suspected_replica_refutes_and_is_never_dead(lan_cluster):
     assert c.states(target)[target.name] == "alive"
 
 
-# ---- 6. replica-enforced capacity ------------------------------------------------------------------------
-def test_item6_full_replica_answers_resource_exhausted_and_gateway_goes_elsewhere(cluster):
+# ---- replica-enforced capacity ---------------------------------------------------------------------------
+def test_full_replica_answers_resource_exhausted_and_the_gateway_goes_elsewhere(cluster):
     c = cluster
     full = c.start_replica("replica-full", token_delay_ms=50, max_capacity=1)
     spare = c.start_replica("replica-spare", token_delay_ms=20, max_capacity=1)

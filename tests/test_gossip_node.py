@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from llmgw.gossip import GossipConfig, GossipNode, LossyNetwork, Member, MemberEvent
+from llmgw.gossip import GossipConfig, GossipFilter, GossipNode, LossyNetwork, Member, MemberEvent
 from llmgw.gossip.node import parse_host_port
 
 FAST = GossipConfig.local()
@@ -181,3 +181,113 @@ def test_bind_wildcard_advertises_routable_address():
 def test_hostile_input_bounds_are_validated(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         GossipConfig.lan(**bad)
+
+
+def test_user_messages_and_app_meta_between_two_nodes_one_threaded():
+    key = b"0123456789abcdef0123456789abcdef"
+
+    async def body(nodes):
+        a = await nodes("gateway-a", role="gateway", app_meta=b"a-1", key=key)
+        b = await nodes("agent-b", role="upstream", app_meta=b"b-1", key=key, seeds=[a.address], threaded=True)
+        got_a: list[tuple[str, bytes]] = []
+        got_b: list[tuple[str, bytes, str]] = []
+        a.subscribe_user(lambda sender, payload: got_a.append((sender, payload)))
+        unsubscribe_b = b.subscribe_user(
+            lambda sender, payload: got_b.append((sender, payload, threading.current_thread().name)))
+        assert await wait_for(lambda: live_ids(a) == {"agent-b"} and live_ids(b) == {"gateway-a"}, 5.0)
+        assert a.member("agent-b").app_meta == b"b-1" and a.member("agent-b").role == "upstream"
+        assert b.member("gateway-a").app_meta == b"a-1"
+        # Both ways; from the threaded node's side the call comes from this (another) thread.
+        assert a.send_user("agent-b", b"to b \x00") and b.send_user("gateway-a", b"to a \xff")
+        assert await wait_for(lambda: got_a and got_b, 3.0)
+        assert got_a == [("agent-b", b"to a \xff")]
+        assert got_b == [("gateway-a", b"to b \x00", "gossip-agent-b")]  # delivered on the gossip thread
+        # The largest payload goes, one byte more is refused.
+        limit = a.max_user_payload("agent-b")
+        assert a.send_user("agent-b", b"L" * limit) and not a.send_user("agent-b", b"L" * (limit + 1))
+        assert await wait_for(lambda: len(got_b) == 2, 3.0) and got_b[1][1] == b"L" * limit
+        assert not a.send_user("nobody", b"x")
+        with pytest.raises(TypeError):
+            a.send_user("agent-b", "text")
+        # app_meta changes reach the other side within a few protocol periods (0.25 s each here).
+        started = time.monotonic()
+        b.update_meta(app_meta=b"b-2")
+        a.update_meta(app_meta=b"a-2")
+        assert await wait_for(lambda: a.member("agent-b").app_meta == b"b-2"
+                              and b.member("gateway-a").app_meta == b"a-2", 3.0)
+        assert time.monotonic() - started < 6 * FAST.protocol_period
+        with pytest.raises(ValueError, match="over the limit"):
+            a.update_meta(app_meta=b"x" * 1025)
+        unsubscribe_b()
+        assert a.send_user("agent-b", b"after unsubscribe")
+        await asyncio.sleep(0.3)
+        assert len(got_b) == 2
+        assert b.stats()["user_received"] == 3 and a.stats()["user_sent"] == 3
+        assert a.stats()["callback_errors"] == b.stats()["callback_errors"] == 0
+
+    run_nodes(body)
+
+
+def test_filter_partitions_one_node_off_and_heals():
+    async def body(nodes):
+        cut = GossipFilter()
+        a = await nodes("gw-a", role="gateway", filter=cut)
+        b = await nodes("gw-b", role="gateway", seeds=[a.address], filter=cut)
+        c = await nodes("gw-c", role="gateway", seeds=[a.address])
+        c.filter = cut  # settable while running
+        got_c: list[bytes] = []
+        c.subscribe_user(lambda sender, payload: got_c.append(payload))
+        assert await wait_for(lambda: all(len(live_ids(n)) == 2 for n in (a, b, c)), 5.0)
+        cut.block(member_ids=["gw-c"])
+        # Nothing passes either way: a's message is dropped on c's side, c's on its own side.
+        assert a.send_user("gw-c", b"lost")
+        assert await wait_for(lambda: a.member("gw-c").state == "dead" and b.member("gw-c").state == "dead"
+                              and live_ids(c) == set(), 10.0)
+        assert live_ids(a) == {"gw-b"} and live_ids(b) == {"gw-a"}
+        assert got_c == [] and c.stats()["filtered_in"] > 0 and c.stats()["filtered_out"] > 0
+        assert a.stats()["filtered_out"] > 0  # a's view of c's address is blocked too
+        cut.heal()
+        assert await wait_for(lambda: all(len(live_ids(n)) == 2 for n in (a, b, c)), 15.0)
+        assert a.send_user("gw-c", b"back")
+        assert await wait_for(lambda: got_c == [b"back"], 3.0)
+
+    run_nodes(body, timeout=45.0)
+
+
+def test_filter_by_address_and_its_arguments():
+    cut = GossipFilter(addresses=["10.0.0.1:1"])
+    assert cut.drops("me", "10.0.0.1:1", lambda _: None)
+    assert not cut.drops("me", "10.0.0.2:1", lambda _: None)
+    cut.block(member_ids=["x"])
+    assert cut.drops("me", "10.0.0.2:1", lambda mid: "10.0.0.2:1" if mid == "x" else None)
+    assert cut.drops("x", "10.0.0.9:9", lambda _: None)  # the blocked member itself hears nothing
+    cut.unblock(addresses=["10.0.0.1:1"], member_ids=["x"])
+    assert cut.addresses == frozenset() and cut.member_ids == frozenset()
+    with pytest.raises(TypeError):
+        cut.block(addresses="10.0.0.1:1")
+    with pytest.raises(TypeError):
+        cut.block(member_ids=[3])  # type: ignore[list-item]
+    with pytest.raises(TypeError):
+        GossipNode("x", app_meta="text")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="over the limit"):
+        GossipNode("x", app_meta=b"x" * 1025)
+
+
+def test_user_messages_are_never_sent_to_reference_peers():
+    import socket
+
+    from llmgw._core.codec import ACK, Message, Update, encode
+
+    async def body(nodes):
+        a = await nodes("gw-a", role="gateway")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as ref:
+            ref.bind(("127.0.0.1", 0))
+            ref_address = f"127.0.0.1:{ref.getsockname()[1]}"
+            # What a reference node sends: no role (and no other llmgw field) about itself.
+            ref.sendto(encode(Message(ACK, "ref-peer", "", 0, [Update("ref-peer", ref_address, 0, 5)])),
+                       parse_host_port(a.address))
+            assert await wait_for(lambda: a.member("ref-peer") is not None, 3.0)
+            assert a.send_user("ref-peer", b"x") is False
+            assert a.stats()["user_refused"] == 1 and a.stats()["user_sent"] == 0
+
+    run_nodes(body)

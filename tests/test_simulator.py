@@ -33,6 +33,7 @@ def test_n64_crash_detection_latency(loss, dead_p99_limit):
     assert r.converged, r.stuck
 
 
+@pytest.mark.slow  # ~10 s of CPU: left out of `make test-fast`
 def test_no_false_dead_at_5_percent_loss_soak():
     r = run_scenario(64, loss=0.05, duration=100 * 3600 / 64, seed=5)
     assert r.node_hours >= 100
@@ -69,6 +70,7 @@ def _time_to_all(sim: Simulator, source: int, tag: str, log: dict, horizon: floa
     return max(seen[i] for i in others) - t0
 
 
+@pytest.mark.slow  # ~5 s of CPU: left out of `make test-fast`
 def test_dissemination_and_traffic_at_1000_nodes():
     """One 1,000-node cluster (bootstrapping it is the expensive part): traffic, then updates at 0% and 5% loss."""
     cfg = GossipConfig.lan()

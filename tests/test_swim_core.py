@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
 
 import pytest
 
-from llmgw._core.codec import ACK, ALIVE, DEAD, NACK, PING, PING_REQ, SUSPECT, SYNC, SYNC_ACK, Message, decode, encode
-from llmgw._core.swim import MEMBER_FIELDS, Swim
+from llmgw._core.codec import (
+    ACK,
+    ALIVE,
+    DEAD,
+    NACK,
+    PING,
+    PING_REQ,
+    ROLE_UPSTREAM,
+    SUSPECT,
+    SYNC,
+    SYNC_ACK,
+    USER,
+    Message,
+    Update,
+    decode,
+    encode,
+)
+from llmgw._core.swim import MAX_APP_META, MAX_PENDING_USER_MESSAGES, MEMBER_FIELDS, Swim
 from llmgw.gossip.auth import Authenticator
 from llmgw.gossip.config import GossipConfig
+from llmgw.gossip.node import Member
 from llmgw.gossip.testing import (
     BASE_INC,
     addr,
@@ -27,6 +45,8 @@ from llmgw.gossip.testing import (
     state_of,
     upd,
 )
+from llmgw.topology import ROLE_UPSTREAM as UPSTREAM_NAME
+from llmgw.topology import is_replica, is_upstream_agent
 
 LAN = GossipConfig.lan()
 SHUFFLE = GossipConfig.lan(probe_schedule="shuffle")
@@ -586,3 +606,303 @@ def test_join_retries_until_a_full_state_arrives_even_when_a_peer_is_already_kno
     run(node, 1.2 + 3 * LAN.join_retry_interval,
         lambda t: later.extend(dst for dst, d in node.drain_outgoing() if decode(d).type == SYNC))
     assert later.count(addr("seed")) <= 1  # at most one push-pull happens to pick it
+
+
+# --- opaque application metadata (memberlist's Node.Meta) --------------------------------------------------------
+
+APP_META = MEMBER_FIELDS.index("app_meta")
+ADVERT = b'{"u":"http://10.0.0.9:8000","v":1}'
+
+
+def meta_of(node: Swim, member_id: str) -> bytes | None:
+    row = node.member(member_id)
+    return None if row is None else row[APP_META]
+
+
+def pump(nodes: list[Swim], until: float, *, start: float = 0.0, step: float = 0.05,
+         blocked: frozenset[tuple[str, str]] = frozenset()) -> None:
+    """Run the nodes' timers to `until` on a lossless instant network, except the (sender, receiver) pairs in
+    `blocked`."""
+    by_address = {n.address: n for n in nodes}
+    t = start
+    while t < until:
+        t += step
+        for n in nodes:
+            n.tick(t)
+        for _ in range(100):
+            moved = False
+            for n in nodes:
+                for address, data in n.drain_outgoing():
+                    dst = by_address.get(address)
+                    if dst is not None and (n.member_id, dst.member_id) not in blocked:
+                        dst.handle_datagram(data, n.address, t)
+                        moved = True
+            if not moved:
+                break
+
+
+def test_own_app_meta_is_advertised_from_the_start_and_read_back():
+    a = make("agent-a", role=ROLE_UPSTREAM, app_meta=ADVERT)
+    assert a.local_member()[APP_META] == ADVERT
+    b = make("gateway-b", seed=2)
+    b.join([a.address], 0.0)
+    pump([a, b], 0.05)
+    assert meta_of(b, "agent-a") == ADVERT
+    member = Member.from_core(b.member("agent-a"))
+    assert member.app_meta == ADVERT and member.role == UPSTREAM_NAME
+    assert is_upstream_agent(member) and not is_replica(member)
+
+
+def test_a_change_is_a_new_incarnation_and_spreads_over_two_hops():
+    a, b, c = make("agent-a", role=ROLE_UPSTREAM, app_meta=b"old"), make("b", seed=2), make("c", seed=3)
+    join_all([a, b, c])
+    pump([a, b, c], 1.0)
+    assert meta_of(b, "agent-a") == meta_of(c, "agent-a") == b"old"
+    c.drain_events()
+    before = a.incarnation
+    a.set_meta(1.0, app_meta=ADVERT)
+    assert a.incarnation == before + 1
+    # a never reaches c directly: c can only learn the change from b's rebroadcast.
+    pump([a, b, c], 2.0, start=1.0, blocked=frozenset({("agent-a", "c")}))
+    assert meta_of(b, "agent-a") == meta_of(c, "agent-a") == ADVERT
+    assert any(kind == "updated" and row[APP_META] == ADVERT for kind, row in c.drain_events())
+    # Setting the same bytes again is no change: no new incarnation.
+    a.set_meta(2.0, app_meta=ADVERT)
+    assert a.incarnation == before + 1
+
+
+def test_merge_follows_the_incarnation_rules_of_the_other_metadata():
+    node = make("observer")
+    gossip(node, "agent", [upd("agent", ALIVE, BASE_INC, app_meta=b"v1")])
+    assert meta_of(node, "agent") == b"v1"
+    # Older: ignored. Same incarnation from someone else: not news, ignored.
+    gossip(node, "other", [upd("agent", ALIVE, BASE_INC - 1, app_meta=b"stale")])
+    gossip(node, "other", [upd("agent", ALIVE, BASE_INC, app_meta=b"hearsay")])
+    assert meta_of(node, "agent") == b"v1"
+    # Newer: replaces it.
+    gossip(node, "other", [upd("agent", ALIVE, BASE_INC + 1, app_meta=b"v2")])
+    assert meta_of(node, "agent") == b"v2"
+    node.drain_events()
+    # The member's own word at the incarnation we hold (how reference peers publish load) applies too.
+    applied = node.owner_meta_applied
+    gossip(node, "agent", [upd("agent", ALIVE, BASE_INC + 1, app_meta=b"v3")])
+    assert meta_of(node, "agent") == b"v3" and node.owner_meta_applied == applied + 1
+    assert [(kind, row[APP_META]) for kind, row in node.drain_events()] == [("updated", b"v3")]
+    # A suspicion at the same incarnation outranks ALIVE and carries its own copy of the metadata.
+    gossip(node, "other", [upd("agent", SUSPECT, BASE_INC + 1, reporter="other", app_meta=b"v3")])
+    assert node.member("agent")[4] == "suspect" and meta_of(node, "agent") == b"v3"
+
+
+def test_full_state_sync_carries_app_meta():
+    a = make("a")
+    for i in range(3):
+        gossip(a, f"agent-{i}", [upd(f"agent-{i}", ALIVE, BASE_INC, app_meta=bytes([i]) * 300)])
+    a.drain_outgoing()
+    b = make("b", seed=2)
+    deliver(a, SYNC, "b", [upd("b", incarnation=b.incarnation)], seq=9)
+    answers = a.drain_outgoing()
+    assert answers and all(len(data) <= GossipConfig.lan().max_datagram for _, data in answers)
+    for _, data in answers:
+        b.handle_datagram(data, a.address, 0.0)
+    assert [meta_of(b, f"agent-{i}") for i in range(3)] == [bytes([i]) * 300 for i in range(3)]
+
+
+def test_oversized_app_meta_from_the_network_is_dropped_and_counted():
+    node = make("observer")
+    huge = b"x" * (MAX_APP_META + 1)
+    gossip(node, "agent", [upd("agent", ALIVE, BASE_INC, app_meta=huge, max_capacity=4)])
+    row = node.member("agent")
+    assert row is not None and row[APP_META] == b"" and row[MEMBER_FIELDS.index("max_capacity")] == 4
+    assert node.metadata_clamped == 1
+    # What we pass on is the clamped version.
+    node.tick(1.0)
+    for _, msg, _ in outgoing(node):
+        for u in msg.updates:
+            if u.member_id == "agent":
+                assert u.app_meta == b""
+    # At the cap exactly, it is kept.
+    gossip(node, "agent", [upd("agent", ALIVE, BASE_INC + 1, app_meta=b"y" * MAX_APP_META)])
+    assert meta_of(node, "agent") == b"y" * MAX_APP_META and node.metadata_clamped == 1
+
+
+def test_set_meta_refuses_what_no_peer_would_accept():
+    a = make("a")
+    with pytest.raises(ValueError, match="over the limit of 1024"):
+        a.set_meta(0.0, app_meta=b"x" * (MAX_APP_META + 1))
+    with pytest.raises(TypeError, match="app_meta must be bytes"):
+        a.set_meta(0.0, app_meta="text")
+    with pytest.raises(ValueError, match="over the limit"):
+        make("b", app_meta=b"x" * (MAX_APP_META + 1))
+    # A small datagram limit: the member's update with a 1 KB app_meta could never be sent.
+    small = dataclasses.replace(GossipConfig.lan(), max_datagram=600)
+    s = make("s", small)
+    with pytest.raises(ValueError, match="does not fit one"):
+        s.set_meta(0.0, app_meta=b"x" * MAX_APP_META)
+    assert s.local_member()[APP_META] == b""
+    s.set_meta(0.0, app_meta=bytearray(b"fits"))
+    assert s.local_member()[APP_META] == b"fits"
+
+
+def test_a_full_app_meta_update_fits_a_signed_datagram_beside_another():
+    auth = Authenticator(b"k" * 32)
+    a = make("agent-with-a-rather-long-member-id-0001", auth=auth, app_meta=b"m" * MAX_APP_META)
+    a.handle_datagram(auth.seal(datagram(ACK, "peer", [upd("peer")])), addr("peer"), 0.0)
+    assert state_of(a, "peer") == "alive"
+    a.tick(1.0)
+    sent = a.drain_outgoing()
+    assert sent and all(len(data) <= GossipConfig.lan().max_datagram for _, data in sent)
+    carried = [u for _, data in sent for u in _open(auth, data).updates if u.member_id == a.member_id]
+    assert carried and carried[0].app_meta == b"m" * MAX_APP_META
+
+
+def _open(auth, data: bytes):
+    opened = auth.open(data)
+    assert opened is not None
+    return decode(opened[0])
+
+
+def test_dead_member_keeps_its_last_app_meta_until_it_returns():
+    node = make("observer")
+    gossip(node, "agent", [upd("agent", ALIVE, BASE_INC, app_meta=b"v1")])
+    gossip(node, "other", [upd("agent", DEAD, BASE_INC, reporter="other", app_meta=b"v1")])
+    assert node.member("agent")[4] == "dead" and meta_of(node, "agent") == b"v1"
+    gossip(node, "agent", [upd("agent", ALIVE, BASE_INC + 5, app_meta=b"v2")])
+    assert node.member("agent")[4] == "alive" and meta_of(node, "agent") == b"v2"
+
+
+def test_an_update_with_app_meta_is_what_the_codec_sends():
+    u = Update("agent", "h:1", ALIVE, 1, app_meta=ADVERT)
+    node = make("observer")
+    deliver(node, ACK, "agent", [u])
+    assert meta_of(node, "agent") == ADVERT
+
+
+# --- user messages (memberlist's SendBestEffort / NotifyMsg) -------------------------------------------------------
+
+def _llmgw_peers(*ids: str) -> list[Swim]:
+    """Cores that know each other as llmgw members (with a role: reference peers gossip none)."""
+    nodes = [make(mid, seed=i + 1, role=2) for i, mid in enumerate(ids)]
+    for n in nodes:
+        for other in nodes:
+            if other is not n:
+                gossip(n, other.member_id, [upd(other.member_id, incarnation=other.incarnation, role=2)])
+        n.drain_outgoing()
+        n.drain_events()
+    return nodes
+
+
+def _carry(src: Swim, dst: Swim, now: float = 0.0) -> int:
+    sent = src.drain_outgoing()
+    for address, data in sent:
+        assert address == dst.address
+        dst.handle_datagram(data, src.address, now)
+    return len(sent)
+
+
+def test_a_user_message_reaches_a_live_member_and_changes_nothing_else():
+    a, b = _llmgw_peers("gw-a", "gw-b")
+    members_before, inc_before, pending_before = b.members(), b.incarnation, b.pending_broadcasts()
+    assert a.user_message("gw-b", b"digest \x00\xff", 0.0) is True
+    assert a.user_message("gw-b", bytearray(b"second"), 0.0) is True
+    assert _carry(a, b) == 2
+    assert b.drain_user_messages() == [("gw-a", b"digest \x00\xff"), ("gw-a", b"second")]
+    assert b.drain_user_messages() == []
+    # No membership effect: no events, no answer, no rumour queued, the table and our incarnation unchanged.
+    assert b.drain_events() == [] and b.drain_outgoing() == [] and b.pending_broadcasts() == pending_before
+    assert b.members() == members_before and b.incarnation == inc_before
+    assert (a.user_sent, b.user_received, b.user_dropped, b.malformed) == (2, 2, 0, 0)
+    assert b.stats["user_received"] == 2 and a.stats["user_sent"] == 2
+    # An empty payload is a message too.
+    assert a.user_message("gw-b", b"", 0.0) and _carry(a, b) == 1
+    assert b.drain_user_messages() == [("gw-a", b"")]
+
+
+def test_user_messages_are_refused_for_unknown_dead_and_too_big():
+    a, b = _llmgw_peers("gw-a", "gw-b")
+    assert a.user_message("nobody", b"x", 0.0) is False
+    assert a.user_message("gw-a", b"x", 0.0) is False  # ourselves
+    limit = a.max_user_payload("gw-b")
+    assert 1200 < limit < LAN.max_datagram
+    assert a.user_message("gw-b", b"x" * (limit + 1), 0.0) is False
+    assert a.drain_outgoing() == [] and a.user_refused == 3 and a.user_sent == 0
+    # Exactly the limit fits one datagram, at the largest sequence and timestamp a datagram can carry.
+    assert a.user_message("gw-b", b"x" * limit, 0.0) is True
+    (_, data), = a.drain_outgoing()
+    assert len(data) <= LAN.max_datagram
+    b.handle_datagram(data, a.address, 0.0)
+    assert b.drain_user_messages() == [("gw-a", b"x" * limit)]
+    gossip(a, "gw-c", [upd("gw-b", DEAD, BASE_INC + 1, reporter="gw-c", role=2)])
+    assert a.user_message("gw-b", b"x", 0.0) is False
+    with pytest.raises(TypeError):
+        a.user_message("gw-b", "text", 0.0)
+
+
+def test_user_messages_from_unknown_or_dead_senders_are_dropped_and_learn_nothing():
+    b = make("gw-b", role=2)
+    stranger = datagram(USER, "stranger", target="gw-b", payload=b"hi")
+    b.handle_datagram(stranger, addr("stranger"), 0.0)
+    assert b.drain_user_messages() == [] and b.user_dropped == 1 and b.members() == []
+    # Updates riding on a USER datagram are ignored: it cannot introduce a member nor revive one.
+    b.handle_datagram(datagram(USER, "stranger", [upd("stranger"), upd("z")], target="gw-b", payload=b"hi"),
+                      addr("stranger"), 0.0)
+    assert b.members() == [] and b.user_dropped == 2
+    gossip(b, "gw-a", [upd("gw-a", role=2)])
+    gossip(b, "gw-c", [upd("gw-a", DEAD, BASE_INC, reporter="gw-c")])
+    b.handle_datagram(datagram(USER, "gw-a", [upd("gw-a", ALIVE, BASE_INC + 1)], target="gw-b", payload=b"x"),
+                      addr("gw-a"), 0.0)
+    assert state_of(b, "gw-a") == "dead" and b.drain_user_messages() == [] and b.user_dropped == 3
+    # Meant for another member (e.g. our address's previous owner): misdirected.
+    misdirected = b.misdirected
+    gossip(b, "gw-d", [upd("gw-d", role=2)])
+    b.handle_datagram(datagram(USER, "gw-d", target="someone-else", payload=b"x"), addr("gw-d"), 0.0)
+    assert b.misdirected == misdirected + 1 and b.drain_user_messages() == []
+
+
+def test_pending_user_messages_are_bounded():
+    a, b = _llmgw_peers("gw-a", "gw-b")
+    for i in range(MAX_PENDING_USER_MESSAGES + 5):
+        assert a.user_message("gw-b", i.to_bytes(4, "big"), 0.0)
+        _carry(a, b)
+    got = b.drain_user_messages()
+    assert len(got) == MAX_PENDING_USER_MESSAGES
+    assert got[-1] == ("gw-a", (MAX_PENDING_USER_MESSAGES - 1).to_bytes(4, "big"))
+    assert b.user_dropped == 5
+
+
+def test_signed_user_messages_equal_payloads_twice_and_forgeries():
+    auth_a, auth_b = Authenticator(b"k" * 32), Authenticator(b"k" * 32)
+    a = make("gw-a", role=2, auth=auth_a, wall_offset=1_700_000_000.0)
+    b = make("gw-b", seed=2, role=2, auth=auth_b, wall_offset=1_700_000_000.0)
+    gossip_signed = [(a, b), (b, a)]
+    for src, dst in gossip_signed:
+        src.tick(0.0)
+        src.drain_outgoing()
+        dst.handle_datagram(auth_a.seal(datagram(ACK, src.member_id, [upd(src.member_id, incarnation=src.incarnation,
+                                                                        role=2)],
+                                                 timestamp_ms=1_700_000_000_000)), src.address, 0.0)
+    assert state_of(a, "gw-b") == "alive" and state_of(b, "gw-a") == "alive"
+    # The same payload twice in the same millisecond: two datagrams, both delivered (not taken for a replay).
+    assert a.user_message("gw-b", b"same", 0.0) and a.user_message("gw-b", b"same", 0.0)
+    sent = a.drain_outgoing()
+    assert len({data for _, data in sent}) == 2
+    for _, data in sent:
+        b.handle_datagram(data, a.address, 0.0)
+    assert b.drain_user_messages() == [("gw-a", b"same"), ("gw-a", b"same")]
+    # A replay of either, and an unsigned or forged one, are dropped.
+    b.handle_datagram(sent[0][1], a.address, 0.0)
+    b.handle_datagram(datagram(USER, "gw-a", target="gw-b", payload=b"forged"), a.address, 0.0)
+    forged = bytearray(sent[1][1])
+    forged[-40] ^= 1
+    b.handle_datagram(bytes(forged), a.address, 0.0)
+    assert b.drain_user_messages() == []
+    assert b.replays_rejected == 1 and b.auth_rejected == 2
+
+
+def test_a_leaving_node_neither_sends_nor_delivers_user_messages():
+    a, b = _llmgw_peers("gw-a", "gw-b")
+    assert a.user_message("gw-b", b"before", 0.0)
+    data = a.drain_outgoing()[0][1]
+    b.leave(0.0)
+    b.drain_outgoing()
+    b.handle_datagram(data, a.address, 0.0)
+    assert b.drain_user_messages() == [] and b.user_message("gw-a", b"x", 0.0) is False

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmgw._core.codec import ALIVE, DEAD, LEFT, SUSPECT
-from llmgw._core.swim import outranks
+from llmgw._core.swim import MEMBER_FIELDS, outranks
 from llmgw.gossip.testing import BASE_INC, gossip, make, upd
 
 STATES = [ALIVE, SUSPECT, DEAD, LEFT]
@@ -46,6 +46,28 @@ def test_member_table_follows_the_merge_model(seq):
             assert NAMES[row[4]] in (DEAD, LEFT)
         else:
             assert NAMES[row[4]] == model[1]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.sampled_from(STATES), st.binary(max_size=3), st.booleans()),
+                max_size=40))
+def test_app_meta_follows_the_same_merge_model_as_the_other_metadata(seq):
+    """The app_meta held is the winning rumour's, or the member's own ALIVE word at the incarnation held while
+    it is live; the same holds for every other metadata field (max_capacity stands for them)."""
+    node = make("observer")
+    gossip(node, "m", [upd("m", ALIVE, BASE_INC, app_meta=b"start", max_capacity=1)])
+    model = (BASE_INC, ALIVE)
+    meta = (b"start", 1)
+    for i, (delta, state, blob, from_owner) in enumerate(seq):
+        u = (BASE_INC + delta, state)
+        gossip(node, "m" if from_owner else "rumourer",
+               [upd("m", state, u[0], reporter="" if from_owner else "rumourer", app_meta=blob, max_capacity=i + 2)])
+        if model_wins(u, model):
+            model, meta = u, (blob, i + 2)
+        elif from_owner and state == ALIVE and u[0] == model[0] and model[1] in (ALIVE, SUSPECT):
+            meta = (blob, i + 2)
+        row = node.member("m")
+        assert (row[MEMBER_FIELDS.index("app_meta")], row[MEMBER_FIELDS.index("max_capacity")]) == meta
 
 
 @settings(max_examples=150, deadline=None)

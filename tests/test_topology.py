@@ -17,13 +17,17 @@ from llmgw.topology import (
     GOSSIP_PORT_OFFSET,
     ROLE_GATEWAY,
     ROLE_REPLICA,
+    ROLE_UPSTREAM,
+    ROLES,
     gossip_port_for,
     grpc_address_for,
     is_replica,
     is_routable,
     is_routable_replica,
+    is_upstream_agent,
     role_from_wire,
     role_number,
+    understands_user_messages,
 )
 
 CORE = Path(__file__).resolve().parent.parent / "llmgw" / "_core"
@@ -67,7 +71,9 @@ def test_roles_ports_and_routable_states():
     assert role_from_wire("gateway-1", 0) == ROLE_GATEWAY and role_from_wire("replica-1", 0) == ROLE_REPLICA
     assert role_from_wire("gateway-1", 1) == ROLE_REPLICA and role_from_wire("x", 2) == ROLE_GATEWAY
     assert role_from_wire("x", 77) == ROLE_REPLICA  # an unknown role number: the naming convention decides
-    assert role_number(ROLE_REPLICA) == 1 and role_number(ROLE_GATEWAY) == 2
+    assert role_number(ROLE_REPLICA) == 1 and role_number(ROLE_GATEWAY) == 2 and role_number(ROLE_UPSTREAM) == 3
+    assert role_from_wire("gateway-x", 3) == ROLE_UPSTREAM and ROLE_UPSTREAM in ROLES
+    assert understands_user_messages(3) and understands_user_messages(1) and not understands_user_messages(0)
     with pytest.raises(ValueError, match="role must be one of"):
         role_number("router")
     assert gossip_port_for(50051) == 50051 + GOSSIP_PORT_OFFSET == DEFAULT_PORTS["gateway"]["gossip"]
@@ -77,6 +83,9 @@ def test_roles_ports_and_routable_states():
     assert not is_routable_replica(dataclasses.replace(replica, state=MemberState.DEAD))
     assert not is_replica(dataclasses.replace(replica, role=ROLE_GATEWAY))
     assert not is_replica(dataclasses.replace(replica, member_id="gateway-x"))
+    agent = dataclasses.replace(replica, member_id="agent-1", role=ROLE_UPSTREAM, app_meta=b"{}")
+    assert is_upstream_agent(agent) and not is_replica(agent) and not is_routable_replica(agent)
+    assert not is_upstream_agent(replica)
 
 
 def core_sources() -> list[Path]:

@@ -98,7 +98,7 @@ def test_the_id_is_the_canonical_url(url, expected):
 
 
 @pytest.mark.parametrize("url", ["ftp://host:1", "host:8000", "http://", "http://host:8000?x=1", "http://h#frag",
-                                 "http://user:pw@host:8000", "http://host:99999", 8000])
+                                 "http://user:pw@host:8000", "http://host:99999", "http://host:0", 8000])
 def test_unusable_urls_are_refused(url):
     with pytest.raises(ValueError):
         canonical_id(url)

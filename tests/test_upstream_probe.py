@@ -7,6 +7,7 @@ import math
 import socket
 
 import pytest
+from aiohttp import web
 
 from llmgw.testing.mock_openai import MockOpenAIServer
 from llmgw.upstream.backends import Backend, HealthState, ServerLoad
@@ -297,4 +298,47 @@ def test_monitor_keeps_configured_models_and_reports_only_changes():
             await monitor.probe_once()
             assert monitor.backend.health is HealthState.HEALTHY  # one success is enough
             assert [c.health for c in changes] == [HealthState.HEALTHY, HealthState.UNHEALTHY, HealthState.HEALTHY]
+    run(scenario())
+
+
+def test_monitor_does_not_ask_for_models_every_round_when_only_health_answers():
+    async def scenario():
+        calls = {"models": 0}
+        answer_models = asyncio.Event()
+
+        async def health(request):
+            return web.Response(status=200)
+
+        async def models(request):
+            calls["models"] += 1
+            if not answer_models.is_set():
+                return web.json_response({"error": {"message": "warming up"}}, status=503)
+            return web.json_response({"object": "list", "data": [{"id": "late", "object": "model"}]})
+
+        app = web.Application()
+        app.router.add_get("/health", health)
+        app.router.add_get("/v1/models", models)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        try:
+            async with UpstreamClient() as client:
+                monitor = BackendMonitor(Backend(url, BackendKind.VLLM), client, FAST, lambda b: None)
+                for _ in range(10):
+                    await monitor.probe_once()
+                assert monitor.backend.health is HealthState.HEALTHY and not monitor.models_known
+                assert calls["models"] == 1  # the next attempt waits for the backoff, not the next round
+                answer_models.set()
+                task = asyncio.ensure_future(monitor.run())
+                try:
+                    await wait_until(lambda: monitor.models_known)
+                finally:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                assert monitor.backend.models == ("late",)
+        finally:
+            await runner.cleanup()
     run(scenario())

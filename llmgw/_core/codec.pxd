@@ -11,6 +11,7 @@ cdef enum:
     NACK = 3
     SYNC = 4
     SYNC_ACK = 5
+    USER = 6
 
 # MemberState
 cdef enum:
@@ -24,6 +25,7 @@ cdef enum:
     ROLE_UNSPECIFIED = 0
     ROLE_REPLICA = 1
     ROLE_GATEWAY = 2
+    ROLE_UPSTREAM = 3
 
 cdef enum:
     MAX_DATAGRAM = 1400
@@ -40,6 +42,7 @@ cdef class Update:
     cdef public int active_requests, max_capacity
     cdef public double weight
     cdef public bint draining
+    cdef public bytes app_meta
 
     cpdef Py_ssize_t encoded_size(self) except -1
     cpdef Update copy(self)
@@ -53,7 +56,7 @@ cdef struct Span:
 
 # One validated MembershipUpdate of a decoded message, not yet turned into an Update object.
 cdef struct UpdateRecord:
-    Span member_id, address, model_version, grpc_address, reporter_id
+    Span member_id, address, model_version, grpc_address, reporter_id, app_meta
     uint64_t incarnation
     int32_t state, active_requests, max_capacity, role
     float weight
@@ -77,6 +80,7 @@ cdef class Message:
     """
     cdef public int type
     cdef public unsigned long long sequence_num, timestamp_ms
+    cdef public bytes payload
     cdef str _sender_id, _target_id, _sender_address, _target_address
     cdef list _updates
     cdef unsigned int _lazy

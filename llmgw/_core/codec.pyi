@@ -13,6 +13,7 @@ ACK: Final[int]
 NACK: Final[int]
 SYNC: Final[int]
 SYNC_ACK: Final[int]
+USER: Final[int]
 # MemberState
 ALIVE: Final[int]
 SUSPECT: Final[int]
@@ -22,6 +23,7 @@ LEFT: Final[int]
 ROLE_UNSPECIFIED: Final[int]
 ROLE_REPLICA: Final[int]
 ROLE_GATEWAY: Final[int]
+ROLE_UPSTREAM: Final[int]
 
 MAX_DATAGRAM: Final[int]
 MAX_UPDATES: Final[int]
@@ -42,6 +44,7 @@ class Update:
     weight: float
     draining: bool
     reporter_id: str
+    app_meta: bytes
     def __init__(
         self,
         member_id: str = "",
@@ -56,6 +59,7 @@ class Update:
         weight: float = 0.0,
         draining: bool = False,
         reporter_id: str = "",
+        app_meta: bytes = b"",
     ) -> None: ...
     def encoded_size(self) -> int: ...
     def copy(self) -> Update: ...
@@ -67,6 +71,7 @@ class Message:
     type: int
     sequence_num: int
     timestamp_ms: int
+    payload: bytes
     def __init__(
         self,
         type: int = 0,
@@ -77,6 +82,7 @@ class Message:
         sender_address: str = "",
         target_address: str = "",
         timestamp_ms: int = 0,
+        payload: bytes = b"",
     ) -> None: ...
     @property
     def sender_id(self) -> str: ...

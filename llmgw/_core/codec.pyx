@@ -54,16 +54,18 @@ class CodecError(ValueError):
 # Python-visible copies of the C enums declared in codec.pxd (Cython cannot bind a Python global to the same
 # name as a C constant with plain assignment).
 globals().update(
-    PING=PING, PING_REQ=PING_REQ, ACK=ACK, NACK=NACK, SYNC=SYNC, SYNC_ACK=SYNC_ACK,
+    PING=PING, PING_REQ=PING_REQ, ACK=ACK, NACK=NACK, SYNC=SYNC, SYNC_ACK=SYNC_ACK, USER=USER,
     ALIVE=ALIVE, SUSPECT=SUSPECT, DEAD=DEAD, LEFT=LEFT,
     ROLE_UNSPECIFIED=ROLE_UNSPECIFIED, ROLE_REPLICA=ROLE_REPLICA, ROLE_GATEWAY=ROLE_GATEWAY,
+    ROLE_UPSTREAM=ROLE_UPSTREAM,
     MAX_DATAGRAM=MAX_DATAGRAM, MAX_UPDATES=MAX_UPDATES,
 )
 
 _MESSAGE_TYPE_NAMES = {PING: "PING", PING_REQ: "PING_REQ", ACK: "ACK", NACK: "NACK", SYNC: "SYNC",
-                       SYNC_ACK: "SYNC_ACK"}
+                       SYNC_ACK: "SYNC_ACK", USER: "USER"}
 _STATE_NAMES = {ALIVE: "ALIVE", SUSPECT: "SUSPECT", DEAD: "DEAD", LEFT: "LEFT"}
-_ROLE_NAMES = {ROLE_UNSPECIFIED: "ROLE_UNSPECIFIED", ROLE_REPLICA: "ROLE_REPLICA", ROLE_GATEWAY: "ROLE_GATEWAY"}
+_ROLE_NAMES = {ROLE_UNSPECIFIED: "ROLE_UNSPECIFIED", ROLE_REPLICA: "ROLE_REPLICA", ROLE_GATEWAY: "ROLE_GATEWAY",
+               ROLE_UPSTREAM: "ROLE_UPSTREAM"}
 
 # Wire types (protobuf encoding spec).
 cdef enum:
@@ -83,6 +85,7 @@ cdef enum:
     TAG_SENDER_ADDRESS = (6 << 3) | WT_LEN
     TAG_TARGET_ADDRESS = (7 << 3) | WT_LEN
     TAG_TIMESTAMP_MS = (8 << 3) | WT_VARINT
+    TAG_PAYLOAD = (9 << 3) | WT_LEN
     # MembershipUpdate
     TAG_MEMBER_ID = (1 << 3) | WT_LEN
     TAG_ADDRESS = (2 << 3) | WT_LEN
@@ -96,6 +99,7 @@ cdef enum:
     TAG_WEIGHT = (10 << 3) | WT_I32
     TAG_DRAINING = (11 << 3) | WT_VARINT
     TAG_REPORTER_ID = (12 << 3) | WT_LEN
+    TAG_APP_META = (13 << 3) | WT_LEN
 
 # Smallest double that rounds to float32 infinity (FLT_MAX plus half an ulp; the tie goes to the even infinity).
 cdef double FLOAT32_OVERFLOW = 3.4028235677973366e38
@@ -161,6 +165,12 @@ cdef inline Py_ssize_t _str_field_size(str s, str field) except -1:
     if n == 0:
         return 0
     return 1 + _varint_size(<uint64_t>n) + n
+
+
+cdef inline Py_ssize_t _bytes_length(bytes data, str field) except -1:
+    if data is None:
+        raise TypeError(f"{field} must be bytes, not None")
+    return PyBytes_GET_SIZE(data)
 
 
 cdef inline Py_ssize_t _varint_field_size(uint64_t v) noexcept nogil:
@@ -237,10 +247,10 @@ cdef inline unsigned char* _put_fixed32_field(unsigned char* p, unsigned char ta
 cdef enum:
     # A full datagram (MAX_DATAGRAM) fits here, so gossip traffic never touches the heap while encoding.
     STACK_BUFFER_SIZE = 2048
-    # Worst-case bytes of an update besides its string contents: its tag and 5-byte length prefix, 5 string tags
-    # with 5-byte length prefixes, 5 varints of up to 10 bytes (4 sign-extended int32s, 1 uint64) with tags,
+    # Worst-case bytes of an update besides its string contents: its tag and 5-byte length prefix, 6 string/bytes
+    # tags with 5-byte length prefixes, 5 varints of up to 10 bytes (4 sign-extended int32s, 1 uint64) with tags,
     # the float32 weight and the bool.
-    UPDATE_OVERHEAD_MAX = 6 + 5 * 6 + 5 * 11 + 5 + 2
+    UPDATE_OVERHEAD_MAX = 6 + 6 * 6 + 5 * 11 + 5 + 2
     # The same for the message's own fields: 3 varints with tags, 4 string tags with length prefixes.
     HEADER_OVERHEAD_MAX = 3 * 11 + 4 * 6
 
@@ -482,6 +492,18 @@ cdef inline int _read_span(Reader* r, Span* span, const char* field) except -1:
     span.length = <uint32_t>n
     r.p += n
     return 0
+
+
+cdef inline int _read_bytes_span(Reader* r, Span* span) except -1:
+    """Record where a bytes field at r.p lies (any bytes are valid: no UTF-8 check)."""
+    cdef Py_ssize_t n
+    _read_length(r, &n)
+    span.offset = <uint32_t>(r.p - r.base)
+    span.length = <uint32_t>n
+    r.p += n
+    return 0
+
+
 cdef int _skip_field(Reader* r, uint32_t tag) except -1:
     cdef uint64_t ignored
     cdef Py_ssize_t n
@@ -533,11 +555,12 @@ cdef class Update:
         self.model_version = ""
         self.grpc_address = ""
         self.reporter_id = ""
+        self.app_meta = b""
 
     def __init__(self, str member_id not None="", str address not None="", int state=0,
                  unsigned long long incarnation=0, str model_version not None="", int active_requests=0,
                  int max_capacity=0, str grpc_address not None="", int role=0, double weight=0.0,
-                 bint draining=False, str reporter_id not None=""):
+                 bint draining=False, str reporter_id not None="", bytes app_meta not None=b""):
         self.member_id = member_id
         self.address = address
         self.state = state
@@ -550,6 +573,7 @@ cdef class Update:
         self.weight = weight
         self.draining = draining
         self.reporter_id = reporter_id
+        self.app_meta = app_meta
 
     cdef Py_ssize_t _compute_body_size(self) except -1:
         cdef Py_ssize_t size = 0
@@ -567,6 +591,7 @@ cdef class Update:
         if self.draining:
             size += 2
         size += _str_field_size(self.reporter_id, "reporter_id")
+        size += _str_size(_bytes_length(self.app_meta, "app_meta"))
         return size
 
     cpdef Py_ssize_t encoded_size(self) except -1:
@@ -587,6 +612,7 @@ cdef class Update:
         other.weight = self.weight
         other.draining = self.draining
         other.reporter_id = self.reporter_id
+        other.app_meta = self.app_meta
         return other
 
     def __eq__(self, other):
@@ -607,6 +633,7 @@ cdef class Update:
             and (self.weight == o.weight or (self.weight != self.weight and o.weight != o.weight))
             and self.draining == o.draining
             and self.reporter_id == o.reporter_id
+            and self.app_meta == o.app_meta
         )
 
     # Mutable: equal updates may not stay equal, so they must not be dict keys.
@@ -616,7 +643,7 @@ cdef class Update:
         # Cython cannot derive pickling for a class with __cinit__; copy.deepcopy and multiprocessing need it.
         return (Update, (self.member_id, self.address, self.state, self.incarnation, self.model_version,
                          self.active_requests, self.max_capacity, self.grpc_address, self.role, self.weight,
-                         self.draining, self.reporter_id))
+                         self.draining, self.reporter_id, self.app_meta))
 
     def __repr__(self):
         parts = []
@@ -644,6 +671,8 @@ cdef class Update:
             parts.append("draining=True")
         if self.reporter_id:
             parts.append(f"reporter_id={self.reporter_id!r}")
+        if self.app_meta:
+            parts.append(f"app_meta={self.app_meta!r}")
         return f"Update({', '.join(parts)})"
 
 
@@ -660,6 +689,7 @@ cdef class Message:
         self._target_id = ""
         self._sender_address = ""
         self._target_address = ""
+        self.payload = b""
         # The (empty) updates list is made on first access: most messages built for sending never need it.
         self._lazy = LAZY_UPDATES
 
@@ -668,7 +698,7 @@ cdef class Message:
 
     def __init__(self, int type=0, str sender_id not None="", str target_id not None="",
                  unsigned long long sequence_num=0, updates=None, str sender_address not None="",
-                 str target_address not None="", unsigned long long timestamp_ms=0):
+                 str target_address not None="", unsigned long long timestamp_ms=0, bytes payload not None=b""):
         self.type = type
         self.set_sender_id(sender_id)
         self.set_target_id(target_id)
@@ -682,6 +712,7 @@ cdef class Message:
         self.set_sender_address(sender_address)
         self.set_target_address(target_address)
         self.timestamp_ms = timestamp_ms
+        self.payload = payload
 
     @property
     def sender_id(self):
@@ -784,6 +815,9 @@ cdef class Message:
                     u.draining = rec.draining
                     if rec.reporter_id.length:
                         u.reporter_id = _span_str(base, rec.reporter_id)
+                    if rec.app_meta.length:
+                        u.app_meta = PyBytes_FromStringAndSize(<const char*>base + rec.app_meta.offset,
+                                                               rec.app_meta.length)
                     Py_INCREF(<PyObject*>u)  # PyList_SET_ITEM steals it
                     PyList_SET_ITEM(updates, i, u)
         except BaseException:
@@ -813,6 +847,7 @@ cdef class Message:
         other.set_sender_address(self.get_sender_address())
         other.set_target_address(self.get_target_address())
         other.timestamp_ms = self.timestamp_ms
+        other.payload = self.payload
         if updates is not None:
             other.set_updates([(<Update?>u).copy() for u in updates])
         return other
@@ -829,6 +864,7 @@ cdef class Message:
             and self.get_sender_address() == o.get_sender_address()
             and self.get_target_address() == o.get_target_address()
             and self.timestamp_ms == o.timestamp_ms
+            and self.payload == o.payload
             and (self.get_updates() or []) == (o.get_updates() or [])
         )
 
@@ -837,7 +873,7 @@ cdef class Message:
     def __reduce__(self):
         return (Message, (self.type, self.get_sender_id(), self.get_target_id(), self.sequence_num,
                           self.get_updates(), self.get_sender_address(), self.get_target_address(),
-                          self.timestamp_ms))
+                          self.timestamp_ms, self.payload))
 
     def __repr__(self):
         parts = [f"type={_enum_repr(self.type, _MESSAGE_TYPE_NAMES)}"]
@@ -855,6 +891,8 @@ cdef class Message:
             parts.append(f"target_address={self.target_address!r}")
         if self.timestamp_ms:
             parts.append(f"timestamp_ms={self.timestamp_ms}")
+        if self.payload:
+            parts.append(f"payload={self.payload!r}")
         return f"Message({', '.join(parts)})"
 
 
@@ -880,17 +918,19 @@ cdef inline Py_ssize_t _update_field_size(Update u) except -1:
 cdef int _append_update(Buffer* b, Update u) except -1:
     """Write u as one `updates` field at b.p, in field-number order as protobuf writes it."""
     cdef Py_ssize_t n_member, n_address, n_version, n_grpc, n_reporter
+    cdef Py_ssize_t n_app_meta = _bytes_length(u.app_meta, "app_meta")
     # Nothing between here and the writes below runs Python code, so these pointers into u's strings stay valid.
     cdef const char* member = _utf8_of(<PyObject*>u.member_id, &n_member, "member_id")
     cdef const char* address = _utf8_of(<PyObject*>u.address, &n_address, "address")
     cdef const char* version = _utf8_of(<PyObject*>u.model_version, &n_version, "model_version")
     cdef const char* grpc = _utf8_of(<PyObject*>u.grpc_address, &n_grpc, "grpc_address")
     cdef const char* reporter = _utf8_of(<PyObject*>u.reporter_id, &n_reporter, "reporter_id")
+    cdef const char* app_meta = PyBytes_AS_STRING(u.app_meta)
     cdef unsigned char* head
     cdef unsigned char* p
     cdef Py_ssize_t body
     cdef Py_ssize_t extra
-    _reserve(b, UPDATE_OVERHEAD_MAX + n_member + n_address + n_version + n_grpc + n_reporter)
+    _reserve(b, UPDATE_OVERHEAD_MAX + n_member + n_address + n_version + n_grpc + n_reporter + n_app_meta)
     head = b.p
     # The body is written after a one-byte length prefix, which is what every update shorter than 128 bytes gets.
     p = head + 2
@@ -909,6 +949,7 @@ cdef int _append_update(Buffer* b, Update u) except -1:
         p[1] = 1
         p += 2
     p = _put_str_field(p, TAG_REPORTER_ID, reporter, n_reporter)
+    p = _put_str_field(p, TAG_APP_META, app_meta, n_app_meta)
     body = p - (head + 2)
     head[0] = TAG_UPDATES
     if body < 0x80:
@@ -943,13 +984,15 @@ cdef bytes _encode(Message msg, list updates, Py_ssize_t max_size, Py_ssize_t* n
     cdef str target_id = msg.get_target_id()
     cdef str sender_address = msg.get_sender_address()
     cdef str target_address = msg.get_target_address()
+    cdef bytes payload = msg.payload
+    cdef Py_ssize_t n_payload = _bytes_length(payload, "payload")
     cdef const char* sender = _utf8(sender_id, &n_sender, "sender_id")
     cdef const char* target = _utf8(target_id, &n_target, "target_id")
     cdef const char* sender_addr = _utf8(sender_address, &n_sender_address, "sender_address")
     cdef const char* target_addr = _utf8(target_address, &n_target_address, "target_address")
-    # Fields 6..8 follow the updates (field 5) on the wire, so their size is set aside before packing updates.
+    # Fields 6..9 follow the updates (field 5) on the wire, so their size is set aside before packing updates.
     tail_size = (_str_size(n_sender_address) + _str_size(n_target_address)
-                 + _varint_field_size(msg.timestamp_ms))
+                 + _varint_field_size(msg.timestamp_ms) + _str_size(n_payload))
     head_size = (_varint_field_size(type_wire) + _str_size(n_sender) + _str_size(n_target)
                  + _varint_field_size(msg.sequence_num))
     if head_size + tail_size > max_size:
@@ -975,11 +1018,12 @@ cdef bytes _encode(Message msg, list updates, Py_ssize_t max_size, Py_ssize_t* n
                     b.p = b.start + mark
                     break
                 i += 1
-        _reserve(&b, 2 * 6 + 11 + n_sender_address + n_target_address)
+        _reserve(&b, 3 * 6 + 11 + n_sender_address + n_target_address + n_payload)
         p = b.p
         p = _put_str_field(p, TAG_SENDER_ADDRESS, sender_addr, n_sender_address)
         p = _put_str_field(p, TAG_TARGET_ADDRESS, target_addr, n_target_address)
-        b.p = _put_varint_field(p, TAG_TIMESTAMP_MS, msg.timestamp_ms)
+        p = _put_varint_field(p, TAG_TIMESTAMP_MS, msg.timestamp_ms)
+        b.p = _put_str_field(p, TAG_PAYLOAD, PyBytes_AS_STRING(payload), n_payload)
         n_written[0] = i
         return PyBytes_FromStringAndSize(<char*>b.start, b.p - b.start)
     finally:
@@ -1131,6 +1175,9 @@ cdef int _parse_update(Reader* r, UpdateRecord* rec) except -1:
     if r.p < r.end and r.p[0] == TAG_REPORTER_ID:
         r.p += 1
         _read_span(r, &rec.reporter_id, "MembershipUpdate.reporter_id")
+    if r.p < r.end and r.p[0] == TAG_APP_META:
+        r.p += 1
+        _read_bytes_span(r, &rec.app_meta)
     while r.p < r.end:
         _tag_byte(r, &tag)
         if tag == TAG_MEMBER_ID:
@@ -1163,6 +1210,8 @@ cdef int _parse_update(Reader* r, UpdateRecord* rec) except -1:
             rec.draining = v != 0
         elif tag == TAG_REPORTER_ID:
             _read_span(r, &rec.reporter_id, "MembershipUpdate.reporter_id")
+        elif tag == TAG_APP_META:
+            _read_bytes_span(r, &rec.app_meta)
         else:
             _skip_field(r, tag)
     return 0
@@ -1189,7 +1238,7 @@ cdef Message _decode_message(bytes source, Py_ssize_t max_updates):
     cdef Py_ssize_t length
     cdef Reader r
     cdef Reader sub
-    cdef Span sender_id, target_id, sender_address, target_address
+    cdef Span sender_id, target_id, sender_address, target_address, payload
     cdef uint32_t tag
     cdef uint64_t v
     cdef unsigned int lazy = LAZY_UPDATES
@@ -1199,6 +1248,7 @@ cdef Message _decode_message(bytes source, Py_ssize_t max_updates):
     memset(&target_id, 0, sizeof(Span))
     memset(&sender_address, 0, sizeof(Span))
     memset(&target_address, 0, sizeof(Span))
+    memset(&payload, 0, sizeof(Span))
     r.base = data
     r.p = data
     r.end = data + size
@@ -1235,6 +1285,8 @@ cdef Message _decode_message(bytes source, Py_ssize_t max_updates):
         elif tag == TAG_TIMESTAMP_MS:
             _read_varint(&r, &v)
             msg.timestamp_ms = v
+        elif tag == TAG_PAYLOAD:
+            _read_bytes_span(&r, &payload)
         else:
             _skip_field(&r, tag)
     # Empty strings need no span: __cinit__ already set every string field to "".
@@ -1250,6 +1302,9 @@ cdef Message _decode_message(bytes source, Py_ssize_t max_updates):
     if target_address.length:
         msg._target_address_span = target_address
         lazy |= LAZY_TARGET_ADDRESS
+    if payload.length:
+        # Made now rather than lazily: only USER datagrams carry one, and their receiver always reads it.
+        msg.payload = PyBytes_FromStringAndSize(<const char*>data + payload.offset, payload.length)
     msg._n_records = n_updates
     msg._lazy = lazy
     if lazy != LAZY_UPDATES or n_updates:

@@ -3,17 +3,20 @@
 from collections.abc import Iterable
 from typing import Final, Protocol, type_check_only
 
+from _typeshed import ReadableBuffer
 from typing_extensions import disjoint_base
 
 from llmgw._core.codec import CodecError as CodecError
 
 STATE_NAMES: Final[tuple[str, str, str, str]]
 MEMBER_FIELDS: Final[tuple[str, ...]]
+MAX_APP_META: Final[int]
+MAX_PENDING_USER_MESSAGES: Final[int]
 
 # One member as members(), member(), local_member() and drain_events() return it; fields in MEMBER_FIELDS order:
 # member_id, address, grpc_address, role, state (a STATE_NAMES entry), incarnation, model_version, active_requests,
-# max_capacity, weight, draining.
-_MemberTuple = tuple[str, str, str, int, str, int, str, int, int, float, bool]
+# max_capacity, weight, draining, app_meta.
+_MemberTuple = tuple[str, str, str, int, str, int, str, int, int, float, bool, bytes]
 
 @type_check_only
 class _SwimConfig(Protocol):
@@ -109,6 +112,10 @@ class Swim:
     metadata_clamped: int
     placeholders_ignored: int
     owner_meta_applied: int
+    user_sent: int
+    user_received: int
+    user_dropped: int
+    user_refused: int
     def __init__(
         self,
         member_id: str,
@@ -128,6 +135,7 @@ class Swim:
         wall_offset: float = 0.0,
         auth: _SwimAuth | None = None,
         placeholder_prefix: str = "",
+        app_meta: ReadableBuffer = b"",
     ) -> None: ...
     # queries
     @property
@@ -146,6 +154,7 @@ class Swim:
     # output queues
     def drain_outgoing(self) -> list[tuple[str, bytes]]: ...
     def drain_events(self) -> list[tuple[str, _MemberTuple]]: ...
+    def drain_user_messages(self) -> list[tuple[str, bytes]]: ...
     def next_deadline(self) -> float: ...
     # inputs
     def join(self, seeds: Iterable[str], now: float) -> None: ...
@@ -159,6 +168,9 @@ class Swim:
         weight: float | None = None,
         draining: bool | None = None,
         grpc_address: str | None = None,
+        app_meta: ReadableBuffer | None = None,
     ) -> None: ...
+    def max_user_payload(self, target_id: str) -> int: ...
+    def user_message(self, target_id: str, payload: ReadableBuffer, now: float) -> bool: ...
     def handle_datagram(self, data: bytes, source_address: str, now: float) -> None: ...
     def tick(self, now: float) -> None: ...

@@ -1,8 +1,9 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, embedsignature=True
 """SWIM membership with Lifeguard: one sans-IO state machine per node.
 
-Three doors in (``handle_datagram``, ``tick``, user calls such as ``set_meta``/``leave``) and two queues out
-(``drain_outgoing`` -> [(address, bytes)], ``drain_events`` -> [(kind, member tuple)]). The machine never reads a
+Three doors in (``handle_datagram``, ``tick``, user calls such as ``set_meta``/``leave``/``user_message``) and
+three queues out (``drain_outgoing`` -> [(address, bytes)], ``drain_events`` -> [(kind, member tuple)],
+``drain_user_messages`` -> [(sender id, payload)]). The machine never reads a
 clock or touches a socket: ``now`` (monotonic seconds) is passed in and ``next_deadline()`` says when ``tick`` is
 next due. The UDP shell (llmgw.gossip.node) and the simulator (llmgw.gossip.simulator) drive the same calls.
 
@@ -16,7 +17,13 @@ incarnation, on every datagram they send.
 
 What the core keeps is what was gossiped: an id, a gossip address, a state and incarnation, and metadata it carries
 without interpreting (the advertised service address, the role number, load, capacity, version, weight,
-draining). What any of it means to the application is decided by the shell (llmgw.gossip.node, llmgw.topology).
+draining, and ``app_meta``: opaque bytes of the application's, memberlist's Node.Meta). What any of it means to the
+application is decided by the shell (llmgw.gossip.node, llmgw.topology).
+
+User messages (memberlist's SendBestEffort/NotifyMsg) are one USER datagram to one live member, best effort,
+signed like every datagram (the shell sends them only to members that understand them: llmgw.topology). They
+carry no updates and change nothing in the member table: the application's traffic must not be able to keep a
+member alive (only probes decide that) nor to introduce one.
 """
 
 import heapq
@@ -25,7 +32,7 @@ import zlib
 from libc.math cimport log10, ceil, floor, isfinite
 
 from llmgw._core.codec cimport (Update, Message, encode_limited, decode,
-                                PING, PING_REQ, ACK, NACK, SYNC, SYNC_ACK,
+                                PING, PING_REQ, ACK, NACK, SYNC, SYNC_ACK, USER,
                                 ALIVE, SUSPECT, DEAD, LEFT)
 from llmgw._core.codec import CodecError
 from llmgw._core.awareness cimport Awareness
@@ -37,7 +44,15 @@ STATE_NAMES = ("alive", "suspect", "dead", "left")
 # member advertised, "" when nothing; role is the raw number, 0 when unspecified). llmgw.gossip.node builds its
 # Member from them by name.
 MEMBER_FIELDS = ("member_id", "address", "grpc_address", "role", "state", "incarnation", "model_version",
-                 "active_requests", "max_capacity", "weight", "draining")
+                 "active_requests", "max_capacity", "weight", "draining", "app_meta")
+# Largest opaque application metadata per member (memberlist allows 512). With the member's other fields it still
+# fits one 1,400-byte datagram; a larger one from the network is dropped (counted in metadata_clamped).
+cdef Py_ssize_t _MAX_APP_META = 1024
+MAX_APP_META = _MAX_APP_META
+# Received user messages waiting for drain_user_messages(); past this, new ones are dropped (user_dropped), so a
+# shell that stops draining cannot make the core grow without bound.
+cdef Py_ssize_t _MAX_PENDING_USER_MESSAGES = 4096
+MAX_PENDING_USER_MESSAGES = _MAX_PENDING_USER_MESSAGES
 
 # Timer kinds
 cdef enum:
@@ -90,13 +105,17 @@ cdef class _Member:
     cdef public unsigned long long incarnation
     cdef public double weight, state_since
     cdef public bint draining
+    cdef public bytes app_meta
     cdef public Suspicion suspicion
     cdef public unsigned int ring_key  # position on the shared probe ring (crc32 of the id: same on every node)
+
+    def __cinit__(self):
+        self.app_meta = b""
 
     cdef Update to_update(self):
         return Update(self.member_id, self.address, self.state, self.incarnation, self.model_version,
                       self.active_requests, self.max_capacity, self.grpc_address, self.role,
-                      self.weight, self.draining, self.reporter_id)
+                      self.weight, self.draining, self.reporter_id, self.app_meta)
 
     cdef void take_fields(self, Update u):
         if u.address:
@@ -109,16 +128,17 @@ cdef class _Member:
         self.weight = u.weight
         self.draining = u.draining
         self.reporter_id = u.reporter_id
+        self.app_meta = u.app_meta
 
     cdef tuple meta_key(self):
         return (self.address, self.model_version, self.active_requests, self.max_capacity, self.grpc_address,
-                self.role, self.weight, self.draining)
+                self.role, self.weight, self.draining, self.app_meta)
 
     cpdef tuple snapshot(self):
         return (self.member_id, self.address, self.grpc_address, self.role,
                 STATE_NAMES[self.state if 0 <= self.state <= 3 else 2],
                 self.incarnation, self.model_version, self.active_requests, self.max_capacity,
-                self.weight if self.weight > 0 else 1.0, self.draining)
+                self.weight if self.weight > 0 else 1.0, self.draining, self.app_meta)
 
 
 cdef class _Probe:
@@ -179,6 +199,7 @@ cdef class Swim:
     cdef object _rng
     cdef list _out
     cdef list _events
+    cdef list _user_in            # received user messages: (sender_id, payload)
     cdef double _now
     # counters
     cdef public unsigned long long messages_in, messages_out, bytes_in, bytes_out, malformed, auth_rejected
@@ -188,14 +209,17 @@ cdef class Swim:
     cdef public unsigned long long syncs_sent, gossip_sent, relays_served, corrections_sent, sync_bytes_out
     cdef public unsigned long long oversized, members_refused, metadata_clamped, placeholders_ignored
     cdef public unsigned long long owner_meta_applied
+    cdef public unsigned long long user_sent, user_received, user_dropped, user_refused
     cdef readonly str placeholder_prefix
 
     def __init__(self, str member_id not None, str address not None, config, seed=0, double now=0.0,
                  unsigned long long incarnation=0, *, int role=0, str grpc_address not None="",
                  str model_version not None="", int max_capacity=0, int active_requests=0, double weight=1.0,
-                 bint draining=False, double wall_offset=0.0, auth=None, str placeholder_prefix not None=""):
+                 bint draining=False, double wall_offset=0.0, auth=None, str placeholder_prefix not None="",
+                 app_meta=b""):
         if not member_id:
             raise ValueError("member_id must not be empty")
+        app_meta = _checked_app_meta(app_meta)
         if ":" not in address:
             raise ValueError(f"address must be host:port, got {address!r}")
         self.member_id = member_id
@@ -244,6 +268,7 @@ cdef class Swim:
         me.role = role
         me.weight = weight
         me.draining = draining
+        me.app_meta = app_meta
         me.reporter_id = ""
         me.state_since = now
         me.ring_key = _ring_key(member_id)
@@ -265,6 +290,7 @@ cdef class Swim:
         self._timers = []
         self._out = []
         self._events = []
+        self._user_in = []
         # Own generator (not self._rng): drawing here would shift every later draw of a seeded core.
         self._seq = _random.Random(f"seq:{seed!r}").getrandbits(32) % SEQ_START_RANGE
         self._last_gossip = -1e18
@@ -282,6 +308,8 @@ cdef class Swim:
         self._push(self._last_push_pull + self.push_pull_interval, T_PUSH_PULL, None, 0)
         self._push(now + GC_PERIOD, T_GC, None, 0)
         self._push(now + self.reconnect_interval * (0.5 + self._rng.random()), T_RECONNECT, None, 0)
+        if app_meta:
+            self._check_fits_datagram(me.to_update())
         # Our own ALIVE is news for whoever we talk to first.
         self._enqueue(me.to_update(), now)
 
@@ -346,6 +374,8 @@ cdef class Swim:
             "corrections_sent": self.corrections_sent, "oversized": self.oversized,
             "members_refused": self.members_refused, "metadata_clamped": self.metadata_clamped,
             "placeholders_ignored": self.placeholders_ignored, "owner_meta_applied": self.owner_meta_applied,
+            "user_sent": self.user_sent, "user_received": self.user_received, "user_dropped": self.user_dropped,
+            "user_refused": self.user_refused,
             "awareness": self._awareness.score, "members_live": self._n_live + 1, "incarnation": self._self.incarnation,
         }
 
@@ -360,6 +390,63 @@ cdef class Swim:
         ev = self._events
         self._events = []
         return ev
+
+    def drain_user_messages(self):
+        """User messages received since the last drain: list of (sender_id, payload bytes), in arrival order."""
+        got = self._user_in
+        self._user_in = []
+        return got
+
+    def max_user_payload(self, str target_id not None):
+        """The largest payload user_message() accepts for target_id: what fits one datagram after the header
+        (counted with the longest sequence number and timestamp, so the figure never changes over time)."""
+        cdef Message msg = Message.__new__(Message)
+        cdef Py_ssize_t room, n
+        msg.type = USER
+        msg.set_sender_id(self.member_id)
+        msg.set_target_id(target_id)
+        msg.sequence_num = 0xFFFFFFFFFFFFFFFF
+        msg.set_sender_address(self.address)
+        msg.timestamp_ms = 0xFFFFFFFFFFFFFFFF
+        try:
+            header, _ = encode_limited(msg, [], self.max_payload)
+        except CodecError:
+            return 0
+        room = self.max_payload - len(header) - 1  # the payload's tag
+        n = room - 1
+        while n > 0 and _varint_len(n) + n > room:
+            n -= 1
+        return n if n > 0 else 0
+
+    def user_message(self, str target_id not None, payload, double now):
+        """Queue one USER datagram carrying `payload` (bytes-like) to member target_id, best effort.
+
+        Returns False, sending nothing (counted in user_refused), when the target is not a live (ALIVE or SUSPECT)
+        member, the payload is larger than max_user_payload(target_id), or we are leaving. Whether the target
+        understands USER at all (reference peers do not) is the shell's to decide (llmgw.topology)."""
+        cdef bytes data = payload if type(payload) is bytes else bytes(memoryview(payload))
+        cdef Message msg
+        cdef _Member m = self._members.get(target_id)
+        self._now = now
+        if (self.leaving or m is None or not (m.state == ALIVE or m.state == SUSPECT)
+                or len(data) > self.max_user_payload(target_id)):
+            self.user_refused += 1
+            return False
+        msg = Message.__new__(Message)
+        msg.type = USER
+        msg.set_sender_id(self.member_id)
+        msg.set_target_id(target_id)
+        # A fresh sequence number makes every datagram unique: with a key, two equal payloads sent within the same
+        # millisecond would otherwise carry the same tag and the second would be refused as a replay.
+        self._seq += 1
+        msg.sequence_num = self._seq
+        msg.set_sender_address(self.address)
+        msg.timestamp_ms = self._wall_ms(now)
+        msg.payload = data
+        encoded, _ = encode_limited(msg, [], self.max_payload)
+        self.user_sent += 1
+        self._emit_datagram(m.address, encoded)
+        return True
 
     cpdef double next_deadline(self):
         """Monotonic time at which tick() next has work (may be early: stale timers are skipped cheaply)."""
@@ -398,12 +485,23 @@ cdef class Swim:
             self._send(ACK, m.address, mid, 0, "", [u], False)
 
     def set_meta(self, double now, active_requests=None, max_capacity=None, model_version=None, weight=None,
-                 draining=None, grpc_address=None):
+                 draining=None, grpc_address=None, app_meta=None):
         """Change our metadata. Load-only changes are published at most once per protocol period."""
         me = self._self
         self._now = now
         cdef bint other_changed = False
         cdef bint load_changed = False
+        cdef Update candidate
+        if app_meta is not None:
+            app_meta = _checked_app_meta(app_meta)
+        if app_meta:
+            candidate = me.to_update()
+            candidate.app_meta = app_meta
+            if model_version is not None:
+                candidate.model_version = str(model_version)
+            if grpc_address is not None:
+                candidate.grpc_address = str(grpc_address)
+            self._check_fits_datagram(candidate)
         if active_requests is not None and int(active_requests) < 0:
             raise ValueError(f"active_requests must be >= 0, got {active_requests!r}")
         if max_capacity is not None and int(max_capacity) < 0:
@@ -427,6 +525,9 @@ cdef class Swim:
             other_changed = True
         if grpc_address is not None and str(grpc_address) != me.grpc_address:
             me.grpc_address = str(grpc_address)
+            other_changed = True
+        if app_meta is not None and app_meta != me.app_meta:
+            me.app_meta = app_meta
             other_changed = True
         if self.leaving:
             return
@@ -669,6 +770,19 @@ cdef class Swim:
         if r is not None and msg.get_sender_id() == r.target_id:
             self._send(ACK, r.requester_address, r.target_id, r.requester_seq, "", None, True)
 
+    cdef _handle_user(self, Message msg, _Member sender):
+        """Deliver a USER datagram's payload if it is for us and from a live member; no other effect: updates it
+        might carry are ignored, an unknown sender is not learned, a DEAD one is not revived."""
+        if msg.get_target_id() != self.member_id:
+            self.misdirected += 1
+            return
+        if (sender is None or not (sender.state == ALIVE or sender.state == SUSPECT)
+                or len(self._user_in) >= _MAX_PENDING_USER_MESSAGES):
+            self.user_dropped += 1
+            return
+        self.user_received += 1
+        self._user_in.append((sender.member_id, msg.payload))
+
     cdef _handle_ping_req(self, Message msg, str reply_address, double now):
         cdef _Relay r
         cdef _Member target = self._members.get(msg.get_target_id())
@@ -868,6 +982,9 @@ cdef class Swim:
             clamped = True
         if u.active_requests < 0:
             u.active_requests = 0
+            clamped = True
+        if len(u.app_meta) > _MAX_APP_META:
+            u.app_meta = b""
             clamped = True
         if clamped:
             self.metadata_clamped += 1
@@ -1132,6 +1249,9 @@ cdef class Swim:
         cdef Update u
         cdef list corrections = None
         cdef _Member sender = self._members.get(sender_id)
+        if t == USER:
+            self._handle_user(msg, sender)
+            return
         if t < PING or t > SYNC_ACK:
             self.malformed += 1
             return
@@ -1213,6 +1333,23 @@ cdef class Swim:
         cdef double w = (now + self.wall_offset) * 1000.0
         return <unsigned long long>w if w > 0 else 0
 
+    cdef int _check_fits_datagram(self, Update own) except -1:
+        """Our own ALIVE update must fit one datagram beside a header naming another member (a target id of up to
+        32 bytes, a full sequence number): an update that fits no datagram would never leave the dissemination
+        queue. (Datagrams with longer headers, such as a PING_REQ's, may leave it to the next one.)"""
+        cdef Message msg = Message.__new__(Message)
+        msg.type = PING
+        msg.set_sender_id(self.member_id)
+        msg.set_target_id("x" * 32)
+        msg.sequence_num = 0xFFFFFFFFFFFFFFFF
+        msg.set_sender_address(self.address)
+        msg.timestamp_ms = 0xFFFFFFFFFFFFFFFF
+        _, n = encode_limited(msg, [own], self.max_payload)
+        if n != 1:
+            raise ValueError(f"our metadata ({own.encoded_size()} bytes on the wire) does not fit one "
+                             f"{self.max_payload}-byte gossip datagram: shorten app_meta or the other fields")
+        return 0
+
 
 cdef bint _none_about(list updates, Py_ssize_t start, str member_id):
     """No update from position `start` on is about `member_id`."""
@@ -1221,6 +1358,24 @@ cdef bint _none_about(list updates, Py_ssize_t start, str member_id):
         if (<Update>updates[i]).member_id == member_id:
             return False
     return True
+
+
+cdef bytes _checked_app_meta(object app_meta):
+    cdef bytes data
+    if isinstance(app_meta, str) or app_meta is None:
+        raise TypeError(f"app_meta must be bytes, not {type(app_meta).__name__}")
+    data = app_meta if type(app_meta) is bytes else bytes(memoryview(app_meta))
+    if len(data) > _MAX_APP_META:
+        raise ValueError(f"app_meta is {len(data)} bytes, over the limit of {_MAX_APP_META}")
+    return data
+
+
+cdef inline Py_ssize_t _varint_len(Py_ssize_t n):
+    cdef Py_ssize_t size = 1
+    while n >= 0x80:
+        n >>= 7
+        size += 1
+    return size
 
 
 cdef unsigned int _ring_key(str member_id):

@@ -17,6 +17,7 @@ from llmgw import config
 COMMANDS = (
     "gateway",
     "replica",
+    "agent",
     "cluster",
     "client",
     "rollout",
@@ -24,6 +25,7 @@ COMMANDS = (
     "bench",
     "simulate",
     "demo",
+    "keys",
 )
 
 

@@ -92,9 +92,9 @@ def run(args) -> int:
                 say(f"llmgw cluster: {signal.Signals(signum).name}, stopping")
                 stop.set()
             else:  # impatient operator: skip the graceful part
-                from llmgw.cluster import _kill_leftover_groups
+                from llmgw.cluster import kill_leftover_members
 
-                _kill_leftover_groups()
+                kill_leftover_members()
 
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, on_signal, sig)

@@ -13,6 +13,7 @@ HELP = "run the inference gateway (gRPC InferenceGateway + OpenAI-compatible HTT
 def add_arguments(p) -> None:
     from llmgw.config import DEFAULT_PORTS, add_config_argument
     from llmgw.gateway.api import GatewayConfig
+    from llmgw.gateway.shutdown import DEFAULT_SHUTDOWN_GRACE_S
 
     d = GatewayConfig()
     add_config_argument(p)
@@ -24,6 +25,10 @@ def add_arguments(p) -> None:
     eventloop.add_argument(p)
     p.add_argument("--workers", type=int, default=1,
                    help="processes sharing the gRPC port (SO_REUSEPORT), each its own gossip member")
+    p.add_argument("--shutdown-grace-s", type=float, default=DEFAULT_SHUTDOWN_GRACE_S,
+                   help="on SIGTERM: readiness fails and new requests are refused at once; open streams get this "
+                        "long to finish, then end with UNAVAILABLE (an SSE error event) the client can retry on "
+                        "(fit it into the pod's terminationGracePeriodSeconds minus its preStop sleep)")
     p.add_argument("--queue-size", type=int, default=d.queue_size, help="admission queue waiters")
     p.add_argument("--queue-timeout-s", type=float, default=d.queue_timeout_s,
                    help="longest wait for replica capacity before RESOURCE_EXHAUSTED")
@@ -53,6 +58,10 @@ def add_arguments(p) -> None:
     p.add_argument("--log-level", default="WARNING",
                    help="logging level (DEBUG, INFO, WARNING, ERROR); INFO logs one line per request")
     p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    p.add_argument("--otel", action="store_true", default=None,
+                   help="trace requests with OpenTelemetry (also LLMGW_OTEL=1; needs pip install 'llmgw[otel]'): "
+                        "W3C traceparent accepted on HTTP and gRPC and passed to replicas, spans exported as the "
+                        "standard OTEL_* environment says (OTLP/HTTP by default)")
     http = p.add_argument_group("HTTP front (OpenAI API, /metrics, /healthz, /readyz, /admin)")
     http.add_argument("--http-port", type=int, default=None,
                       help=f"HTTP port (default: {DEFAULT_PORTS['gateway']['http']}); 0 disables the HTTP front; "
@@ -67,6 +76,17 @@ def add_arguments(p) -> None:
     http.add_argument("--restart-command", default="", metavar="TEMPLATE",
                       help="command restarting a replica for a rolling update, with {replica_id} and {version} "
                            "placeholders (run without a shell)")
+    tenancy = p.add_argument_group("tenancy (API keys, per-tenant limits, fair sharing; docs/tenancy.md)")
+    tenancy.add_argument("--keys", default="", metavar="PATH",
+                         help="key file (TOML, sha256 of each key: `llmgw keys hash`): both fronts then require "
+                              "'Authorization: Bearer <key>' and enforce each tenant's limits across the gateways; "
+                              "SIGHUP or POST /admin/keys/reload reloads it. A bad file: exit 2 naming the line")
+    models = p.add_argument_group("OpenAI-compatible model servers (docs/backends.md)")
+    models.add_argument("--upstream", action="append", default=[], metavar="URL[,key=value...]",
+                        help="a model server the gateway streams from directly (vLLM, SGLang, llama.cpp, TGI, "
+                             "Ollama...); repeatable. URL alone learns its models from /v1/models; options: kind, "
+                             "model, alias=NAME=SERVER_NAME, weight, capacity, chat_prefill, id; dns://NAME:PORT "
+                             "re-resolves a name (refresh, scheme). In the config file: upstream = [\"URL\", ...]")
     tls = p.add_argument_group("TLS")
     tls.add_argument("--tls-cert", default="", help="PEM certificate: serve gRPC and HTTP over TLS")
     tls.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
@@ -99,13 +119,20 @@ RESILIENCE_FLAGS: tuple[tuple[str, str, object, str], ...] = (
     ("--breaker-cooldown-s", "breaker_cooldown_s", float, "seconds an open breaker waits before one half-open probe"),
     ("--breaker-slow-detection", "breaker_slow_detection", "bool",
      "eject replicas whose TTFT or inter-token latency is far above their peers'"),
+    ("--adaptive-deadlines", "adaptive_deadlines", "bool",
+     ("per-replica stall deadlines learnt from each replica's recent gaps (the timeouts stay the ceilings); past "
+      "one, a continuation races the quiet replica from the next token (--no-adaptive-deadlines: timeouts only)")),
+    ("--stall-floor-ms", "stall_floor_ms", float, "shortest adaptive inter-token deadline"),
+    ("--stall-factor", "stall_factor", float,
+     "adaptive inter-token deadline = p99 of the replica's recent gaps x this + 50 ms"),
+    ("--stall-first-token-floor-s", "stall_first_token_floor_s", float, "shortest adaptive first-token deadline"),
 )
 
 
 def _add_resilience_arguments(p, defaults) -> None:
     import argparse
 
-    group = p.add_argument_group("resilience (hedging, circuit breakers)")
+    group = p.add_argument_group("resilience (hedging, circuit breakers, adaptive stall deadlines)")
     for flag, dest, kind, text in RESILIENCE_FLAGS:
         default = getattr(defaults, dest)
         if kind == "bool":
@@ -146,6 +173,7 @@ def config_from_args(args, worker: int | None = None):
         replica_sessions=args.replica_sessions, vnodes=args.vnodes, balance=args.balance,
         prefix_chars=args.prefix_chars,
         max_tokens_cap=args.max_tokens_cap, max_prompt_bytes=args.max_prompt_bytes,
+        upstreams=_upstreams_from_args(args),
         **_resilience_settings(args),
     )
     if worker is not None:
@@ -155,6 +183,15 @@ def config_from_args(args, worker: int | None = None):
     except ValueError as exc:
         raise SystemExit(f"gateway: {exc}") from None
     return cfg
+
+
+def _upstreams_from_args(args) -> tuple:
+    from llmgw.upstream.backends import UpstreamConfigError, parse_upstream_args
+
+    try:
+        return tuple(parse_upstream_args(args.upstream or ()))
+    except UpstreamConfigError as exc:
+        raise SystemExit(f"gateway: {exc}") from None
 
 
 def http_settings_from_args(args):
@@ -184,10 +221,14 @@ def run(args) -> int:
 
     if args.workers < 1:
         raise SystemExit("--workers must be >= 1")
+    if not 0 <= args.shutdown_grace_s <= 3600:
+        raise SystemExit("gateway: --shutdown-grace-s must be within 0..3600 seconds")
     if args.workers > 1 and args.worker_index < 0:
         if args.port == 0:
             raise SystemExit("--workers > 1 needs an explicit --port (the workers share it)")
-        return app.run_workers(_worker_argv(), args.workers)
+        if args.keys and not _key_file_ok(args.keys):  # once here rather than once per worker
+            return 2
+        return app.run_workers(_worker_argv(), args.workers, args.shutdown_grace_s)
     worker = args.worker_index if args.workers > 1 else None
     from llmgw.logs import setup_logging
 
@@ -195,10 +236,34 @@ def run(args) -> int:
         setup_logging(args.log_level, json=args.log_json)
     except ValueError as exc:
         raise SystemExit(f"gateway: {exc}") from None
-    http = http_settings_from_args(args)
-    config = config_from_args(args, worker)
-    tls = tls_settings_from_args(args)
-    return app.serve(config, tls=tls, http=http, reuse_port=worker is not None, event_loop=args.event_loop)
+    from llmgw.tracing import TracingUnavailable, setup_tracing, shutdown_tracing
+
+    try:  # before the gateway is built: its request path takes the process's tracing then
+        setup_tracing(args.otel)  # None (no --otel): LLMGW_OTEL decides
+    except (TracingUnavailable, ValueError) as exc:
+        raise SystemExit(f"gateway: {exc}") from None
+    try:
+        http = http_settings_from_args(args)
+        config = config_from_args(args, worker)
+        tls = tls_settings_from_args(args)
+        return app.serve(config, tls=tls, http=http, reuse_port=worker is not None, event_loop=args.event_loop,
+                         key_file=args.keys, shutdown_grace_s=args.shutdown_grace_s)
+    finally:
+        shutdown_tracing()  # flushes the spans still batched
+
+
+def _key_file_ok(path: str) -> bool:
+    """Check the key file before anything starts; a bad one is reported with its file and line."""
+    import sys
+
+    from llmgw.tenancy.keys import KeyFileError, load_key_file
+
+    try:
+        load_key_file(path)
+    except KeyFileError as exc:
+        print(f"gateway: {exc}", file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 def _worker_argv() -> list[str]:

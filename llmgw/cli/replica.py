@@ -44,22 +44,15 @@ def add_arguments(p) -> None:
     p.add_argument("--crash-after", type=int, default=-1, help="exit the process after N tokens (-1 = off)")
     p.add_argument("--slow-factor", type=float, default=1.0, help="multiplies the per-token delay")
     p.add_argument("--stall-before-first-ms", type=float, default=0.0, help="extra delay before the first token")
+    p.add_argument("--jitter", type=float, default=0.0,
+                   help="each token's delay varies uniformly within +/- this fraction of it (0.5 = +/-50%%)")
+    p.add_argument("--pause-every-ms", type=float, default=0.0,
+                   help="the engine pauses every stream at once this often (0 = never; see --pause-ms)")
+    p.add_argument("--pause-ms", type=float, default=0.0, help="length of each engine pause")
     p.add_argument("--log-level", default="WARNING", help="logging level (DEBUG, INFO, WARNING, ERROR)")
     p.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     p.add_argument("--metrics-port", type=int, default=0,
                    help="serve Prometheus /metrics on this port (0 = off)")
-    backend = p.add_argument_group("real backend (--backend openai)")
-    backend.add_argument("--backend", default="sim", choices=("sim", "openai"),
-                         help="sim = the built-in simulator; openai = stream from --upstream")
-    backend.add_argument("--upstream", default="",
-                         help="base URL of an OpenAI-compatible server (vLLM, SGLang, llama.cpp, an llmgw gateway)")
-    backend.add_argument("--model", default="", help="model name sent upstream")
-    backend.add_argument("--upstream-timeout-s", type=float, default=30.0,
-                         help="longest wait to connect upstream and for each next token")
-    backend.add_argument("--upstream-max-connections", type=int, default=64,
-                         help="concurrent upstream requests (more wait for a connection)")
-    backend.add_argument("--upstream-api-key", default="",
-                         help="bearer token for the upstream (prefer LLMGW_REPLICA_UPSTREAM_API_KEY)")
     tls = p.add_argument_group("TLS")
     tls.add_argument("--tls-cert", default="", help="PEM certificate: serve gRPC over TLS")
     tls.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
@@ -75,6 +68,10 @@ def config_from_args(args):
         raise SystemExit("--max-capacity must be >= 1")
     if args.token_delay_ms < 0 or args.prefill_ms_per_kchar < 0 or args.slow_factor < 0:
         raise SystemExit("delays and --slow-factor must be >= 0")
+    if not 0.0 <= args.jitter <= 1.0:
+        raise SystemExit("--jitter must be within [0, 1]")
+    if args.pause_every_ms < 0 or args.pause_ms < 0 or (args.pause_ms and args.pause_ms >= args.pause_every_ms):
+        raise SystemExit("--pause-ms must be >= 0 and shorter than --pause-every-ms")
     if not 0 <= args.metrics_port <= 65535:
         raise SystemExit("--metrics-port must be within 0..65535")
     return ReplicaConfig(
@@ -88,27 +85,11 @@ def config_from_args(args):
         limits=Limits(max_tokens_cap=args.max_tokens_cap, max_prompt_bytes=args.max_prompt_bytes),
         faults=Faults(error_rate=args.error_rate, reject_all=args.reject_all, stall_after=args.stall_after,
                       crash_after=args.crash_after, slow_factor=args.slow_factor,
-                      stall_before_first_ms=args.stall_before_first_ms),
-        backend=_backend_from_args(args), server_credentials=_credentials_from_args(args),
+                      stall_before_first_ms=args.stall_before_first_ms, jitter=args.jitter,
+                      pause_every_ms=args.pause_every_ms, pause_ms=args.pause_ms),
+        server_credentials=_credentials_from_args(args),
         sessions=not args.no_sessions,
     )
-
-
-def _backend_from_args(args):
-    if args.backend == "sim":
-        if args.upstream or args.model:
-            raise SystemExit("--upstream and --model need --backend openai")
-        return None
-    if not args.upstream or not args.model:
-        raise SystemExit("--backend openai needs --upstream URL and --model NAME")
-    from llmgw.backends.openai_upstream import OpenAIUpstreamBackend
-
-    try:
-        return OpenAIUpstreamBackend(args.upstream, args.model, timeout_s=args.upstream_timeout_s,
-                                     max_connections=args.upstream_max_connections,
-                                     api_key=args.upstream_api_key or None)
-    except ValueError as exc:
-        raise SystemExit(f"replica: {exc}") from None
 
 
 def _credentials_from_args(args):

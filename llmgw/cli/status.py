@@ -50,6 +50,11 @@ def gateway_dict(status) -> dict:
         "queued": int(status.queued), "served_total": int(status.served_total),
         "failovers_total": int(status.failovers_total), "rejected_total": int(status.rejected_total),
         "failed_total": int(status.failed_total), "grpc_address": status.grpc_address,
+        # Adaptive stall deadlines (docs/resilience.md): per replica, seconds; empty when they are off.
+        "stall_deadlines": {rid: {"inter_token_s": round(status.inter_token_deadline_by_replica[rid], 6),
+                                  "first_token_s": round(status.first_token_deadline_by_replica.get(rid, 0.0), 6)}
+                            for rid in sorted(status.inter_token_deadline_by_replica)},
+        "stall_suspicions": int(status.stall_suspicions), "stall_failovers": int(status.stall_failovers),
     }
 
 
@@ -94,6 +99,14 @@ def render(snapshot: dict, target: str) -> str:
                      m["draining"] if replica else None, (m["breaker"] or None) if replica else None,
                      m["grpc_address"] or None])
     lines += ["", ui.table(list(COLUMNS), rows)]
+    deadlines = (gw or {}).get("stall_deadlines")
+    if deadlines:
+        assert gw is not None
+        lines += ["", (f"adaptive stall deadlines (suspicions {gw['stall_suspicions']}, "
+                       f"stall failovers {gw['stall_failovers']}):"),
+                  ui.table(["replica", "inter-token", "first-token"],
+                           [[rid, f"{d['inter_token_s'] * 1000:.0f} ms", f"{d['first_token_s']:.2f} s"]
+                            for rid, d in deadlines.items()])]
     return "\n".join(lines)
 
 

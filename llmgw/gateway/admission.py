@@ -1,6 +1,7 @@
 """Strict-FIFO admission: a bounded queue of requests waiting for replica capacity.
 
-`AdmissionQueue` is the decision logic with no I/O and no clock (time is passed in); `Admission` wraps it for
+`AdmissionQueue` is the decision logic with no I/O and no clock (time is passed in); `Admission` wraps the same
+rules, kept across tenants by weight (llmgw.tenancy.fair.FairQueue: strict FIFO with a single tenant), for
 asyncio with futures and timers.
 
 Rules (the reference leaked credit through a "now serving" counter that advanced even when nobody waited):
@@ -14,18 +15,14 @@ Rules (the reference leaked credit through a "now serving" counter that advanced
 from __future__ import annotations
 
 import asyncio
-import enum
 from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+# The fair queue (tenants by weight, FIFO within one) returns the same outcomes; one enum serves both queues.
+from llmgw.tenancy.fair import DEFAULT_TENANT, FairQueue, Outcome
+
 W = TypeVar("W")
-
-
-class Outcome(enum.Enum):
-    ADMITTED = "admitted"
-    QUEUED = "queued"
-    REJECTED = "rejected"
 
 
 class AdmissionQueue(Generic[W]):
@@ -97,7 +94,9 @@ class Admission(Generic[W]):
 
     def __init__(self, try_acquire: Callable[[W], bool], release: Callable[[W], object], *, max_waiters: int,
                  timeout_s: float) -> None:
-        self.queue: AdmissionQueue[W] = AdmissionQueue(max_waiters)
+        # Across tenants by weight (deficit round robin), FIFO within one: with a single tenant (no key file) it
+        # is exactly AdmissionQueue's strict FIFO (llmgw.tenancy.fair).
+        self.queue: FairQueue[W] = FairQueue(max_waiters)
         self.timeout_s = timeout_s
         self._try_acquire = try_acquire
         self._release = release  # gives back what try_acquire took, for a waiter cancelled after admission
@@ -107,10 +106,13 @@ class Admission(Generic[W]):
     def __len__(self) -> int:
         return len(self.queue)
 
-    async def acquire(self, waiter: W, *, front: bool = False, timeout_s: float | None = None) -> None:
+    async def acquire(self, waiter: W, *, front: bool = False, timeout_s: float | None = None,
+                      tenant: str = DEFAULT_TENANT, weight: float = 1.0) -> None:
         loop = asyncio.get_running_loop()
         wait = self.timeout_s if timeout_s is None else min(self.timeout_s, timeout_s)
-        outcome = self.queue.submit(waiter, loop.time() + wait, self._try_acquire, front=front)
+        outcome = self.queue.submit(waiter, loop.time() + wait, self._try_acquire, front=front, tenant=tenant,
+                                    weight=weight)
+        self._fail_pushed_out()
         if outcome is Outcome.ADMITTED:
             return
         if outcome is Outcome.REJECTED:
@@ -129,6 +131,14 @@ class Admission(Generic[W]):
             raise
         finally:
             self._futures.pop(id(waiter), None)
+
+    def _fail_pushed_out(self) -> None:
+        """Waiters another tenant's arrival pushed out of a full queue fail as if the queue had been full."""
+        for waiter in self.queue.drain_evicted():
+            fut = self._futures.get(id(waiter))
+            if fut is not None and not fut.done():
+                fut.set_exception(QueueFull(f"admission queue full ({self.queue.max_waiters} waiting): pushed out "
+                                            "by a tenant with a smaller share of the queue"))
 
     def capacity_changed(self) -> None:
         """Call whenever capacity may have become available (a release, a membership or load change)."""

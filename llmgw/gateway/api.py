@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import enum
 from collections.abc import AsyncGenerator
+from typing import Any
 
 
 @dataclasses.dataclass
@@ -20,6 +21,23 @@ class InferenceRequest:
     request_id: str = ""
     client_id: str = ""
     timeout_s: float | None = None  # None or <= 0: the gateway's default request timeout
+    # Who is calling, as the front authenticated it (llmgw.gateway.tenancy_gate); "" = no key file (open).
+    tenant: str = ""
+    key_id: str = ""  # the key's short id for logs (never the key)
+    # For metrics, the request log and tracing: the front it came in on ("grpc" | "http"), the model it named
+    # ("" = none: the gRPC front has no model field), its prompt tokens as the front counted them (None = count
+    # words here), and where the caller's W3C traceparent is (HTTP headers or gRPC invocation metadata).
+    front: str = "grpc"
+    model: str = ""
+    prompt_tokens: int | None = None
+    trace_carrier: Any = dataclasses.field(default=None, repr=False)
+    # OpenAI-compatible model servers (llmgw.gateway.http_transport): the client's body as it sent it, the API it
+    # came in on ("chat" | "completions") and whether it wants a stream. With `body` set, `prompt` is only the
+    # routing key (llmgw.gateway.upstreams.affinity_key) and the server applies its own token limits; `model`
+    # selects the backends that may serve the request (docs/backends.md).
+    body: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
+    api: str = ""
+    stream: bool = True
 
 
 @dataclasses.dataclass
@@ -29,6 +47,7 @@ class TokenEvent:
     replica_id: str
     is_final: bool = False
     finish_reason: str | None = None  # "length" | "stop" on the final event
+    raw: Any = None  # on the last event of a batch: the transport's own messages behind it (ReplicaChunk.raw)
 
 
 async def one_event_each(batches: AsyncGenerator[list[TokenEvent], None]) -> AsyncGenerator[TokenEvent, None]:
@@ -83,6 +102,22 @@ class Unavailable(GatewayError):
 
 class DeadlineExceeded(GatewayError):
     kind = ErrorKind.DEADLINE_EXCEEDED
+
+
+class Unauthenticated(GatewayError):
+    """No valid API key (HTTP 401 / UNAUTHENTICATED); `reason` is a fixed label (missing, malformed, ...)."""
+
+    kind = ErrorKind.UNAUTHENTICATED
+
+    def __init__(self, message: str, reason: str = "unknown") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class PermissionDenied(GatewayError):
+    """A valid key that may not use this model (HTTP 403 / PERMISSION_DENIED)."""
+
+    kind = ErrorKind.PERMISSION_DENIED
 
 
 ROUTING_POLICIES = ("affinity", "least_connections", "random")
@@ -140,9 +175,20 @@ class GatewayConfig:
     breaker_consecutive: int = 5
     breaker_cooldown_s: float = 5.0
     breaker_slow_detection: bool = True
+    # Adaptive stall deadlines (llmgw.gateway.stall_race, docs/resilience.md): each replica's inter-token limit is
+    # p99 of its recent message gaps x stall_factor + 50 ms, at least stall_floor_ms; its first-token limit p99 of
+    # its recent TTFTs (same prompt size) x 4, at least stall_first_token_floor_s; the timeouts above are the
+    # ceilings. Past it, a continuation races the quiet replica from the next token. False = the timeouts only.
+    adaptive_deadlines: bool = True
+    stall_floor_ms: float = 200.0
+    stall_factor: float = 3.0
+    stall_first_token_floor_s: float = 1.0
     # Restart hook of rolling updates started through GatewayAdmin.StartRollout: a llmgw.rollout
     # CommandTemplateRestart template with {replica_id} and {version}; "" = rolling updates unavailable.
     restart_command: str = ""
+    # OpenAI-compatible model servers: llmgw.upstream.backends Backend / DnsUpstream values (parsed from
+    # `--upstream` and `[[upstream]]`); the gateway streams from them directly (llmgw.gateway.http_transport).
+    upstreams: tuple[Any, ...] = ()
 
     def hedge_config(self):
         from llmgw.policy import HedgeConfig
@@ -150,6 +196,13 @@ class GatewayConfig:
         return HedgeConfig(delay_s=None if self.hedge_delay_ms is None else self.hedge_delay_ms / 1000.0,
                            adaptive=self.hedge_adaptive, budget_ratio=self.hedge_budget,
                            budget_burst=self.hedge_budget_burst, budget_initial=self.hedge_budget_burst)
+
+    def deadline_config(self):
+        from llmgw.policy.deadlines import DeadlineConfig
+
+        return DeadlineConfig.from_timeouts(self.first_token_timeout_s, self.inter_token_timeout_s,
+                                            enabled=self.adaptive_deadlines, gap_floor_s=self.stall_floor_ms / 1000.0,
+                                            gap_factor=self.stall_factor, ttft_floor_s=self.stall_first_token_floor_s)
 
     def breaker_config(self):
         from llmgw.policy import BreakerConfig
@@ -176,7 +229,8 @@ class GatewayConfig:
         if self.hedge_delay_ms is not None and not 0 <= self.hedge_delay_ms < 3_600_000:
             raise ValueError(f"hedge_delay_ms must be within [0, 3600000) ms or None, got {self.hedge_delay_ms}")
         # The policy cores check their own knobs; name the gateway setting in the message.
-        for what, build in (("hedge", self.hedge_config), ("breaker", self.breaker_config)):
+        for what, build in (("hedge", self.hedge_config), ("breaker", self.breaker_config),
+                            ("adaptive deadline", self.deadline_config)):
             try:
                 build()
             except (ValueError, TypeError) as exc:
@@ -196,7 +250,7 @@ def check_request(req: InferenceRequest, cfg: GatewayConfig) -> None:
         raise InvalidArgument("prompt must not be empty")
     if not isinstance(req.max_tokens, int) or req.max_tokens <= 0:
         raise InvalidArgument(f"max_tokens must be positive, got {req.max_tokens}")
-    if req.max_tokens > cfg.max_tokens_cap:
+    if req.max_tokens > cfg.max_tokens_cap and req.body is None:  # a model server applies its own limits
         raise InvalidArgument(f"max_tokens {req.max_tokens} exceeds the cap of {cfg.max_tokens_cap}")
     try:
         size = len(req.prompt.encode("utf-8"))

@@ -8,8 +8,10 @@ SIGTERM/SIGINT; `run_workers` supervises several such processes sharing one gRPC
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import errno
+import logging
 import os
 import signal
 import subprocess
@@ -18,7 +20,14 @@ import time
 from typing import Any
 
 from llmgw.gateway.api import GatewayConfig
+from llmgw.gateway.shutdown import DEFAULT_SHUTDOWN_GRACE_S
 from llmgw.topology import gossip_port_for
+
+log = logging.getLogger("llmgw.gateway")
+
+
+# Beyond the shutdown grace: closing the fronts and leaving gossip (the supervisor's and the signal handler's bound).
+STOP_MARGIN_S = 15.0
 
 
 class GatewayStartError(Exception):
@@ -79,11 +88,16 @@ def worker_config(config: GatewayConfig, worker: int) -> GatewayConfig:
                                reuse_port=True)
 
 
-def build_server(config: GatewayConfig, tls: TlsSettings | None = None, *, metrics=None, membership=None):
+def build_server(config: GatewayConfig, tls: TlsSettings | None = None, *, metrics=None, membership=None,
+                 tenancy=None):
     """A GatewayServer whose Gateway reports every request to a metrics listener (metrics + one log line per
-    request), with TLS when asked. `membership` replaces gossip (see llmgw.gateway.Gateway), e.g. for tests."""
+    request), with TLS when asked. `membership` replaces gossip (see llmgw.gateway.Gateway), e.g. for tests.
+    `tenancy` (a llmgw.gateway.tenancy_gate.TenancyGate, e.g. TenancyGate.from_key_file) turns on API keys and
+    per-tenant limits; without one the gateway is open."""
     from llmgw.gateway.observability import MetricsListener
     from llmgw.gateway.server import GatewayServer
+    from llmgw.gateway.tenancy_gate import bind_metrics
+    from llmgw.gateway.worker_wiring import WorkerParts
     from llmgw.metrics import GatewayMetrics
 
     tls = tls or NO_TLS
@@ -93,6 +107,11 @@ def build_server(config: GatewayConfig, tls: TlsSettings | None = None, *, metri
     # Both fronts call the same Gateway: every request is counted and logged once, whichever front it came in on.
     server.metrics_listener = MetricsListener(server.gateway, metrics)
     server.gateway.add_listener(server.metrics_listener)
+    # One worker of `--workers N` (llmgw.workers environment): shared metrics files, drains and rollouts.
+    server.worker_parts = WorkerParts.for_process(server)
+    if tenancy is not None:
+        server.gateway.set_tenancy(tenancy)
+    bind_metrics(server.gateway.tenancy, metrics)
     return server
 
 
@@ -118,7 +137,11 @@ async def start_gateway(server, http: HttpSettings | None = None, tls: TlsSettin
     gossip = server.gossip
     if gossip is not None and metrics is not None:
         metrics.watch_gossip(gossip.stats, lambda: gossip.members(include_self=True))
+    parts = getattr(server, "worker_parts", None)
+    if parts is not None:
+        await parts.start()
     http_port = DEFAULT_PORTS["gateway"]["http"] if http.port is None else http.port
+    await start_usage_gossip(server, http.host or server.config.host if http_port else "")
     if http_port == 0:
         return None
     host = http.host or server.config.host
@@ -127,19 +150,54 @@ async def start_gateway(server, http: HttpSettings | None = None, tls: TlsSettin
         return await start_http(
             gateway, host=host, port=http_port, admin_token=http.admin_token, metrics=metrics,
             breakers=gateway.breakers, rollouts=server.rollouts, record_requests=listener is None,
-            reuse_port=reuse_port, ssl_context=tls.http_server, body_timeout_s=http.body_timeout_s)
+            reuse_port=reuse_port, ssl_context=tls.http_server, body_timeout_s=http.body_timeout_s,
+            worker_rollouts=parts.rollouts if parts is not None else None)
     except OSError as exc:
+        if server.usage_gossip is not None:
+            await server.usage_gossip.stop()
         await server.stop()
+        if parts is not None:
+            await parts.close()
         hint = " (choose another with --http-port, or --http-port 0 to serve gRPC only)" \
             if exc.errno == errno.EADDRINUSE else ""
         raise GatewayStartError(f"cannot serve HTTP on {host}:{http_port}: {exc.strerror or exc}{hint}") from None
 
 
-async def stop_gateway(server, front) -> None:
-    """HTTP first (no new requests from that side), then gRPC (grace for open streams), then gossip."""
+async def start_usage_gossip(server, http_host: str = "") -> None:
+    """With a key file, share tenant usage with the other gateways over this gateway's gossip (cluster-wide
+    limits, llmgw.gateway.tenancy_gossip); without one, warn when the gateway listens beyond loopback."""
+    from llmgw.gateway.tenancy_gossip import UsageGossip
+    from llmgw.http.admin import is_loopback_host
+
+    gate = server.gateway.tenancy
+    server.usage_gossip = None
+    if not gate.enabled:
+        exposed = [h for h in (server.config.host, http_host) if h and not is_loopback_host(h)]
+        if exposed:
+            log.warning("gateway listens on %s without API keys: anyone who reaches it may use every model "
+                        "(--keys PATH requires keys)", ", ".join(dict.fromkeys(exposed)))
+        return
+    if server.gossip is not None and hasattr(server.gossip, "send_user"):
+        server.usage_gossip = UsageGossip(gate, server.gossip)
+        await server.usage_gossip.start()
+
+
+async def stop_gateway(server, front, grace_s: float = DEFAULT_SHUTDOWN_GRACE_S) -> None:
+    """Drain (not ready at once, new requests refused, open streams given `grace_s` to finish, then ended with
+    UNAVAILABLE: llmgw.gateway.shutdown), then HTTP, then gRPC, then gossip."""
+    report = await server.drain(grace_s)
+    if report.open_at_start:
+        log.info("drained: %d open request(s), %d ended by the shutdown grace, in %.1f s", report.open_at_start,
+                 report.cut, report.seconds)
     if front is not None:
         await front.close()
+    usage_gossip = getattr(server, "usage_gossip", None)
+    if usage_gossip is not None:
+        await usage_gossip.stop()
     await server.stop()
+    parts = getattr(server, "worker_parts", None)
+    if parts is not None:
+        await parts.close()
     listener = getattr(server, "metrics_listener", None)
     if listener is not None:
         server.gateway.remove_listener(listener)
@@ -147,13 +205,25 @@ async def stop_gateway(server, front) -> None:
 
 
 def serve(config: GatewayConfig, *, tls: TlsSettings | None = None, http: HttpSettings | None = None,
-          reuse_port: bool = False, event_loop: str | None = None) -> int:
+          reuse_port: bool = False, event_loop: str | None = None, key_file: str = "",
+          shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S) -> int:
     """Run one gateway process until SIGTERM/SIGINT: prints its READY line once every port is bound; exit code 2
-    when a port cannot be bound."""
+    when a port cannot be bound or the key file (`key_file`, API keys; SIGHUP reloads it) is bad. On the signal,
+    open streams get `shutdown_grace_s` to finish (stop_gateway)."""
     from llmgw import eventloop
     from llmgw.signals import serve_until_signalled
 
-    server = build_server(config, tls)
+    tenancy = None
+    if key_file:
+        from llmgw.gateway.tenancy_gate import TenancyGate
+        from llmgw.tenancy.keys import KeyFileError
+
+        try:
+            tenancy = TenancyGate.from_key_file(config.gateway_id, key_file)
+        except KeyFileError as exc:
+            print(f"gateway: {exc}", file=sys.stderr, flush=True)
+            return 2
+    server = build_server(config, tls, tenancy=tenancy)
 
     async def main() -> int:
         try:
@@ -167,18 +237,34 @@ def serve(config: GatewayConfig, *, tls: TlsSettings | None = None, http: HttpSe
               f"gossip={gossip.address if gossip else ''}{http_part} pid={os.getpid()}", flush=True)
 
         async def stop() -> None:
-            await stop_gateway(server, front)
+            await stop_gateway(server, front, shutdown_grace_s)
 
-        await serve_until_signalled(stop)
+        loop = asyncio.get_running_loop()
+        if tenancy is not None:  # SIGHUP: reload the key file (a bad file keeps the keys in use; logged)
+            loop.add_signal_handler(signal.SIGHUP, tenancy.reload)
+        try:
+            await serve_until_signalled(stop, stop_timeout_s=shutdown_grace_s + STOP_MARGIN_S)
+        finally:
+            if tenancy is not None:
+                loop.remove_signal_handler(signal.SIGHUP)
         return 0
 
     return eventloop.run(main(), event_loop)
 
 
-def run_workers(argv: list[str], workers: int) -> int:
+def run_workers(argv: list[str], workers: int, shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S) -> int:
     """Start `workers` gateway processes (`python -m llmgw gateway *argv --worker-index i`) and stop them all on
-    SIGTERM/SIGINT; returns 0 after a signal, 1 when a worker exited by itself."""
-    procs = [subprocess.Popen([sys.executable, "-m", "llmgw", "gateway", *argv, "--worker-index", str(i)])
+    SIGTERM/SIGINT (each drains for up to `shutdown_grace_s`); returns 0 after a signal, 1 when a worker exited by
+    itself. The workers share one llmgw.workers.WorkerGroup: one /metrics and admin actions for all of them."""
+    from llmgw.workers import WorkerGroup
+
+    with WorkerGroup(workers) as group:
+        return _supervise(argv, workers, group, shutdown_grace_s)
+
+
+def _supervise(argv: list[str], workers: int, group, shutdown_grace_s: float) -> int:
+    procs = [subprocess.Popen([sys.executable, "-m", "llmgw", "gateway", *argv, "--worker-index", str(i)],
+                              env={**os.environ, **group.env(i)})
              for i in range(workers)]
     stopping = False
 
@@ -186,8 +272,14 @@ def run_workers(argv: list[str], workers: int) -> int:
         nonlocal stopping
         stopping = True
 
+    def reload_keys(signum, frame) -> None:  # each worker reloads its own key ring
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, reload_keys)
     try:
         while not stopping and all(p.poll() is None for p in procs):
             time.sleep(0.2)
@@ -195,7 +287,9 @@ def run_workers(argv: list[str], workers: int) -> int:
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10.0
+            else:  # exited by itself: its live gauges leave the aggregate
+                group.worker_exited(p.pid)
+        deadline = time.monotonic() + shutdown_grace_s + STOP_MARGIN_S
         for p in procs:
             try:
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))

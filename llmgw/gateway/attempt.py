@@ -15,11 +15,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Callable, Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from llmgw.gateway.api import DeadlineExceeded, InferenceRequest, InvalidArgument, TokenEvent
 from llmgw.gateway.capacity import Ticket
 from llmgw.gateway.replica_stream import AttemptError, AttemptErrorKind, ReplicaChunk, ReplicaStream, Transport
+from llmgw.tracing import NOOP_SPAN, Span
+
+if TYPE_CHECKING:
+    from llmgw.gateway.stall_race import StallGuard
 
 # A transport's own deadline error this close to the request's deadline is the request's deadline.
 DEADLINE_SLACK_S = 0.005
@@ -53,7 +57,8 @@ class Job:
     """A request as its attempts see it (a replica_stream.StreamJob): what to generate, by when, and the tokens
     the client already has (the resume point of the next attempt; each attempt appends what it delivers)."""
 
-    __slots__ = ("deadline", "forwarded", "max_tokens", "prompt", "request", "request_id")
+    __slots__ = ("deadline", "forwarded", "max_tokens", "prompt", "request", "request_id", "trace",
+                 "transport_state")
 
     def __init__(self, request: InferenceRequest, request_id: str, deadline: float) -> None:
         self.request = request
@@ -62,6 +67,11 @@ class Job:
         self.max_tokens = request.max_tokens
         self.deadline = deadline  # event-loop time
         self.forwarded: list[str] = []
+        self.transport_state: object = None  # what a transport keeps about this request across its attempts
+        # The span of the attempt being opened (llmgw.tracing; NOOP_SPAN when not tracing): the request path sets
+        # it just before Attempt.open(), whose transport.open() reads it synchronously for the outgoing
+        # traceparent (gRPC metadata + GenerateRequest.traceparent; span.inject(headers) over HTTP).
+        self.trace: Span = NOOP_SPAN
 
 
 class Attempt:
@@ -72,15 +82,18 @@ class Attempt:
         "_transport",
         "finished",
         "first",
+        "guard",
         "job",
         "mean_itl_s",
+        "message_at",
         "replica_id",
         "stream",
         "ticket",
         "ttft_s",
     )
 
-    def __init__(self, job: Job, ticket: Ticket, transport: Transport, limits: Limits) -> None:
+    def __init__(self, job: Job, ticket: Ticket, transport: Transport, limits: Limits,
+                 guard: StallGuard | None = None) -> None:
         self.job = job
         self.ticket = ticket
         self.replica_id: str = ticket.replica_id or ""
@@ -91,6 +104,10 @@ class Attempt:
         self.ttft_s = 0.0  # seconds from sending the request to the first chunk
         self.mean_itl_s: float | None = None  # after the final token: mean time per token after the first
         self.finished = False  # the final token was delivered (the stream must not be cancelled then)
+        # Adaptive stall deadlines and stall races (llmgw.gateway.stall_race): the guard does the waits, the limits
+        # above stay the hard ones. None = the limits alone.
+        self.guard = guard
+        self.message_at = 0.0  # event-loop time the latest message was read (the guard measures gaps from it)
 
     async def open(self) -> Attempt:
         """Send the request and wait (bounded) for the first chunk; returns self."""
@@ -98,10 +115,15 @@ class Attempt:
         job = self.job
         started = loop.time()
         limit = self._limits.first_token_s(self.replica_id)
+        if job.request.body is not None and not job.request.stream:
+            # A model server's non-streamed answer is its first and only chunk: it may take the whole request.
+            limit = max(limit, job.deadline - started)
         stream = self.stream = self._transport.open(self.ticket, job, max(0.001, job.deadline - started))
+        # A non-streamed answer from a model server arrives whole: there is no first token to watch for.
+        guard = self.guard if job.request.stream or job.request.body is None else None
         with self._failures(lambda: f"no first token within {limit:g} s"):
-            async with asyncio.timeout_at(min(job.deadline, started + limit)):
-                chunk = await stream.read()
+            async with asyncio.timeout_at(min(job.deadline, started + limit)) as watchdog:
+                chunk = await stream.read() if guard is None else await guard.read(self, watchdog, first=True)
             if chunk is None:
                 raise AttemptError(AttemptErrorKind.ERROR, "stream ended before the first token")
             self.first = chunk
@@ -153,6 +175,7 @@ class Attempt:
         max_tokens = job.max_tokens
         replica_id = self.replica_id
         inter_token_s = self._limits.inter_token_s
+        guard = self.guard
         first = chunk
         expected = len(forwarded)
         first_at = loop.time()
@@ -177,6 +200,8 @@ class Attempt:
                         else:
                             batch = [TokenEvent(expected + k, tok, replica_id) for k, tok in enumerate(tokens)]
                             forwarded.extend(tokens)
+                        if chunk.raw is not None:
+                            batch[-1].raw = chunk.raw
                         later_tokens += count if chunk is not first else count - 1
                         expected += count
                         if chunk.is_final:
@@ -189,12 +214,16 @@ class Attempt:
                         yield batch
                     elif chunk.is_final:  # a final chunk with no token
                         self._finish(loop.time() - first_at, later_tokens)
-                        yield [TokenEvent(expected, "", replica_id, True, chunk.finish_reason or "length")]
+                        yield [TokenEvent(expected, "", replica_id, True, chunk.finish_reason or "length", chunk.raw)]
                         return
                     limit = inter_token_s(replica_id)
-                    watchdog.reschedule(min(deadline, loop.time() + limit))
-                    chunk = await stream.read()
-                    watchdog.reschedule(None)  # never fire while the caller holds the event
+                    if guard is None:
+                        watchdog.reschedule(min(deadline, loop.time() + limit))
+                        chunk = await stream.read()
+                        watchdog.reschedule(None)  # never fire while the caller holds the event
+                    else:
+                        chunk = await guard.read(self, watchdog, first=False)
+                        replica_id = self.replica_id  # a stall race may have moved the stream to another
                     if chunk is None:
                         raise AttemptError(AttemptErrorKind.ERROR, "stream ended before the final token")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 
 from llmgw.gateway.api import ErrorKind, TokenEvent
+from llmgw.tracing import NOOP_SPAN, Span
 
 
 class AttemptOutcome(enum.Enum):
@@ -60,20 +61,30 @@ class RequestRecord:
         "batches",
         "client_id",
         "complete",
+        "finish_reason",
         "finished",
+        "front",
         "hedge",
+        "key_id",
         "last_token_at",
+        "model",
         "outcome",
+        "prompt_tokens",
         "replicas",
         "request_id",
         "started",
+        "tenant",
         "tokens",
+        "trace",
         "ttft_s",
     )
 
-    def __init__(self, request_id: str, client_id: str, hedge: bool, started: float) -> None:
+    def __init__(self, request_id: str, client_id: str, hedge: bool, started: float, tenant: str = "",
+                 key_id: str = "") -> None:
         self.request_id = request_id
         self.client_id = client_id
+        self.tenant = tenant  # "" without a key file
+        self.key_id = key_id  # the short id of the caller's key (never the key)
         self.hedge = hedge
         self.started = started
         self.outcome = RequestOutcome.OK
@@ -84,6 +95,11 @@ class RequestRecord:
         self.replicas: list[str] = []  # replicas that delivered tokens, in order, each run once
         self.complete = False  # the final token was delivered
         self.finished = started  # when the request ended
+        self.front = "grpc"  # the front it came in on (metrics label): "grpc" | "http"
+        self.model = ""  # the model the request named ("" = none)
+        self.prompt_tokens = 0  # as the front counted them (llmgw counts words: it has no tokenizer)
+        self.finish_reason: str | None = None  # of the final token ("stop", "length"...), once delivered
+        self.trace: Span = NOOP_SPAN  # the request's span (llmgw.tracing); ended after request_finished
 
     @property
     def duration_s(self) -> float:

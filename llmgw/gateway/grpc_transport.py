@@ -24,6 +24,7 @@ from llmgw.gateway.replica_stream import (
     StreamJob,
 )
 from llmgw.gateway.session import ReplicaSession, SessionUnsupported
+from llmgw.tracing import NOOP_SPAN
 
 DRAIN_METHOD = "/llmgateway.LLMReplica/Drain"
 log = logging.getLogger("llmgw.gateway.grpc_transport")
@@ -79,12 +80,16 @@ class ChannelPool:
             entry = self._replicas[address] = _Replica(channel)
         return entry
 
-    def stream(self, address: str, request: pb.GenerateRequest, timeout_s: float) -> ReplicaStream:
+    def stream(self, address: str, request: pb.GenerateRequest, timeout_s: float,
+               metadata: tuple[tuple[str, str], ...] | None = None) -> ReplicaStream:
         """A stream to `address`: on the replica's session once it is open, else a Generate call (while the
-        session opens, and for replicas without one)."""
+        session opens, and for replicas without one). `metadata` goes with a Generate call (a session carries
+        the trace context in the request's own `traceparent` field)."""
         start = self.generate(address)
         if start.__class__ is _SessionStart:
             return start(request)
+        if metadata:
+            return GenerateStream(start(request, timeout=timeout_s, metadata=metadata))
         return GenerateStream(start(request, timeout=timeout_s))
 
     def generate(self, address: str):
@@ -220,6 +225,11 @@ class GrpcTransport:
         request = pb.GenerateRequest(request_id=job.request_id, prompt=job.prompt, max_tokens=job.max_tokens,
                                      tokens_already_generated=len(forwarded), generated_tokens=forwarded,
                                      max_tokens_per_message=self.upstream_batch)
+        trace = getattr(job, "trace", NOOP_SPAN)
+        if trace.recording:  # the attempt's trace context, to the replica (llmgw.tracing)
+            metadata = trace.grpc_metadata()
+            request.traceparent = dict(metadata).get("traceparent", "")
+            return self.pool.stream(target.address, request, timeout_s, metadata)
         return self.pool.stream(target.address, request, timeout_s)
 
     def forget(self, address: str) -> None:

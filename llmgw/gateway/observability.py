@@ -19,6 +19,7 @@ from typing import Any
 from llmgw.gateway.api import TokenEvent
 from llmgw.gateway.events import RequestListener, RequestRecord
 from llmgw.logs import request_log
+from llmgw.metrics import MAX_MODELS
 
 log = logging.getLogger("llmgw.gateway.requests")
 
@@ -39,7 +40,9 @@ class MetricsListener(RequestListener):
         self._log = logger
         self._counters_seen: dict[str, float] = {}
         self._inflight_known: set[str] = set()
-        metrics.queue_depth.set_function(lambda: gateway.queued)
+        self._models: tuple[str, ...] = ()
+        # Read at scrape time (copied into the shared files by the refreshers with --workers N).
+        metrics.gauge_from(metrics.queue_depth, lambda: gateway.queued)
         self._remove_refresher = metrics.on_scrape(self.refresh_metrics)
 
     def detach(self) -> None:
@@ -64,14 +67,24 @@ class MetricsListener(RequestListener):
 
     def request_finished(self, record: RequestRecord) -> None:
         outcome = record.outcome.value
-        self.metrics.request_finished(outcome, tokens=record.tokens)
-        fields: dict[str, Any] = dict(id=record.request_id, replicas=record.replicas, outcome=outcome,
-                                      tokens=record.tokens)
+        # Counts the request (outcome, tokens) and the per-front, per-model series a vLLM operator expects.
+        self.metrics.request_done(front=record.front, model=record.model, outcome=outcome,
+                                  finish_reason=record.finish_reason, prompt_tokens=record.prompt_tokens,
+                                  completion_tokens=record.tokens, e2e_s=record.duration_s, ttft_s=record.ttft_s)
+        if record.tenant:
+            self.metrics.tenant_request(record.tenant, outcome, tokens=record.tokens)
+        fields: dict[str, Any] = dict(id=record.request_id, front=record.front, replicas=record.replicas,
+                                      outcome=outcome, tokens=record.tokens)
+        if record.model:
+            fields["model"] = record.model
         if record.ttft_s is not None:
             fields["ttft_ms"] = round(record.ttft_s * 1000, 3)
         fields["duration_ms"] = round(record.duration_s * 1000, 3)
         if record.client_id:
             fields["client"] = record.client_id
+        if record.tenant:
+            fields["tenant"] = record.tenant
+            fields["key_id"] = record.key_id
         if record.hedge:
             fields["hedge"] = True
         request_log(self._log, **fields)
@@ -89,6 +102,7 @@ class MetricsListener(RequestListener):
             metrics.inflight_gauge(replica).set(in_flight.get(replica, 0))
         self._inflight_known.clear()
         self._inflight_known.update(current)
+        self._follow_models()
         self._count_delta("failovers", getattr(gw.stats, "failovers_total", None), metrics.failovers.inc)
         for result, value in self._hedge_counts().items():
             self._count_delta(f"hedge_{result}", value, functools.partial(self._inc_hedge, result))
@@ -100,6 +114,41 @@ class MetricsListener(RequestListener):
                     metrics.set_breaker_state(replica, state)
                 except ValueError:
                     log.debug("breaker of %s in unknown state %r", replica, state)
+        guard = getattr(gw, "stall_guard", None)
+        if guard is not None:
+            self._refresh_stall_metrics(guard.snapshot())
+
+    def _refresh_stall_metrics(self, snapshot: dict[str, Any]) -> None:
+        """Adaptive stall deadlines (llmgw.gateway.stall_race): per-replica limits, suspicions and races."""
+        metrics = self.metrics
+        for replica, entry in snapshot["replicas"].items():
+            if replica in self._inflight_known:  # a replica that left keeps no series
+                metrics.inter_token_deadline.labels(replica).set(entry["inter_token_deadline_s"])
+                metrics.first_token_deadline.labels(replica).set(entry["first_token_deadline_s"])
+        events = snapshot["events"]
+        self._count_delta("stall_suspected", events["suspected"], metrics.stall_suspicions.inc)
+        self._count_delta("stall_failovers", events["continuation_started"], metrics.stall_failovers.inc)
+        for result in ("continuation_won", "original_won", "continuation_failed", "no_replica"):
+            self._count_delta(f"stall_{result}", events[result], metrics.stall_races.labels(result).inc)
+
+    def _follow_models(self) -> None:
+        """The served models (the model versions routable replicas advertise, what /v1/models lists) get their
+        own `model` label; a request naming another is counted as "other"."""
+        gw = self.gateway
+        try:
+            routable = gw.routable()
+            served: set[str] = set()
+            for member in gw.members():
+                version = getattr(member, "model_version", "")
+                if member.member_id in routable and isinstance(version, str) and version:
+                    served.add(version)
+            models = tuple(sorted(served))
+        except Exception:  # a membership source without these details: keep the labels as they are
+            log.debug("served models unavailable", exc_info=True)
+            return
+        if models and models != self._models:
+            self._models = models
+            self.metrics.set_models(models[:MAX_MODELS])
 
     def _inc_hedge(self, result: str, amount: float) -> None:
         self.metrics.hedges.labels(result).inc(amount)

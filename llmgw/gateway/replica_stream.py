@@ -99,6 +99,10 @@ class StreamJob(Protocol):
     @property
     def forwarded(self) -> Sequence[str]: ...
 
+    # What a transport keeps about this request across its attempts (None until one sets it), e.g. the HTTP
+    # transport's record of what already reached the client.
+    transport_state: object
+
 
 class Transport(Protocol):
     """Opens replica streams. `open` does not wait for the replica: errors surface from the stream's read().

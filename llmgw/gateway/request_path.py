@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 
 from llmgw.gateway.admission import Admission, QueueFull, QueueTimeout
 from llmgw.gateway.api import (
@@ -33,8 +33,21 @@ from llmgw.gateway.capacity import Capacity, Ticket
 from llmgw.gateway.events import AttemptOutcome, RequestListener, RequestOutcome, RequestRecord
 from llmgw.gateway.hedging import Leg, RaceFailed, race_first_token
 from llmgw.gateway.replica_stream import AttemptError, AttemptErrorKind, Transport
+from llmgw.gateway.stall_race import StallGuard
+from llmgw.gateway.tenancy_gate import TenancyGate
 from llmgw.policy import HEDGE_CANCELLED, HEDGE_LOST, HEDGE_WON, HedgePolicy
 from llmgw.policy.breaker import FAILURE_ERROR, FAILURE_TIMEOUT, FAILURE_UNAVAILABLE
+from llmgw.tracing import (
+    ADMIT_SPAN,
+    ATTEMPT_SPAN,
+    FAILOVER_EVENT,
+    HEDGE_EVENT,
+    NOOP_SPAN,
+    REQUEST_SPAN,
+    ROUTE_SPAN,
+    Span,
+    get_tracing,
+)
 
 log = logging.getLogger("llmgw.gateway")
 
@@ -68,7 +81,7 @@ class _RaceLost(Exception):
 class _Request:
     """One request's state across attempts."""
 
-    __slots__ = ("excluded", "failures", "job", "reasons", "record", "refusals")
+    __slots__ = ("attempts", "excluded", "failures", "job", "reasons", "record", "refusals", "spans", "trace")
 
     def __init__(self, job: Job, record: RequestRecord) -> None:
         self.job = job
@@ -77,6 +90,10 @@ class _Request:
         self.failures = 0
         self.refusals = 0
         self.reasons: list[str] = []
+        # Tracing (only when the request span records): attempts opened, and the span of each open attempt.
+        self.trace: Span = record.trace
+        self.attempts = 0
+        self.spans: dict[Attempt, Span] = {}
 
 
 class RequestPath:
@@ -91,8 +108,22 @@ class RequestPath:
         self.limits = limits
         self.hedger = hedger
         self.listeners: list[RequestListener] = []
+        # Replicas a request must not go to, given the request (the upstream table's model routing); None = any.
+        self.route_filter: Callable[[InferenceRequest], set[str]] | None = None
+        # API keys and per-tenant limits (llmgw.gateway.tenancy_gate); the Gateway sets it, None = open.
+        self.tenancy: TenancyGate | None = None
+        # Adaptive stall deadlines and stall races (llmgw.gateway.stall_race); the Gateway sets it, None = off.
+        self.stall_guard: StallGuard | None = None
         self.stats = GatewayStats()
         self.hedge_counts = {"started": 0, "denied_no_capacity": 0}
+        # llmgw.tracing's process-wide Tracing as it was when the gateway was built (NOOP_TRACING: off and free).
+        self.tracing = get_tracing()
+        # Graceful shutdown (llmgw.gateway.shutdown): requests in progress; what a new request is refused with
+        # while the gateway drains (`refusing`), and what any further admission or failover is refused with once
+        # the shutdown grace ran out (`closing`).
+        self.open_requests = 0
+        self.refusing: str | None = None
+        self.closing: str | None = None
 
     def infer(self, request: InferenceRequest) -> AsyncGenerator[TokenEvent, None]:
         """Every token of the answer, one event each: indices 0, 1, ... exactly once, the last with is_final."""
@@ -102,10 +133,20 @@ class RequestPath:
         """Like infer(), grouped as the tokens arrived from the replica (front-ends that coalesce use this)."""
         loop = asyncio.get_running_loop()
         record = RequestRecord(request.request_id or uuid.uuid4().hex, request.client_id, bool(request.hedge),
-                               loop.time())
+                               loop.time(), request.tenant, request.key_id)
+        record.front, record.model = request.front, request.model
+        tracing = self.tracing
+        if tracing.enabled:
+            record.trace = tracing.request(REQUEST_SPAN, front=request.front, carrier=request.trace_carrier,
+                                           attributes={"llmgw.request_id": record.request_id,
+                                                       "llmgw.model": request.model or None,
+                                                       "llmgw.max_tokens": request.max_tokens,
+                                                       "llmgw.hedge": bool(request.hedge)})
         listeners = self.listeners
+        self.open_requests += 1
         try:
-            async with contextlib.aclosing(self._serve(request, record)) as batches:
+            serve = self._serve if not request.tenant or self.tenancy is None else self._serve_tenant
+            async with contextlib.aclosing(serve(request, record)) as batches:
                 async for batch in batches:
                     now = loop.time()
                     if record.ttft_s is None:
@@ -118,6 +159,7 @@ class RequestPath:
                         replicas.append(last.replica_id)
                     if last.is_final:
                         record.complete = True
+                        record.finish_reason = last.finish_reason
                     for listener in listeners:
                         try:
                             listener.tokens_delivered(record, batch, now)
@@ -140,11 +182,47 @@ class RequestPath:
             if record.outcome is RequestOutcome.OK and not record.complete:
                 record.outcome = RequestOutcome.INTERNAL  # never report a partial answer as OK
             record.finished = loop.time()
+            self.open_requests -= 1
+            if request.prompt_tokens is not None:
+                record.prompt_tokens = request.prompt_tokens
+            elif isinstance(request.prompt, str):
+                record.prompt_tokens = len(request.prompt.split())  # the HTTP front's usage count: words
             for listener in listeners:
                 try:
                     listener.request_finished(record)
                 except Exception:
                     log.exception("request listener failed")
+            span = record.trace
+            if span.recording:  # after the listeners, so that the request's log line carries its trace id
+                span.set("llmgw.tokens", record.tokens)
+                span.set("llmgw.replicas", ",".join(record.replicas))
+                span.set("llmgw.finish_reason", record.finish_reason)
+                outcome = record.outcome
+                span.end(outcome.value, None if outcome in (RequestOutcome.OK, RequestOutcome.CANCELLED)
+                         else outcome.value)
+
+    # ---- the tenant's limits around the whole request -----------------------------------------------------
+    async def _serve_tenant(self, request: InferenceRequest, record: RequestRecord
+                            ) -> AsyncGenerator[list[TokenEvent], None]:
+        """_serve within the tenant's limits: counted once valid, refused (ResourceExhausted with the delay) when
+        over a limit; when it ends, however it ends, its stream slot is freed and its tokens are counted: the
+        prompt's as the front counted them (else its words, as the HTTP front's usage does) + the tokens
+        delivered."""
+        tenancy = self.tenancy
+        assert tenancy is not None
+        check_request(request, self.config)  # an invalid request costs the tenant nothing
+        loop = asyncio.get_running_loop()
+        admitted = tenancy.admit(request.tenant, loop.time())
+        try:
+            async with contextlib.aclosing(self._serve(request, record)) as batches:
+                async for batch in batches:
+                    yield batch
+        finally:
+            if admitted:
+                prompt_tokens = request.prompt_tokens
+                if prompt_tokens is None:
+                    prompt_tokens = len(request.prompt.split())
+                tenancy.finished(request.tenant, prompt_tokens + record.tokens, loop.time())
 
     # ---- route -> admit -> stream -> fail over --------------------------------------------------------------
     async def _serve(self, request: InferenceRequest, record: RequestRecord) -> AsyncGenerator[list[TokenEvent], None]:
@@ -154,17 +232,21 @@ class RequestPath:
         timeout = request.timeout_s if request.timeout_s and request.timeout_s > 0 else cfg.request_timeout_s
         deadline = loop.time() + min(timeout, cfg.request_timeout_s)
         req = _Request(Job(request, record.request_id, deadline), record)
+        if self.route_filter is not None:
+            req.excluded.update(self.route_filter(request))
         ticket = Ticket(request.prompt, req.excluded)
         # Called once per request: it also credits the hedge budget. None = this request never hedges.
         hedge_delay = self.hedger.delay_for(bool(request.hedge))
         hedge_decided = False
         while True:
             # 1. route + admit (routing happens inside admission, atomically with taking the capacity)
-            await self._admit(ticket, deadline, resumed=bool(req.failures or req.refusals), reasons=req.reasons)
+            await self._admit(ticket, deadline, resumed=bool(req.failures or req.refusals), reasons=req.reasons,
+                              tenant=request.tenant, trace=req.trace)
             try:
                 # 2. stream: the first chunk -- raced against a hedge while the caller has nothing yet
                 if req.job.forwarded or hedge_delay is None or hedge_decided:
-                    attempt = await self._open(Attempt(req.job, ticket, self.transport, self.limits))
+                    attempt = await self._open(
+                        Attempt(req.job, ticket, self.transport, self.limits, self.stall_guard), req)
                     if not req.job.forwarded:
                         self.hedger.observe_ttft(attempt.ttft_s)
                 else:
@@ -176,6 +258,8 @@ class RequestPath:
                             self.capacity.report_success(ticket, attempt.ttft_s, attempt.mean_itl_s)
                         yield batch
                 self._attempt_event(ticket.replica_id, AttemptOutcome.OK, None)
+                if req.spans:
+                    _end_attempt_span(req, attempt, "ok")
                 self.stats.served_total += 1
                 return
             # 3. fail over
@@ -183,6 +267,8 @@ class RequestPath:
                 hedge_decided = hedge_decided or lost.hedge_decided
                 self._check_attempts(req)
             except AttemptError as failure:
+                if req.spans:  # a failure while relaying (one while opening ended its span in _open)
+                    _end_attempt_span(req, attempt, _failure_outcome(failure), failure.detail)
                 self._attempt_failed(req, ticket, failure)
                 self._check_attempts(req)
             except (asyncio.CancelledError, GeneratorExit):
@@ -192,9 +278,19 @@ class RequestPath:
                 self.stats.failed_total += 1
                 raise
             finally:
+                if req.spans:  # the request ended otherwise (client gone, deadline): its attempt with it
+                    for span in req.spans.values():
+                        span.end("abandoned")
+                    req.spans.clear()
                 self._give_back(ticket)
 
-    async def _admit(self, ticket: Ticket, deadline: float, *, resumed: bool, reasons: list[str]) -> None:
+    async def _admit(self, ticket: Ticket, deadline: float, *, resumed: bool, reasons: list[str],
+                     tenant: str = "", trace: Span = NOOP_SPAN) -> None:
+        # Shutting down: no new request; once the grace ran out, no failover either (llmgw.gateway.shutdown).
+        refusal = self.closing if resumed else self.refusing
+        if refusal is not None:
+            self.stats.rejected_total += 1
+            raise Unavailable(refusal)
         loop = asyncio.get_running_loop()
         remaining = deadline - loop.time()
         if remaining <= 0:
@@ -205,13 +301,22 @@ class RequestPath:
             tail = (": " + "; ".join(reasons[-4:])) if reasons else ""
             raise Unavailable("no replica available" + tail)
         started = loop.time()
+        admit = trace.child(ADMIT_SPAN, {"llmgw.resumed": resumed}) if trace.recording else NOOP_SPAN
+        admit_outcome = "refused"
         try:
             # A resumed request already waited its turn once: it goes to the head of the queue.
-            await self.admission.acquire(ticket, front=resumed, timeout_s=remaining)
+            # Across tenants by weight, FIFO within one (a single tenant without a key file: plain FIFO).
+            weight = self.tenancy.weight(tenant) if tenant and self.tenancy is not None else 1.0
+            await self.admission.acquire(ticket, front=resumed, timeout_s=remaining, tenant=tenant, weight=weight)
+            admit_outcome = "admitted"
         except QueueFull as exc:
             self.stats.rejected_total += 1
             raise ResourceExhausted(str(exc), retry_after_s=1.0) from None
         except QueueTimeout as exc:
+            admit_outcome = "timeout"
+            if self.closing is not None:  # the admission queue was closed by the shutdown
+                self.stats.rejected_total += 1
+                raise Unavailable(self.closing) from None
             if loop.time() >= deadline:
                 self.stats.failed_total += 1
                 raise DeadlineExceeded("request deadline passed while queued") from None
@@ -224,20 +329,53 @@ class RequestPath:
                     listener.queue_waited(waited)
                 except Exception:
                     log.exception("request listener failed")
+            if admit.recording:
+                admit.end(admit_outcome)
+        if trace.recording:  # the pick is made inside admission, atomically with the slot: its result
+            trace.child(ROUTE_SPAN, {"llmgw.replica": ticket.replica_id, "llmgw.resumed": resumed,
+                                     "llmgw.excluded": len(ticket.exclude)}).end("routed")
 
-    async def _open(self, attempt: Attempt) -> Attempt:
-        """An attempt's first chunk (an Attempt is opened here, in a race leg's task or the request's own)."""
-        await attempt.open()
+    async def _open(self, attempt: Attempt, req: _Request | None = None, *, hedge: bool = False) -> Attempt:
+        """An attempt's first chunk (an Attempt is opened here, in a race leg's task or the request's own).
+        When the request is traced, the attempt gets its span (kept in `req.spans` once open)."""
+        if req is None or not req.trace.recording:
+            await attempt.open()
+            self._attempt_event(attempt.replica_id, AttemptOutcome.FIRST_TOKEN, attempt.ttft_s)
+            return attempt
+        req.attempts += 1
+        span = req.trace.child(ATTEMPT_SPAN, {"llmgw.replica": attempt.replica_id, "llmgw.attempt": req.attempts,
+                                              "llmgw.hedge": hedge, "llmgw.resume_from": len(req.job.forwarded)},
+                               kind="client")
+        attempt.job.trace = span  # read synchronously by transport.open() inside attempt.open()
+        try:
+            await attempt.open()
+        except AttemptError as failure:
+            span.end(_failure_outcome(failure), failure.detail)
+            raise
+        except GatewayError as exc:
+            span.end(exc.kind.value, exc.message)
+            raise
+        except BaseException:
+            span.end("cancelled")
+            raise
+        span.set("llmgw.ttft_s", attempt.ttft_s)
+        req.spans[attempt] = span
         self._attempt_event(attempt.replica_id, AttemptOutcome.FIRST_TOKEN, attempt.ttft_s)
         return attempt
 
     def _check_attempts(self, req: _Request) -> None:
+        if self.closing is not None:  # the shutdown grace ran out: no failover (llmgw.gateway.shutdown)
+            self.stats.failed_total += 1
+            raise Unavailable(self.closing) from None
         if req.failures >= self.config.max_attempts or req.refusals > MAX_REFUSALS:
             self.stats.failed_total += 1
             raise Unavailable(f"request {req.job.request_id} failed after {req.failures} attempts and "
                               f"{req.refusals} refusals, {len(req.job.forwarded)} of {req.job.max_tokens} tokens "
                               "sent: " + "; ".join(req.reasons[-4:])) from None
         self.stats.failovers_total += 1
+        if req.trace.recording:
+            req.trace.event(FAILOVER_EVENT, {"llmgw.reason": req.reasons[-1] if req.reasons else "",
+                                             "llmgw.tokens_sent": len(req.job.forwarded)})
 
     def _attempt_failed(self, req: _Request, ticket: Ticket, failure: AttemptError) -> None:
         """Bookkeeping for one replica that could not continue: counts, breaker, listeners, where not to go next."""
@@ -249,7 +387,8 @@ class RequestPath:
             req.refusals += 1
             if replica_id is not None:
                 loop = asyncio.get_running_loop()
-                backoff = self.config.busy_backoff_s
+                # The server's own Retry-After (a model server's 429) where it gave one.
+                backoff = failure.retry_after_s if failure.retry_after_s is not None else self.config.busy_backoff_s
                 self.capacity.mark_busy(replica_id, loop.time() + backoff)
                 loop.call_later(backoff, self.admission.capacity_changed)
         elif kind is AttemptErrorKind.DRAINING:
@@ -283,10 +422,14 @@ class RequestPath:
             decided = True
             hedge = self._start_hedge(ticket, explicit=explicit)
             hedge_replica = hedge.replica_id if hedge is not None else None
+            if req.trace.recording:
+                req.trace.event(HEDGE_EVENT, {"llmgw.result": "started" if hedge is not None else "denied",
+                                              "llmgw.replica": hedge_replica})
             return hedge
 
         def open_leg(leg_ticket: Ticket):
-            return self._open(Attempt(req.job, leg_ticket, self.transport, self.limits))
+            return self._open(Attempt(req.job, leg_ticket, self.transport, self.limits, self.stall_guard), req,
+                              hedge=leg_ticket is not ticket)
 
         winner: Leg | None = None
         try:
@@ -306,6 +449,13 @@ class RequestPath:
             for leg in legs[1:]:  # the primary's capacity is the request's ticket: the caller gives it back
                 if leg is not winner:
                     self._give_back(leg.ticket)
+            if req.spans:  # legs that opened but lost the race (the winner's span goes on with the request)
+                kept = winner.task.result() if winner is not None else None
+                for leg_attempt in [a for a in req.spans if a is not kept]:
+                    req.spans.pop(leg_attempt).end("hedge_lost" if kept is not None else "cancelled")
+        if hedged and req.trace.recording:
+            result = "cancelled" if winner is None else "won" if winner is legs[1] else "lost"
+            req.trace.event(HEDGE_EVENT, {"llmgw.result": result, "llmgw.replica": hedge_replica})
         if winner is None:
             raise _RaceLost(decided)
         attempt: Attempt = winner.task.result()
@@ -362,6 +512,17 @@ class RequestPath:
                 listener.attempt_event(replica_id, outcome, ttft_s)
             except Exception:  # a faulty policy must not break the request path
                 log.exception("request listener failed")
+
+
+def _failure_outcome(failure: AttemptError) -> str:
+    """An attempt's failure as its span's llmgw.outcome (stall, busy, draining, error)."""
+    return OUTCOME_OF_FAILURE.get(failure.kind, AttemptOutcome.ERROR).value
+
+
+def _end_attempt_span(req: _Request, attempt: Attempt | None, outcome: str, error: str | None = None) -> None:
+    span = req.spans.pop(attempt, None) if attempt is not None else None
+    if span is not None:
+        span.end(outcome, error)
 
 
 def _avoid(req: _Request, replica_id: str | None) -> None:

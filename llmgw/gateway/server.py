@@ -15,9 +15,13 @@ from llmgw._proto import llmgateway_pb2 as pb
 from llmgw.gateway.api import ErrorKind, GatewayConfig, GatewayError, InferenceRequest
 from llmgw.gateway.gossip_member import start_gossip_member
 from llmgw.gateway.grpc_transport import GrpcTransport
+from llmgw.gateway.http_transport import HttpTransport, MixedTransport
 from llmgw.gateway.operations import ROLLOUT_STOP_TIMEOUT_S, RolloutController, RolloutRefused
 from llmgw.gateway.service import Gateway
+from llmgw.gateway.shutdown import DrainReport, begin_drain, drain
+from llmgw.gateway.upstreams import UpstreamTable
 from llmgw.topology import is_replica
+from llmgw.workers import RolloutElsewhere
 
 log = logging.getLogger("llmgw.gateway.server")
 
@@ -39,6 +43,29 @@ GRPC_STATUS: dict[ErrorKind, grpc.StatusCode] = {
 }
 
 
+# InferRequest names no model: a caller whose key is limited to some models names it in this metadata entry.
+MODEL_METADATA = "llmgw-model"
+
+
+def _metadata_model(metadata) -> str:
+    for name, value in metadata:
+        if name == MODEL_METADATA and isinstance(value, str):
+            return value
+    return ""
+
+
+def _stall_status(guard) -> dict:
+    """The adaptive stall deadlines' GatewayStatus fields (llmgw.gateway.stall_race); none when they are off."""
+    if guard is None:
+        return {}
+    snapshot = guard.snapshot()
+    replicas = snapshot["replicas"]
+    return dict(inter_token_deadline_by_replica={r: e["inter_token_deadline_s"] for r, e in replicas.items()},
+                first_token_deadline_by_replica={r: e["first_token_deadline_s"] for r, e in replicas.items()},
+                stall_suspicions=snapshot["events"]["suspected"],
+                stall_failovers=snapshot["events"]["continuation_started"])
+
+
 class GatewayServer:
     """Owns the grpc.aio server, the Gateway behind it (reaching replicas over gRPC) and, unless a membership
     source is given, the gateway's gossip member."""
@@ -51,18 +78,26 @@ class GatewayServer:
         self.config = config
         self.transport = GrpcTransport(replica_credentials, sessions=config.replica_sessions,
                                        upstream_batch=config.upstream_batch)
-        self.gateway = Gateway(config, self.transport, membership=membership, router=router)
+        # OpenAI-compatible model servers share the request path with gRPC replicas: http(s) addresses go over HTTP.
+        self.upstreams = UpstreamTable(config.upstreams)
+        transport = MixedTransport(self.transport, HttpTransport(self.upstreams.backend, self.upstreams.client))
+        self.gateway = Gateway(config, transport, membership=membership, router=router, upstreams=self.upstreams)
         self.gossip: Any = None  # the GossipNode this server started (when no membership source was given)
         # The request listener the composition root registered for metrics and the request log (gateway.app).
         self.metrics_listener: Any = None
+        # This process's part in a `--workers N` group (llmgw.gateway.worker_wiring.WorkerParts), or None.
+        self.worker_parts: Any = None
         self.server_credentials = server_credentials
         self.port = config.port
         self._rpc: rpc.RpcServer | None = None
         restart = None
         if config.restart_command:
             from llmgw.rollout import CommandTemplateRestart
+            from llmgw.workers import child_environment
 
-            restart = CommandTemplateRestart(config.restart_command, timeout_s=ROLLOUT_RESTART_TIMEOUT_S)
+            # Without the worker variables: a restarted replica must not write into the gateway's metric files.
+            restart = CommandTemplateRestart(config.restart_command, timeout_s=ROLLOUT_RESTART_TIMEOUT_S,
+                                             env=child_environment())
         # The gateway's one rolling update, shared with the HTTP front (gateway.app hands it to start_http).
         self.rollouts = RolloutController(self.gateway, self.gateway.drains, restart,
                                           drain_replica=self.transport.drain_replica)
@@ -93,7 +128,18 @@ class GatewayServer:
         await self._rpc.set_serving(True)
         log.info("gateway %s serving on %s", self.config.gateway_id, self.grpc_address)
 
+    async def drain(self, grace_s: float) -> DrainReport:
+        """The graceful part of a shutdown (llmgw.gateway.shutdown): not ready at once (gRPC health NOT_SERVING,
+        HTTP /readyz 503), new requests refused with UNAVAILABLE, open ones given `grace_s` to finish and then
+        ended with UNAVAILABLE. stop() follows."""
+        begin_drain(self.gateway)
+        if self._rpc is not None:
+            await self._rpc.set_serving(False)
+        return await drain(self.gateway, grace_s)
+
     async def stop(self, grace: float = 1.0) -> None:
+        """Stop serving (after drain(), open streams are done and `grace` only covers their last messages),
+        then leave gossip."""
         await self.rollouts.close()  # restores routing; a replica mid-restart finishes its restart command
         if self._rpc is not None:
             await self._rpc.stop(grace)  # NOT_SERVING first, then grace for open streams
@@ -111,8 +157,18 @@ class GatewayServer:
         remaining = context.time_remaining()
         if remaining is not None:
             timeout_s = remaining if timeout_s is None else min(timeout_s, remaining)
+        metadata = context.invocation_metadata() or ()
+        model = _metadata_model(metadata)
+        try:  # API keys (metadata `authorization: Bearer <key>`); open without a key file
+            caller = self.gateway.tenancy.caller(metadata, model)
+        except GatewayError as exc:
+            await context.abort(GRPC_STATUS.get(exc.kind, grpc.StatusCode.UNKNOWN), exc.message)
         req = InferenceRequest(prompt=request.prompt, max_tokens=request.max_tokens, hedge=request.hedge,
-                               request_id=request.request_id, client_id=request.client_id, timeout_s=timeout_s)
+                               request_id=request.request_id, client_id=request.client_id, timeout_s=timeout_s,
+                               tenant=caller.tenant if caller else "", key_id=caller.key_id if caller else "",
+                               front="grpc", model=model, trace_carrier=metadata)
+        if self.upstreams.configured:  # a model server's request: a completions body with the sampling fields
+            self.upstreams.route_grpc(req, request)
         request_id = request.request_id
         per_message = request.max_tokens_per_message
         response = pb.InferResponse
@@ -164,7 +220,7 @@ class GatewayServer:
             breaker_by_replica=gw.breaker_states(), hedges_started=hedges["hedges_started"],
             hedges_won=hedges["won"], hedges_lost=hedges["lost"], hedges_cancelled=hedges["cancelled"],
             hedges_denied=hedges["policy_hedges_denied"] + hedges["denied_no_capacity"],
-            policy_hedges=hedges["policy_hedges_issued"],
+            policy_hedges=hedges["policy_hedges_issued"], **_stall_status(gw.stall_guard),
         )
 
     # ---- rolling updates ----------------------------------------------------------------------------------
@@ -175,11 +231,16 @@ class GatewayServer:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         options = {name: getattr(request, name) for name in ("drain_timeout_s", "rejoin_timeout_s",
                                                              "restart_timeout_s") if getattr(request, name) > 0}
+        # In a worker of `--workers N` (llmgw.gateway.worker_wiring): one update for the whole group.
+        parts = self.worker_parts
+        starter = parts.rollouts if parts is not None else self.rollouts
         try:
-            events = self.rollouts.start_watched(request.version, replicas=list(request.replicas) or None,
-                                                 require_another_alive=not request.allow_single_replica, **options)
+            events = starter.start_watched(request.version, replicas=list(request.replicas) or None,
+                                           require_another_alive=not request.allow_single_replica, **options)
         except RolloutRefused as exc:
             await context.abort(ROLLOUT_REFUSAL_CODES[exc.reason], exc.message)
+        except RolloutElsewhere as exc:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, exc.message)
         async with contextlib.aclosing(events):
             async for event in events:
                 yield pb.RolloutEvent(kind=event.kind, replica_id=event.replica_id or "", step=event.step or "",

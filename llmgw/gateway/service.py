@@ -22,8 +22,12 @@ from llmgw.gateway.events import RequestListener
 from llmgw.gateway.membership import MembershipView
 from llmgw.gateway.replica_stream import Transport
 from llmgw.gateway.request_path import GatewayStats, RequestPath
+from llmgw.gateway.stall_race import StallGuard
+from llmgw.gateway.tenancy_gate import TenancyGate
 from llmgw.policy import BreakerBoard, HedgePolicy
+from llmgw.policy.deadlines import StallDeadlines
 from llmgw.routing import Router, make_policy
+from llmgw.topology import is_upstream_agent
 
 log = logging.getLogger("llmgw.gateway")
 
@@ -46,7 +50,7 @@ class Gateway:
     """
 
     def __init__(self, config: GatewayConfig, transport: Transport, *, membership=None,
-                 router: Router | None = None, limits: Limits | None = None) -> None:
+                 router: Router | None = None, limits: Limits | None = None, upstreams=None) -> None:
         config.validate()
         self.config = config
         if router is None:
@@ -68,8 +72,25 @@ class Gateway:
         self.limits = limits or StaticLimits(config.first_token_timeout_s, config.inter_token_timeout_s)
         self.hedger = HedgePolicy(config.hedge_config())
         self.path = RequestPath(config, self.capacity, self.admission, transport, self.limits, self.hedger)
+        # API keys and per-tenant limits; open (no key file) until the composition root sets one (set_tenancy).
+        self.tenancy = TenancyGate(config.gateway_id)
+        self.path.tenancy = self.tenancy
+        # Adaptive stall deadlines and stall races; the configured timeouts (self.limits) stay the hard limits.
+        self.stall_guard: StallGuard | None = None
+        if config.adaptive_deadlines:
+            self.stall_guard = StallGuard(StallDeadlines(config.deadline_config()), self.capacity, transport,
+                                          self.limits, give_back=self.path._give_back,
+                                          attempt_event=self.path._attempt_event)
+            self.capacity.exclusion_sources.append(self.stall_guard.excluded)
+            self.path.stall_guard = self.stall_guard
         self._unsubscribe: Callable[[], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # OpenAI-compatible model servers (llmgw.gateway.upstreams.UpstreamTable; the transport must reach their
+        # http(s) addresses, e.g. http_transport.MixedTransport): replicas of the view, routed to by model.
+        self.upstreams = upstreams
+        if upstreams is not None:
+            upstreams.attach(self)
+            self.path.route_filter = upstreams.excluded_for
 
     # ---- requests -------------------------------------------------------------------------------------------
     def infer(self, request: InferenceRequest) -> AsyncGenerator[TokenEvent, None]:
@@ -79,6 +100,11 @@ class Gateway:
     def infer_batches(self, request: InferenceRequest) -> AsyncGenerator[list[TokenEvent], None]:
         """Like infer(), grouped as the tokens arrived from the replica (front-ends that coalesce use this)."""
         return self.path.infer_batches(request)
+
+    def set_tenancy(self, gate: TenancyGate) -> None:
+        """Use `gate` (llmgw.gateway.tenancy_gate) for API keys and limits from the next request on."""
+        self.tenancy = gate
+        self.path.tenancy = gate
 
     def add_listener(self, listener: RequestListener) -> None:
         self.path.listeners.append(listener)
@@ -93,6 +119,8 @@ class Gateway:
         if membership is not None:
             self.membership = membership
         self._loop = asyncio.get_running_loop()
+        if self.upstreams is not None:
+            await self.upstreams.start()
         if self.membership is None:
             return
         self._unsubscribe = self.membership.subscribe(self._from_source_thread)
@@ -104,6 +132,8 @@ class Gateway:
             self._unsubscribe()
             self._unsubscribe = None
         self.admission.close()
+        if self.upstreams is not None:
+            await self.upstreams.stop()
         await self.transport.close()
 
     # ---- membership, driven in ------------------------------------------------------------------------------
@@ -118,9 +148,18 @@ class Gateway:
         except RuntimeError:  # the loop closed under us: the gateway is shutting down
             pass
 
+    def apply_member(self, member, state: str) -> None:
+        """One update from a source other than the membership (the upstream table's model servers)."""
+        self._apply(member, state)
+
     def _apply(self, member, state: str) -> None:
         """One membership update: the view first, then what follows from it."""
+        if self.upstreams is not None and is_upstream_agent(member):  # an agent advertising a model server
+            self.upstreams.agent_changed(member, state)
+            return
         gone = self.view.apply(member, state)
+        if self.stall_guard is not None:
+            self.stall_guard.replicas_changed(frozenset(self.view.addresses))
         for address in gone:
             if address not in self.view.addresses.values():
                 self.transport.forget(address)
@@ -137,6 +176,11 @@ class Gateway:
             return list(self.membership.members(include_self=True))
         except TypeError:  # a membership source without the include_self switch
             return list(self.membership.members())
+
+    @property
+    def draining(self) -> bool:
+        """Shutting down (llmgw.gateway.shutdown): new requests are refused and the gateway reports not ready."""
+        return self.path.refusing is not None
 
     @property
     def queued(self) -> int:

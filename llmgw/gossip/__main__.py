@@ -1,13 +1,15 @@
 """Standalone gossip node: `python -m llmgw.gossip --id X --bind H:P --seeds a,b [--role R] [--config local]`.
 
 Prints one JSON line per membership event to stdout ({"event": kind, "member": {...}}), and the member table
-({"table": [...]}) on SIGUSR1 and every --table-interval seconds. SIGTERM/SIGINT leave gracefully.
+({"table": [...]}) on SIGUSR1 and every --table-interval seconds. SIGTERM/SIGINT leave gracefully. A member's
+app_meta is printed as base64, as protobuf's JSON mapping prints bytes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import dataclasses
 import json
 import logging
@@ -22,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bind", default="127.0.0.1:0", help="UDP host:port to bind (default 127.0.0.1:0)")
     p.add_argument("--advertise", default=None, help="host:port peers should use (default: the bound one)")
     p.add_argument("--seeds", default="", help="comma-separated seed host:port list")
-    p.add_argument("--role", choices=("replica", "gateway"), default=None)
+    p.add_argument("--role", choices=("replica", "gateway", "upstream"), default=None)
     p.add_argument("--grpc-address", default="")
     p.add_argument("--model-version", default="")
     p.add_argument("--max-capacity", type=int, default=0)
@@ -34,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _row(member) -> dict:
-    return dataclasses.asdict(member)
+    row = dataclasses.asdict(member)
+    row["app_meta"] = base64.b64encode(member.app_meta).decode("ascii")
+    return row
 
 
 async def _run(args) -> int:

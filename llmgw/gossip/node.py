@@ -1,7 +1,7 @@
 """Asyncio UDP shell around the sans-IO SWIM core (llmgw._core.swim.Swim).
 
 All protocol logic lives in the core; this module only moves datagrams between a UDP socket and the core, keeps
-one timer armed at ``core.next_deadline()``, and hands membership events to subscribers.
+one timer armed at ``core.next_deadline()``, and hands membership events and user messages to subscribers.
 """
 
 from __future__ import annotations
@@ -18,16 +18,25 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from llmgw._core.swim import MEMBER_FIELDS, Swim  # compiled core; ImportError here means the build is missing
+from llmgw._core.swim import MAX_APP_META, MEMBER_FIELDS, Swim  # compiled core; ImportError: the build is missing
 from llmgw.gossip.auth import Authenticator
 from llmgw.gossip.config import GossipConfig
-from llmgw.gossip.lossy import LossyNetwork
-from llmgw.topology import SEED_PLACEHOLDER_PREFIX, grpc_address_for, is_routable, role_from_wire, role_number
+from llmgw.gossip.lossy import GossipFilter, LossyNetwork
+from llmgw.topology import (
+    SEED_PLACEHOLDER_PREFIX,
+    grpc_address_for,
+    is_routable,
+    role_from_wire,
+    role_number,
+    understands_user_messages,
+)
 
 log = logging.getLogger("llmgw.gossip")
 
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
+_ADDRESS = MEMBER_FIELDS.index("address")
+_ROLE = MEMBER_FIELDS.index("role")
 
 
 class MemberState(StrEnum):
@@ -43,7 +52,7 @@ class MemberEventKind(StrEnum):
     """What happened to a member (a str: compares equal to "joined", "updated", ...)."""
 
     JOINED = "joined"
-    UPDATED = "updated"  # metadata changed (load, capacity, version, weight, draining, addresses)
+    UPDATED = "updated"  # metadata changed (load, capacity, version, weight, draining, addresses, app_meta)
     SUSPECT = "suspect"
     ALIVE = "alive"  # a suspicion was refuted
     DEAD = "dead"
@@ -59,7 +68,7 @@ class Member:
     member_id: str
     address: str  # gossip host:port
     grpc_address: str  # advertised, else derived by the reference convention (llmgw.topology); "" if neither
-    role: str  # "replica" | "gateway" (llmgw.topology.ROLES)
+    role: str  # "replica" | "gateway" | "upstream" (llmgw.topology.ROLES)
     state: MemberState
     incarnation: int
     model_version: str
@@ -67,6 +76,7 @@ class Member:
     max_capacity: int
     weight: float
     draining: bool
+    app_meta: bytes = b""  # the application's opaque metadata (memberlist's Node.Meta), at most MAX_APP_META bytes
 
     @property
     def is_live(self) -> bool:
@@ -133,12 +143,19 @@ class _Protocol(asyncio.DatagramProtocol):
         log.debug("gossip socket error: %s", exc)
 
 
+UserCallback = Callable[[str, bytes], None]
+
+
 class GossipNode:
     """One cluster member speaking SWIM over UDP.
 
     With ``threaded=True`` the socket and timers run on a dedicated thread with its own event loop, so probes are
-    never delayed by a busy caller loop; subscriber callbacks then run on that thread. ``members()``,
-    ``member()``, ``update_meta()`` and ``stats()`` are thread-safe in both modes.
+    never delayed by a busy caller loop; subscriber callbacks (member events and user messages) then run on that
+    thread. ``members()``, ``member()``, ``update_meta()``, ``send_user()`` and ``stats()`` are thread-safe in
+    both modes.
+
+    ``filter`` (a GossipFilter, settable at any time) drops datagrams to and from chosen peers: tests use it to
+    partition a node off without network namespaces.
     """
 
     def __init__(self, member_id: str, *, bind: str = "127.0.0.1:0", advertise: str | None = None,
@@ -146,7 +163,7 @@ class GossipNode:
                  model_version: str = "", max_capacity: int = 0, weight: float = 1.0,
                  config: GossipConfig | None = None, key: bytes | None = None, threaded: bool = False,
                  network: LossyNetwork | None = None, incarnation: int | None = None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, app_meta: bytes = b"", filter: GossipFilter | None = None) -> None:
         if not isinstance(member_id, str) or not member_id:
             raise ValueError("member_id must be a non-empty string")
         self._role = role_number(role)
@@ -166,6 +183,15 @@ class GossipNode:
         self._model_version = model_version
         self._max_capacity = int(max_capacity)
         self._weight = float(weight)
+        if not isinstance(app_meta, bytes | bytearray | memoryview):
+            raise TypeError(f"app_meta must be bytes, not {type(app_meta).__name__}")
+        if len(app_meta) > MAX_APP_META:
+            raise ValueError(f"app_meta is {len(app_meta)} bytes, over the limit of {MAX_APP_META}")
+        self._app_meta = bytes(app_meta)
+        self.filter = filter
+        self.filtered_in = 0
+        self.filtered_out = 0
+        self._user_refused_reference = 0
         self.config = config or GossipConfig.lan()
         self._auth = Authenticator(key, window=self.config.replay_window) if key is not None else None
         self._threaded = threaded
@@ -180,6 +206,7 @@ class GossipNode:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = float("inf")
         self._subscribers: list[Callable[[MemberEvent], None]] = []
+        self._user_subscribers: list[UserCallback] = []
         self._resolved: dict[str, tuple] = {}
         self._address: str | None = None
         self._started = False
@@ -242,7 +269,7 @@ class GossipNode:
                               incarnation, role=self._role, wall_offset=time.time() - now, auth=self._auth,
                               placeholder_prefix=SEED_PLACEHOLDER_PREFIX, grpc_address=self._grpc_address,
                               model_version=self._model_version, max_capacity=self._max_capacity,
-                              weight=self._weight)
+                              weight=self._weight, app_meta=self._app_meta)
             if self._seeds:
                 self._core.join(self._seeds, now)
         self._pump()
@@ -310,22 +337,62 @@ class GossipNode:
         return None if row is None else Member.from_core(row)
 
     def update_meta(self, *, active_requests=None, max_capacity=None, model_version=None, weight=None,
-                    draining=None, grpc_address=None) -> None:
+                    draining=None, grpc_address=None, app_meta: bytes | None = None) -> None:
+        """Change what this member advertises; every other member sees it within a few protocol periods
+        (`app_meta`: opaque bytes, at most MAX_APP_META; ValueError when larger or when the member's update would
+        no longer fit one datagram)."""
         core = self._require_core()
         loop = self._require_loop()
         with self._lock:
             core.set_meta(loop.time(), active_requests=active_requests, max_capacity=max_capacity,
                           model_version=model_version, weight=weight, draining=draining,
-                          grpc_address=grpc_address)
+                          grpc_address=grpc_address, app_meta=app_meta)
+        self._wake()
+
+    def send_user(self, member_id: str, payload: bytes) -> bool:
+        """Send `payload` to member `member_id` in one gossip datagram (signed with the gossip key), best effort:
+        it may be lost, duplicated or reordered like any UDP datagram, and is never retried.
+
+        Returns False, sending nothing, when the member is not live (ALIVE or SUSPECT), is a reference peer (it
+        gossips no role and would not understand the message), the payload is larger than
+        max_user_payload(member_id), or the node is stopped. Thread-safe."""
+        if not isinstance(member_id, str):
+            raise TypeError(f"member_id must be str, not {type(member_id).__name__}")
+        if not isinstance(payload, bytes | bytearray | memoryview):
+            raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
+        core = self._require_core()
+        loop = self._require_loop()
         if self._stopped:
-            return
-        if self._on_loop_thread():
-            self._pump()
-        else:
-            try:
-                loop.call_soon_threadsafe(self._pump)
-            except RuntimeError:  # loop already closed during shutdown
-                pass
+            return False
+        with self._lock:
+            row = core.member(member_id)
+            if row is not None and not understands_user_messages(int(row[_ROLE])):
+                self._user_refused_reference += 1
+                return False
+            sent = core.user_message(member_id, payload, loop.time())
+        if sent:
+            self._wake()
+        return sent
+
+    def max_user_payload(self, member_id: str) -> int:
+        """The largest payload send_user() accepts for `member_id` (one datagram minus header and signature)."""
+        with self._lock:
+            return self._require_core().max_user_payload(member_id)
+
+    def subscribe_user(self, callback: UserCallback) -> Callable[[], None]:
+        """Call callback(sender_id, payload) for every user message from a live member; returns a function that
+        unsubscribes. Runs where member events run (the gossip thread when threaded)."""
+        if not callable(callback):
+            raise TypeError("callback must be callable")
+        with self._lock:
+            self._user_subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if callback in self._user_subscribers:
+                    self._user_subscribers.remove(callback)
+
+        return unsubscribe
 
     def subscribe(self, callback: Callable[[MemberEvent], None]) -> Callable[[], None]:
         """Call callback(MemberEvent) on every membership change; returns a function that unsubscribes."""
@@ -345,6 +412,9 @@ class GossipNode:
         with self._lock:
             out = dict(self._require_core().stats) if self._core is not None else {}
         out["callback_errors"] = self.callback_errors
+        out["user_refused"] = out.get("user_refused", 0) + self._user_refused_reference
+        out["filtered_in"] = self.filtered_in
+        out["filtered_out"] = self.filtered_out
         return out
 
     # -- internals -------------------------------------------------------------------------------------------------
@@ -359,6 +429,27 @@ class GossipNode:
             raise RuntimeError("GossipNode is not started")
         return self._loop
 
+    def _wake(self) -> None:
+        """Send what a call from the application queued in the core, from the loop's thread."""
+        if self._stopped:
+            return
+        if self._on_loop_thread():
+            self._pump()
+        else:
+            try:
+                self._require_loop().call_soon_threadsafe(self._pump)
+            except RuntimeError:  # loop already closed during shutdown
+                pass
+
+    def _filtered(self, address: str) -> bool:
+        """Whether the filter (if any) drops datagrams between us and `address`."""
+        f = self.filter
+        if f is None:
+            return False
+        core = self._core
+        with self._lock:  # the core is read here from the loop thread, and written under the lock elsewhere
+            return f.drops(self.member_id, address, lambda member_id: _address_of(core, member_id))
+
     def _on_loop_thread(self) -> bool:
         try:
             return asyncio.get_running_loop() is self._loop
@@ -370,6 +461,9 @@ class GossipNode:
         if core is None or loop is None:
             return
         source = format_host_port(addr[0], addr[1])
+        if self.filter is not None and self._filtered(source):
+            self.filtered_in += 1
+            return
         try:
             with self._lock:
                 core.handle_datagram(data, source, loop.time())
@@ -393,19 +487,23 @@ class GossipNode:
             log.exception("gossip core failed in tick")
         self._pump()
 
-    def _flush(self) -> list[tuple[str, tuple[Any, ...]]]:
+    def _flush(self) -> tuple[list[tuple[str, tuple[Any, ...]]], list[tuple[str, bytes]]]:
         core, loop = self._require_core(), self._require_loop()
         with self._lock:
             out = core.drain_outgoing()
             events = core.drain_events()
+            user_messages = core.drain_user_messages()
         transport = self._transport
         if transport is not None:
             for address, data in out:
+                if self.filter is not None and self._filtered(address):
+                    self.filtered_out += 1
+                    continue
                 if self._network is not None:
                     self._network.send(self._sendto, address, data, loop)
                 else:
                     self._sendto(data, address)
-        return events
+        return events, user_messages
 
     def _sendto(self, data: bytes, address: str) -> None:
         transport = self._transport
@@ -428,11 +526,14 @@ class GossipNode:
             log.debug("gossip send to %s failed: %s", address, exc)
 
     def _pump(self) -> None:
-        """Send what the core produced, deliver its events, and re-arm the timer for its next deadline."""
+        """Send what the core produced, deliver its events and user messages, and re-arm the timer for its next
+        deadline."""
         core, loop = self._core, self._loop
         if core is None or loop is None or self._transport is None:
             return
-        events = self._flush()
+        events, user_messages = self._flush()
+        if user_messages:
+            self._deliver_user(user_messages)
         if events:
             with self._lock:
                 subscribers = list(self._subscribers)
@@ -451,3 +552,19 @@ class GossipNode:
                 self._timer.cancel()
             self._timer_when = deadline
             self._timer = loop.call_at(deadline, self._on_timer)
+
+    def _deliver_user(self, messages: list[tuple[str, bytes]]) -> None:
+        with self._lock:
+            subscribers = list(self._user_subscribers)
+        for sender_id, payload in messages:
+            for cb in subscribers:
+                try:
+                    cb(sender_id, payload)
+                except Exception:
+                    self.callback_errors += 1
+                    log.exception("gossip user-message subscriber raised on a message from %s", sender_id)
+
+
+def _address_of(core: Swim | None, member_id: str) -> str | None:
+    row = core.member(member_id) if core is not None else None
+    return None if row is None else str(row[_ADDRESS])

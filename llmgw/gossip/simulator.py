@@ -548,7 +548,7 @@ def run_scenario(nodes: int = 64, *, loss: float = 0.0, duration: float = 60.0, 
     # Convergence: every running node sees every other running node alive.
     stuck = []
     for i in running:
-        states = {row[_ID]: row[_STATE] for row in sim.nodes[i].live_core.members()}
+        states = {str(row[_ID]): str(row[_STATE]) for row in sim.nodes[i].live_core.members()}
         for j in running:
             if j != i and states.get(sim.nodes[j].member_id) != "alive":
                 stuck.append(f"{sim.nodes[i].member_id} sees {sim.nodes[j].member_id} as "

@@ -28,8 +28,9 @@ def upd(member_id: str, state: int = ALIVE, incarnation: int = BASE_INC, reporte
 
 
 def datagram(mtype: int, sender: str, updates=(), *, seq: int = 0, target: str = "", target_address: str = "",
-             timestamp_ms: int = 0) -> bytes:
-    return encode(Message(mtype, sender, target, seq, list(updates), addr(sender), target_address, timestamp_ms))
+             timestamp_ms: int = 0, payload: bytes = b"") -> bytes:
+    return encode(Message(mtype, sender, target, seq, list(updates), addr(sender), target_address, timestamp_ms,
+                          payload))
 
 
 def deliver(node: Swim, mtype: int, sender: str, updates=(), *, now: float = 0.0, **kw) -> None:

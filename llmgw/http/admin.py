@@ -9,6 +9,8 @@
     POST /admin/rollout                  start a rolling update {"version": "v2", ...}
     GET  /admin/rollout                  progress of the current (or last) rolling update
     DELETE /admin/rollout                abort it (routing is restored)
+    GET  /admin/usage                    tenant usage: this gateway's, each peer gateway's, cluster-wide
+    POST /admin/keys/reload              read the key file again (a bad file keeps the keys in use: 422)
 
 /admin/* needs `Authorization: Bearer <token>`. With no token configured, admin is refused (403) unless the HTTP
 server is bound to a loopback address, where only local processes can reach it.
@@ -28,6 +30,7 @@ from llmgw.gateway.operations import ROLLOUT_STOP_TIMEOUT_S, RolloutController, 
 from llmgw.http.openai_api import ApiError, bad_request, compact_json, decode_json_body
 from llmgw.metrics import aiohttp_handler
 from llmgw.topology import is_replica
+from llmgw.workers import RolloutElsewhere
 
 log = logging.getLogger("llmgw.http.admin")
 
@@ -60,13 +63,16 @@ class AdminApi:
     """`rollouts` is the gateway's RolloutController (its drain set is the gateway's own `drains`)."""
 
     def __init__(self, gateway, *, bound_host: str, admin_token: str | None, metrics,
-                 rollouts: RolloutController, breakers=None) -> None:
+                 rollouts: RolloutController, breakers=None, worker_rollouts=None) -> None:
         self.gateway = gateway
         self.token = admin_token or None
         self.bound_to_loopback = is_loopback_host(bound_host)
         self.metrics = metrics
         self.breakers = breakers
         self.rollouts = rollouts
+        # In a worker of `gateway --workers N`: the group-wide rollouts (llmgw.workers.WorkerRollouts), and the
+        # drain set is the group's (SharedDrains, drain_everywhere); None / the gateway's own set otherwise.
+        self.worker_rollouts = worker_rollouts
         self.drains = rollouts.drains
 
     @property
@@ -85,6 +91,8 @@ class AdminApi:
         app.router.add_post("/admin/rollout", self._admin(self.start_rollout))
         app.router.add_get("/admin/rollout", self._admin(self.rollout_status))
         app.router.add_delete("/admin/rollout", self._admin(self.cancel_rollout))
+        app.router.add_get("/admin/usage", self._admin(self.usage))
+        app.router.add_post("/admin/keys/reload", self._admin(self.reload_keys))
 
     # ---- auth ---------------------------------------------------------------------------------------------
     def _admin(self, handler):
@@ -117,6 +125,8 @@ class AdminApi:
 
     async def readyz(self, request: web.Request) -> web.Response:
         routable = sorted(self.routable())
+        if getattr(self.gateway, "draining", False):  # shutting down: no new clients (llmgw.gateway.shutdown)
+            return _json({"ready": False, "shutting_down": True, "routable_replicas": routable}, 503)
         return _json({"ready": bool(routable), "routable_replicas": routable}, 200 if routable else 503)
 
     # ---- members and drains -------------------------------------------------------------------------------
@@ -152,14 +162,24 @@ class AdminApi:
 
     async def drain(self, request: web.Request) -> web.Response:
         replica_id = self._known_replica(request)
-        self.drains.drain(replica_id)
-        return _json({"replica_id": replica_id, "drained_in_routing": True,
-                      "in_flight": self.gateway.in_flight.get(replica_id, 0)})
+        answer = {"replica_id": replica_id, "drained_in_routing": True}
+        everywhere = getattr(self.drains, "drain_everywhere", None)
+        if everywhere is not None:  # every worker of the group, and which of them applied it
+            answer["workers"] = (await everywhere(replica_id)).to_dict()
+        else:
+            self.drains.drain(replica_id)
+        answer["in_flight"] = self.gateway.in_flight.get(replica_id, 0)
+        return _json(answer)
 
     async def undrain(self, request: web.Request) -> web.Response:
         replica_id = self._known_replica(request)
-        self.drains.undrain(replica_id)
-        return _json({"replica_id": replica_id, "drained_in_routing": False})
+        answer: dict[str, Any] = {"replica_id": replica_id, "drained_in_routing": False}
+        everywhere = getattr(self.drains, "undrain_everywhere", None)
+        if everywhere is not None:
+            answer["workers"] = (await everywhere(replica_id)).to_dict()
+        else:
+            self.drains.undrain(replica_id)
+        return _json(answer)
 
     # ---- rolling update -----------------------------------------------------------------------------------
     async def start_rollout(self, request: web.Request) -> web.Response:
@@ -187,7 +207,10 @@ class AdminApi:
                                   or not all(isinstance(r, str) and r for r in order)):
             raise bad_request("'replicas' must be a non-empty list of replica ids", "replicas")
         try:
-            rollout = self.rollouts.start(version, replicas=order, **options)
+            starter = self.worker_rollouts if self.worker_rollouts is not None else self.rollouts
+            rollout = starter.start(version, replicas=order, **options)
+        except RolloutElsewhere as exc:
+            raise ApiError(409, exc.message, code="rollout_running") from None
         except RolloutRefused as exc:
             status, kind = ROLLOUT_REFUSALS[exc.reason]
             param = "replicas" if exc.reason == "invalid" and order is not None else None
@@ -198,11 +221,27 @@ class AdminApi:
         return _json(rollout.status.to_dict(), 202)
 
     async def rollout_status(self, request: web.Request) -> web.Response:
+        if self.worker_rollouts is not None:  # wherever in the group it runs (or ran last)
+            status = await self.worker_rollouts.status()
+            if status is None:
+                raise ApiError(404, "no rolling update has been started", code="no_rollout")
+            return _json(status)
         if self.rollout is None:
             raise ApiError(404, "no rolling update has been started", code="no_rollout")
         return _json(self.rollout.status.to_dict())
 
     async def cancel_rollout(self, request: web.Request) -> web.Response:
+        if self.worker_rollouts is not None:
+            try:
+                status = await self.worker_rollouts.abort()
+            except TimeoutError:
+                raise ApiError(504, f"the rolling update did not stop within {ROLLOUT_STOP_TIMEOUT_S:g} s",
+                               type="timeout") from None
+            if status is None:  # none runs: like a single gateway, answer with the last one's status
+                status = await self.worker_rollouts.status()
+            if status is None:
+                raise ApiError(404, "no rolling update has been started", code="no_rollout")
+            return _json(status)
         if self.rollout is None:
             raise ApiError(404, "no rolling update has been started", code="no_rollout")
         try:
@@ -211,3 +250,24 @@ class AdminApi:
             raise ApiError(504, f"the rolling update did not stop within {ROLLOUT_STOP_TIMEOUT_S:g} s",
                            type="timeout") from None
         return _json(self.rollout.status.to_dict())
+
+    # ---- tenancy (docs/tenancy.md) ------------------------------------------------------------------------
+    def _tenancy(self):
+        gate = getattr(self.gateway, "tenancy", None)
+        if gate is None:
+            raise ApiError(404, "this gateway has no tenancy", code="no_tenancy")
+        return gate
+
+    async def usage(self, request: web.Request) -> web.Response:
+        return _json(self._tenancy().usage(asyncio.get_running_loop().time()))
+
+    async def reload_keys(self, request: web.Request) -> web.Response:
+        gate = self._tenancy()
+        if not gate.enabled:
+            raise ApiError(409, "no key file configured (start the gateway with --keys PATH)",
+                           code="no_key_file")
+        result = gate.reload()
+        if not result.reloaded:
+            raise ApiError(422, f"key file not reloaded, still using the {result.keys} keys loaded before: "
+                                f"{result.error}", code="key_file_invalid")
+        return _json(result.to_dict())

@@ -35,6 +35,7 @@ from typing import Any
 from aiohttp import web
 
 from llmgw.gateway.api import ErrorKind, GatewayError, InferenceRequest
+from llmgw.http import passthrough
 from llmgw.logs import request_log
 from llmgw.topology import is_routable_replica
 
@@ -118,6 +119,10 @@ def from_gateway_error(exc: GatewayError) -> ApiError:
     retry_after_s = getattr(exc, "retry_after_s", None)
     headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else None
     return ApiError(status, exc.message, type=type_, code=exc.kind.value, headers=headers)
+
+
+# What the model-server path (llmgw.http.passthrough) answers its errors with.
+_FRONT_ERRORS = passthrough.FrontErrors(ApiError, from_gateway_error, REPLICA_HEADER)
 
 
 # ---- request parsing (pure) ---------------------------------------------------------------------------------
@@ -394,6 +399,7 @@ class _Outcome:
     last_token_at: float = 0.0
     replicas: list[str] = dataclasses.field(default_factory=list)
     reached_gateway: bool = False
+    tenant: str = ""
 
 
 class OpenAIApi:
@@ -430,6 +436,10 @@ class OpenAIApi:
         return await self._handle(request, parse_chat_body, "chat")
 
     async def models(self, request: web.Request) -> web.Response:
+        try:
+            self._authenticate(request)  # with a key file, listing models takes a key too (as OpenAI's does)
+        except ApiError as err:
+            return err.response()
         versions: dict[str, int] = {}
         for member in self.gateway.members():
             if not is_routable_replica(member):
@@ -438,6 +448,10 @@ class OpenAIApi:
             versions[version] = versions.get(version, 0) + 1
         data = [{"id": version, "object": "model", "created": 0, "owned_by": "llmgw", "replicas": count}
                 for version, count in sorted(versions.items())]
+        upstreams = getattr(self.gateway, "upstreams", None)
+        if upstreams is not None:  # what the model servers serve, under every name a client may use
+            data += [{"id": name, "object": "model", "created": 0, "owned_by": "llmgw", "upstreams": count}
+                     for name, count in upstreams.models().items() if name not in versions]
         return web.json_response({"object": "list", "data": data}, dumps=compact_json)
 
     # ---- one request --------------------------------------------------------------------------------------
@@ -449,6 +463,7 @@ class OpenAIApi:
         result = _Outcome()
         prompt_chars = 0
         try:
+            caller = self._authenticate(request)  # before the body is read: a stranger's body is not worth reading
             try:
                 async with asyncio.timeout(self.body_timeout_s):
                     raw = await request.read()
@@ -457,16 +472,33 @@ class OpenAIApi:
                                   code="body_too_large") from None
             except TimeoutError:
                 raise _BodyTimeout(f"the request body did not arrive within {self.body_timeout_s:g} s") from None
-            params = parse(decode_json_body(raw), max_tokens_cap=self.gateway.config.max_tokens_cap,
+            body = decode_json_body(raw)
+            if self._for_model_servers(body):  # the body goes to a model server as the client wrote it
+                hedge = bool(parse_hedge_header(request.headers.get(HEDGE_HEADER)))
+                if caller is not None:
+                    result.tenant = caller.tenant
+                    self._authorize(caller, body.get("model") if isinstance(body.get("model"), str) else "")
+                return await passthrough.serve(self, request, body, "chat" if api == "chat" else "completions",
+                                               request_id, id_header, result, started, hedge, _FRONT_ERRORS,
+                                               caller)
+            params = parse(body, max_tokens_cap=self.gateway.config.max_tokens_cap,
                            default_max_tokens=min(self.default_max_tokens, self.gateway.config.max_tokens_cap))
             header_hedge = parse_hedge_header(request.headers.get(HEDGE_HEADER))
             if header_hedge is not None:
                 params.hedge = params.hedge or header_hedge
             prompt_chars = len(params.prompt)
+            if caller is not None:
+                result.tenant = caller.tenant
+                self._authorize(caller, params.model)
             result.reached_gateway = True
             infer_request = InferenceRequest(prompt=params.prompt, max_tokens=params.max_tokens, hedge=params.hedge,
                                              request_id=request_id, client_id=params.client_id,
-                                             timeout_s=params.timeout_s)
+                                             timeout_s=params.timeout_s,
+                                             tenant=caller.tenant if caller else "",
+                                             key_id=caller.key_id if caller else "",
+                                             front="http", model=params.model,
+                                             prompt_tokens=count_prompt_tokens(params.prompt),
+                                             trace_carrier=request.headers)
             if params.stream:
                 return await self._stream(request, params, infer_request, id_header, result, started)
             return await self._complete(params, infer_request, id_header, result, started)
@@ -486,6 +518,35 @@ class OpenAIApi:
             return ApiError(500, "internal error", type="server_error", code="internal").response(id_header)
         finally:
             self._finished(request_id, api, result, prompt_chars)
+
+    def _for_model_servers(self, body: Any) -> bool:
+        """Whether a request is served by the gateway's OpenAI-compatible model servers (llmgw.http.passthrough):
+        its model is one they serve, or the gateway has model servers and no simulated gRPC replica (which would
+        take any model name). Everything else keeps the simulated replicas' path below."""
+        upstreams = getattr(self.gateway, "upstreams", None)
+        if upstreams is None or not upstreams.configured or not isinstance(body, dict):
+            return False
+        model = body.get("model")
+        return (isinstance(model, str) and upstreams.serves(model)) or not upstreams.simulated_replicas()
+
+    def _authenticate(self, request: web.Request):
+        """The caller's tenant (llmgw.gateway.tenancy_gate.Caller) from `Authorization: Bearer <key>`; None
+        without a key file; ApiError 401 otherwise."""
+        tenancy = getattr(self.gateway, "tenancy", None)
+        if tenancy is None:
+            return None
+        try:
+            return tenancy.authenticate(request.headers.items())
+        except GatewayError as exc:
+            err = from_gateway_error(exc)
+            err.headers["WWW-Authenticate"] = 'Bearer realm="llmgw"'
+            raise err from None
+
+    def _authorize(self, caller, model: str) -> None:
+        try:
+            self.gateway.tenancy.authorize(caller, model)
+        except GatewayError as exc:
+            raise from_gateway_error(exc) from None
 
     async def _complete(self, params: CompletionParams, infer_request: InferenceRequest, id_header: dict,
                         result: _Outcome, started: float) -> web.Response:
@@ -584,6 +645,8 @@ class OpenAIApi:
         fields = dict(id=request_id, api=api, replicas=result.replicas, outcome=result.outcome,
                       status=result.status, tokens=result.tokens, prompt_chars=prompt_chars,
                       ttft_ms=round(result.ttft_s * 1000, 3) if result.ttft_s is not None else None)
+        if result.tenant:
+            fields["tenant"] = result.tenant
         if self.record_requests or not result.reached_gateway:
             if self.request_metrics is not None:
                 self.request_metrics.request_finished(result.outcome, tokens=result.tokens)
@@ -609,5 +672,5 @@ async def _batches(gateway, request: InferenceRequest):
 
 def _outcome_name(err: ApiError) -> str:
     """gRPC status name for the metrics' outcome label."""
-    return {400: "invalid_argument", 429: "resource_exhausted", 503: "unavailable", 504: "deadline_exceeded",
-            499: "cancelled"}.get(err.status, "internal")
+    return {400: "invalid_argument", 401: "unauthenticated", 403: "permission_denied", 429: "resource_exhausted",
+            503: "unavailable", 504: "deadline_exceeded", 499: "cancelled"}.get(err.status, "internal")

@@ -47,8 +47,9 @@ class HttpFront:
             return
         if self._owns_rollouts:
             await self.admin.rollouts.close()
-        # Open streams get a short grace; their handlers are cancelled after it, which closes the gateway
-        # streams and frees replica slots.
+        # A gateway stopping on a signal drained first (llmgw.gateway.shutdown: open streams finished, or ended with
+        # an error event, within its shutdown grace); what is left gets a short grace, then its handler is
+        # cancelled, which closes its gateway stream and frees the replica slot.
         await runner.cleanup()
         log.info("HTTP front on %s closed", self.url)
 
@@ -73,7 +74,7 @@ async def start_http(gateway, *, host: str = "127.0.0.1", port: int = 0, admin_t
                      client_max_size: int | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
                      record_requests: bool = True, reuse_port: bool = False,
                      shutdown_timeout_s: float = 2.0, ssl_context=None,
-                     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> HttpFront:
+                     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, worker_rollouts=None) -> HttpFront:
     """Serve the OpenAI API + health + metrics + admin for `gateway` on host:port (0 = a free port).
 
     Must be awaited on the gateway's event loop. `admin_token` defaults to $LLMGW_ADMIN_TOKEN; `metrics` is a
@@ -87,6 +88,8 @@ async def start_http(gateway, *, host: str = "127.0.0.1", port: int = 0, admin_t
     `ssl_context` (an ssl.SSLContext for the server side, see llmgw.http.tls) serves HTTPS instead of HTTP.
     `body_timeout_s` bounds how long a completion request's body may take to arrive: a slower one (slowloris)
     gets 408 in OpenAI's error shape and its connection is closed.
+    `worker_rollouts` (a llmgw.workers.WorkerRollouts over `rollouts`, in a worker of `gateway --workers N`) makes
+    /admin/rollout group-wide: one update in the whole group, its status and abort from any worker.
     """
     if not 0 <= port <= 65535:
         raise ValueError(f"HTTP port must be within 0..65535, got {port}")
@@ -109,7 +112,7 @@ async def start_http(gateway, *, host: str = "127.0.0.1", port: int = 0, admin_t
     elif restart is not None:
         raise ValueError("pass either rollouts (which carries its restart hook) or restart, not both")
     admin = AdminApi(gateway, bound_host=host, admin_token=admin_token, metrics=metrics, breakers=breakers,
-                     rollouts=rollouts)
+                     rollouts=rollouts, worker_rollouts=worker_rollouts)
     openai.add_routes(app)
     admin.add_routes(app)
     # handler_cancellation: a client that disconnects cancels its handler, which closes its Gateway.infer()

@@ -33,6 +33,12 @@ class Faults:
     crash_after: int = -1  # os._exit after emitting this many tokens on a stream
     slow_factor: float = 1.0  # multiplies the per-token delay
     stall_before_first_ms: float = 0.0  # extra delay before the first token of every stream
+    # Gray behaviour that is not a failure (a stall detector must not flag it): each token's delay drawn
+    # uniformly within +/- jitter x the delay, and the whole engine pausing pause_ms every pause_every_ms (as a
+    # batch scheduler or a garbage collector does), every stream at once.
+    jitter: float = 0.0
+    pause_every_ms: float = 0.0
+    pause_ms: float = 0.0
 
     def effective_slow_factor(self) -> float:
         return self.slow_factor if self.slow_factor > 0 else 1.0
@@ -120,6 +126,22 @@ def prefill_seconds(prompt_chars: int, cached_chars: int, ms_per_kchar: float) -
     """Prefill time: proportional to the characters not covered by the prefix cache."""
     uncached = max(0, prompt_chars - cached_chars)
     return ms_per_kchar * uncached / 1_000_000.0
+
+
+def token_step(delay_s: float, jitter: float, rng_value: float) -> float:
+    """One token's delay: `delay_s` moved by up to +/- `jitter` x itself; `rng_value` uniform in [0, 1)."""
+    if jitter <= 0:
+        return delay_s
+    return max(0.0, delay_s * (1.0 + jitter * (2.0 * rng_value - 1.0)))
+
+
+def after_pause(due: float, origin: float, every_s: float, pause_s: float) -> float:
+    """When a token due at `due` comes out of an engine that pauses for `pause_s` at origin + k x every_s: `due`
+    itself, or the end of the pause it falls into."""
+    if every_s <= 0 or pause_s <= 0 or due < origin:
+        return due
+    start = origin + (due - origin) // every_s * every_s
+    return start + pause_s if due < start + pause_s else due
 
 
 def failure_position(rng_value: float, error_rate: float, first: int, end: int, pick: float) -> int | None:

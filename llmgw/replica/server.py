@@ -8,8 +8,6 @@ import dataclasses
 import logging
 import os
 import random
-from collections.abc import AsyncGenerator
-from typing import Protocol
 
 import grpc
 
@@ -25,10 +23,6 @@ log = logging.getLogger("llmgw.replica")
 # Gossip carries load to gateways; publishing every single change would flood update_meta at thousands of
 # changes per second while gossip only disseminates a few times per second anyway.
 META_FLUSH_S = 0.02
-# How an upstream failure (llmgw.backends.openai_upstream.UpstreamError.kind) is answered: a bad request is the
-# caller's fault, a busy upstream sends the gateway elsewhere without counting a failure, anything else fails over.
-UPSTREAM_ERROR_CODES = {"invalid": grpc.StatusCode.INVALID_ARGUMENT, "busy": grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        "unavailable": grpc.StatusCode.UNAVAILABLE}
 # Upper bound on how long Drain waits for in-flight streams when the caller set no deadline.
 DRAIN_MAX_WAIT_S = 300.0
 # Most events in one SessionResponse: far below grpc's 4 MB message limit even with long tokens.
@@ -45,14 +39,6 @@ class ReplicaAbort(Exception):
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
-
-
-class TokenBackend(Protocol):
-    """A real model behind the replica (llmgw.backends.OpenAIUpstreamBackend is one)."""
-
-    def generate(self, prompt: str, max_tokens: int, already: list[str]) -> AsyncGenerator[str, None]: ...
-
-    async def close(self) -> None: ...
 
 
 @dataclasses.dataclass
@@ -75,9 +61,6 @@ class ReplicaConfig:
     limits: model.Limits = dataclasses.field(default_factory=model.Limits)
     faults: model.Faults = dataclasses.field(default_factory=model.Faults)
     seed: int | None = None
-    # A real model behind an OpenAI-compatible server (llmgw.backends.OpenAIUpstreamBackend, or anything with
-    # the same `generate(prompt, max_tokens, already)` async iterator and `close()`); None = the simulator.
-    backend: TokenBackend | None = None
     # TLS for the gRPC port (llmgw.tls.server_credentials); None = plaintext.
     server_credentials: grpc.ServerCredentials | None = None
     # Serve GenerateSession (many streams on one call from a gateway); False = Generate only, as the reference.
@@ -89,7 +72,6 @@ class Replica:
 
     def __init__(self, config: ReplicaConfig, *, metrics=None) -> None:
         self.config = config
-        self.backend = config.backend
         self.active = 0
         # A llmgw.metrics.ReplicaMetrics, or None for no metrics.
         self.metrics = metrics
@@ -110,6 +92,7 @@ class Replica:
         self._idle.set()
         # Stalled streams wait on this so stop() can release them instead of leaving tasks behind.
         self._stopping = asyncio.Event()
+        self._started_at = 0.0  # event-loop time: the origin of the engine's pause schedule (Faults.pause_*)
         self._meta_dirty = False
         self.sessions_open = 0
         self.session_streams_total = 0
@@ -120,6 +103,7 @@ class Replica:
         return f"{self.config.advertise or self.config.host}:{self.port}"
 
     async def start(self) -> None:
+        self._started_at = asyncio.get_running_loop().time()
         replica_methods = {
             "Generate": rpc.unary_stream(self.Generate, pb.GenerateRequest, pb.GenerateResponse),
             "Drain": rpc.unary_unary(self.Drain, pb.DrainRequest, pb.DrainResponse),
@@ -165,8 +149,6 @@ class Replica:
                 log.exception("gossip stop failed")
         if self._rpc is not None:
             await self._rpc.stop(grace)
-        if self.backend is not None:
-            await self.backend.close()
 
     async def wait_for_termination(self) -> None:
         if self._rpc is not None:
@@ -243,7 +225,7 @@ class Replica:
             self.peak_active = self.active
         self._idle.clear()
         self._load_changed()
-        generate = self._generate if self.backend is None else self._generate_upstream
+        generate = self._generate
         # How the stream ended, as its gRPC status (the metrics label it by name).
         outcome, tokens = grpc.StatusCode.CANCELLED, 0
         try:
@@ -300,8 +282,9 @@ class Replica:
                 raise ReplicaAbort(grpc.StatusCode.UNAVAILABLE, "replica stopped while stalled")
             if emitted == fail_at:
                 raise ReplicaAbort(grpc.StatusCode.INTERNAL, "injected error (fault injection)")
-            step = delay * faults.effective_slow_factor()
-            due += step
+            step = model.token_step(delay * faults.effective_slow_factor(), faults.jitter, self._rng.random())
+            due = model.after_pause(due + step, self._started_at, faults.pause_every_ms / 1000.0,
+                                    faults.pause_ms / 1000.0)
             wait = due - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)
@@ -328,43 +311,6 @@ class Replica:
                     finish_reason=pb.LENGTH if last else pb.FINISH_UNSPECIFIED)
             index += count
             emitted += count
-
-    async def _generate_upstream(self, request):
-        """Generate by streaming from the OpenAI-compatible upstream. A resumed stream (a failover) sends the
-        prompt plus the text the previous replica produced, so a real model continues where it stopped."""
-        from llmgw.backends.openai_upstream import UpstreamError
-
-        backend = self.backend
-        if backend is None:  # Generate picks this path only with a backend
-            raise ReplicaAbort(grpc.StatusCode.INTERNAL, "no upstream backend configured")
-        first, max_tokens = request.tokens_already_generated, request.max_tokens
-        already = list(request.generated_tokens)
-        if first and len(already) != first:
-            # Without the text so far an upstream model cannot continue it; the simulator can, a real model not.
-            raise ReplicaAbort(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"resuming at token {first} needs the {first} tokens generated so far "
-                               f"(got {len(already)} in generated_tokens)")
-        if first >= max_tokens:
-            yield pb.GenerateResponse(is_final=True, index=max_tokens, finish_reason=pb.LENGTH)
-            return
-        index = first
-        try:
-            async with contextlib.aclosing(backend.generate(request.prompt, max_tokens, already)) as tokens:
-                async for text in tokens:
-                    if self._stopping.is_set():
-                        raise UpstreamError("replica stopping")
-                    last = index + 1 == max_tokens
-                    yield pb.GenerateResponse(token=text, index=index, is_final=last,
-                                              finish_reason=pb.LENGTH if last else pb.FINISH_UNSPECIFIED)
-                    index += 1
-                    if last:
-                        return
-        except UpstreamError as exc:
-            code = UPSTREAM_ERROR_CODES.get(exc.kind, grpc.StatusCode.UNAVAILABLE)
-            log.info("replica %s: upstream failed at token %d: %s", self.config.replica_id, index, exc.message)
-            raise ReplicaAbort(code, f"upstream: {exc.message}") from None
-        # The upstream finished early (a stop sequence or end of text): an empty final message says so.
-        yield pb.GenerateResponse(is_final=True, index=index, finish_reason=pb.STOP)
 
     async def Drain(self, request, context: grpc.aio.ServicerContext):
         self.draining = True

@@ -158,6 +158,8 @@ def canonical_id(base_url: str) -> str:
         raise ValueError(f"an upstream URL must start with http:// or https://, got {base_url!r}")
     if not parts.hostname:
         raise ValueError(f"an upstream URL needs a host, got {base_url!r}")
+    if port == 0:
+        raise ValueError(f"an upstream URL needs a port within 1..65535, got {base_url!r}")
     if parts.query or parts.fragment or parts.username is not None or parts.password is not None:
         raise ValueError(f"an upstream URL is a base URL: no credentials, query or fragment, got {base_url!r}")
     host = _url_host(parts.hostname)
@@ -276,7 +278,7 @@ def parse_upstream_arg(text: str) -> UpstreamSpec:
     where = f"--upstream {text!r}"
     for option in options:
         key, sep, value = option.partition("=")
-        key = key.strip()
+        key, value = key.strip(), value.strip()
         if not sep or not key:
             raise UpstreamConfigError(f"{where}: option {option!r} is not key=value")
         if key == "model":

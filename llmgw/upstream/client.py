@@ -301,6 +301,12 @@ class UpstreamStream:
     def events_received(self) -> int:
         return self._events_seen
 
+    @property
+    def buffered(self) -> int:
+        """Chunks already received and parsed, ready for read() without waiting (a reader coalescing writes
+        takes these along with the one it waited for)."""
+        return 0 if self._cancelled else len(self._ready)
+
     def cancel(self) -> bool:
         """Stop the stream and close its connection; True when this call stopped a stream still running."""
         stopped = not self.done()

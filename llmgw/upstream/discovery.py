@@ -81,6 +81,7 @@ class MonitoredBackends:
         self._listener = listener
         self._monitors: dict[str, BackendMonitor] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._stopping: set[asyncio.Task[None]] = set()  # cancelled, not finished yet: close() waits for them
         self._published: dict[str, Backend] = {}
 
     def snapshot(self) -> dict[str, Backend]:
@@ -91,7 +92,10 @@ class MonitoredBackends:
         wanted = {backend.id: backend for backend in backends}
         for key in list(self._monitors.keys() - wanted.keys()):
             self._monitors.pop(key)
-            self._tasks.pop(key).cancel()
+            task = self._tasks.pop(key)
+            task.cancel()
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
         for key, backend in wanted.items():
             if key in self._monitors:
                 continue
@@ -112,7 +116,7 @@ class MonitoredBackends:
             self._listener(events)
 
     async def close(self) -> None:
-        tasks = list(self._tasks.values())
+        tasks = [*self._tasks.values(), *self._stopping]
         self._monitors.clear()
         self._tasks.clear()
         for task in tasks:

@@ -80,6 +80,8 @@ class BackendMonitor:
                     models = await self._prober.models()
                 except UpstreamError as exc:
                     log.debug("%s: cannot read /v1/models: %s", self._backend.id, exc)
+                    # /health says yes, /v1/models no: ask again later, not every round.
+                    self._models_due = loop.time() + min(self._backoff * 2, self.settings.models_retry_max_s)
             if models is not None:
                 self._models_known = True
                 self._backoff = self.settings.interval_s

@@ -45,7 +45,7 @@ class ProbeSettings:
     timeout_s: float = 1.0  # the whole of one call (connect, answer and body)
     unhealthy_after: int = 2  # consecutive failures that make a server UNHEALTHY
     models_refresh_s: float = 30.0  # how often a server's learnt model list is read again
-    models_retry_max_s: float = 30.0  # the longest wait between attempts to learn a server's models
+    models_retry_max_s: float = 5.0  # the longest wait between attempts to learn a server's models
 
     def __post_init__(self) -> None:
         for name in ("interval_s", "timeout_s", "models_refresh_s", "models_retry_max_s"):
