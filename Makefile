@@ -48,9 +48,11 @@ test: build $(LLAMA_STAMP)
 
 # The unit tier: cores and policies driven by hand (no listening socket, no server, no child process: enforced),
 # without the two simulator soaks. Every test file's tier is in tests/conftest.py (TEST_TIERS); `-m inprocess`,
-# `-m cluster` and `-m system` select the others.
+# `-m cluster` and `-m system` select the others. The "fast" hypothesis profile (tests/conftest.py) runs a few
+# derandomized examples per property test and the codec fuzz runs 20 000 mutations; `make test` runs each one's
+# full budget.
 test-fast: build
-	$(PY) -m pytest -q -m "unit and not slow" $(PYTEST_ARGS)
+	LLMGW_HYPOTHESIS_PROFILE=fast LLMGW_FUZZ_N=20000 $(PY) -m pytest -q -m "unit and not slow" $(PYTEST_ARGS)
 
 bench: build
 	$(PY) -m llmgw bench

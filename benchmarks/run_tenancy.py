@@ -227,7 +227,9 @@ def scenario_overhead(quick: bool) -> dict:
             rep = c.start_replica("replica-1", token_delay_ms=1, max_capacity=256)
             keyed = c.start_gateway("gateway-keys", extra=["--keys", str(path)])
             open_ = c.start_gateway("gateway-open")
-            c.wait_converged([keyed, open_, rep])
+            # A second open gateway: the noise floor of this machine (two identical gateways, same method).
+            control = c.start_gateway("gateway-open-2")
+            c.wait_converged([keyed, open_, control, rep])
 
             async def round_(node, key):
                 async with grpc.aio.insecure_channel(node.grpc_address) as ch:
@@ -245,13 +247,15 @@ def scenario_overhead(quick: bool) -> dict:
                 relayed = sum(g[2] for g in got)
                 return relayed / elapsed, statistics.median(g[1] for g in alone), cpu / relayed * 1e6
 
-            asyncio.run(round_(keyed, keys["bench"]))  # warm both (channels, sessions)
-            asyncio.run(round_(open_, None))
-            samples: dict[str, list[tuple[float, float, float]]] = {"keys": [], "open": []}
+            runs = {"keys": (keyed, keys["bench"]), "open": (open_, None), "open_2": (control, None)}
+            for node, key in runs.values():  # warm up (channels, replica sessions)
+                asyncio.run(round_(node, key))
+            samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in runs}
             for _ in range(rounds):
-                samples["keys"].append(asyncio.run(round_(keyed, keys["bench"])))
-                samples["open"].append(asyncio.run(round_(open_, None)))
+                for name, (node, key) in runs.items():
+                    samples[name].append(asyncio.run(round_(node, key)))
     ratios = sorted(k[0] / o[0] for k, o in zip(samples["keys"], samples["open"], strict=True))
+    control_ratios = sorted(k[0] / o[0] for k, o in zip(samples["open_2"], samples["open"], strict=True))
     out = {"keys_in_file": 10_001, "streams": streams, "tokens_per_stream": tokens}
     for name, values in samples.items():
         out[name] = {"tokens_per_s": round(statistics.median(v[0] for v in values), 1),
@@ -261,6 +265,8 @@ def scenario_overhead(quick: bool) -> dict:
     out["rounds_tokens_per_s"] = {name: [round(v[0]) for v in values] for name, values in samples.items()}
     out["relay_ratio_keys_vs_open"] = round(statistics.median(ratios), 3)
     out["relay_ratios"] = [round(r, 3) for r in ratios]
+    out["control_ratio_open2_vs_open"] = round(statistics.median(control_ratios), 3)
+    out["control_ratios"] = [round(r, 3) for r in control_ratios]
     out["added_ttft_ms"] = round(out["keys"]["lone_ttft_median_ms"] - out["open"]["lone_ttft_median_ms"], 3)
     return out
 

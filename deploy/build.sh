@@ -5,10 +5,14 @@
 #   deploy/build.sh wheel   OUTDIR          sdist of this checkout, then the wheel built *from that sdist*
 #                                           (Cython cores compiled, protobuf/gRPC code generated, generators pinned
 #                                           in pyproject.toml's [build-system]); needs a C compiler and `build`
-#   deploy/build.sh install WHEEL|DIR VENV  a fresh venv at VENV with only the wheel and its dependencies, all as
-#                                           binary wheels (no compiler, no Cython, no source tree)
-#   deploy/build.sh smoke   VENV            from a directory outside any source tree: `llmgw --version`, then
-#                                           `llmgw cluster --demo` (gateway + 3 replicas, one streamed completion)
+#   deploy/build.sh install WHEEL|DIR VENV [EXTRAS]
+#                                           a fresh venv at VENV with only the wheel and its dependencies, all as
+#                                           binary wheels (no compiler, no Cython, no source tree); EXTRAS, e.g.
+#                                           "otel", installs llmgw[EXTRAS] (the image's default: tracing works)
+#   deploy/build.sh smoke   VENV [EXTRAS]   from a directory outside any source tree: `llmgw --version`, then
+#                                           `llmgw cluster --demo` (gateway + 3 replicas, one streamed completion);
+#                                           with "otel" in EXTRAS the demo's gateway traces (LLMGW_OTEL=1) and
+#                                           its spans must reach its log (console exporter)
 #   deploy/build.sh image   [IMAGE]         build deploy/Dockerfile with podman, buildah or docker, whichever
 #                                           works here; IMAGE defaults to $IMAGE, else
 #                                           registry.example.com/llmgw/llmgw:<version> (a placeholder: name
@@ -48,9 +52,17 @@ cmd_wheel() {
     say "wheel: $1 ($(wc -c <"$1") bytes)"
 }
 
+# A comma-separated list of extras of pyproject.toml ("" = none); anything else is refused before pip sees it.
+check_extras() {
+    case $1 in
+        *[!A-Za-z0-9,_-]*) die "extras must be a comma-separated list of names like 'otel', got '$1'" ;;
+    esac
+}
+
 cmd_install() {
-    [ $# -eq 2 ] || die "usage: build.sh install WHEEL|DIR VENV"
-    wheel=$1 venv=$2
+    [ $# -eq 2 ] || [ $# -eq 3 ] || die "usage: build.sh install WHEEL|DIR VENV [EXTRAS]"
+    wheel=$1 venv=$2 extras=${3:-}
+    check_extras "$extras"
     if [ -d "$wheel" ]; then
         set -- "$wheel"/llmgw-*.whl
         [ $# -eq 1 ] && [ -f "$1" ] || die "expected exactly one llmgw wheel in $wheel"
@@ -61,13 +73,16 @@ cmd_install() {
     start=$(now)
     "$PYTHON" -m venv "$venv"
     # --only-binary: every dependency must come as a wheel, so this step can never reach for a compiler.
-    "$venv/bin/python" -m pip install --no-cache-dir --disable-pip-version-check --only-binary=:all: "$wheel"
-    took "install (venv + wheel)" "$start"
+    "$venv/bin/python" -m pip install --no-cache-dir --disable-pip-version-check --only-binary=:all: \
+        "$wheel${extras:+[$extras]}"
+    took "install (venv + wheel${extras:+[$extras]})" "$start"
 }
 
 cmd_smoke() {
-    [ $# -eq 1 ] || die "usage: build.sh smoke VENV"
+    [ $# -eq 1 ] || [ $# -eq 2 ] || die "usage: build.sh smoke VENV [EXTRAS]"
     venv=$(cd "$1" && pwd)
+    extras=${2:-}
+    check_extras "$extras"
     [ -x "$venv/bin/llmgw" ] || die "$venv/bin/llmgw missing: run build.sh install first"
     start=$(now)
     # An empty working directory, so nothing can be imported from a source tree by accident.
@@ -80,8 +95,24 @@ cmd_smoke() {
         *) die "llmgw was imported from $location, not from $venv" ;;
     esac
     "$venv/bin/llmgw" --version
-    timeout 120 "$venv/bin/llmgw" cluster --demo --base-port 0
-    took "smoke (--version, cluster --demo)" "$start"
+    case ",$extras," in
+        *,otel,*)
+            # The demo's gateway traces as `--otel` would (the variable reaches the members); the console
+            # exporter writes its spans to the gateway's log, flushed when the demo stops it.
+            LLMGW_OTEL=1 OTEL_TRACES_EXPORTER=console OTEL_BSP_SCHEDULE_DELAY=100 \
+                timeout 120 "$venv/bin/llmgw" cluster --demo --base-port 0 --log-dir "$work/logs"
+            spans=$(cat "$work"/logs/*.log | grep -c '"name": "llmgw.request"' || true)
+            if [ "$spans" -lt 1 ]; then
+                tail -n 20 "$work"/logs/*.log >&2 || true
+                die "tracing on, but the demo's gateway exported no llmgw.request span (its log above)"
+            fi
+            say "tracing: the demo's gateway exported $spans llmgw.request span(s)"
+            ;;
+        *)
+            timeout 120 "$venv/bin/llmgw" cluster --demo --base-port 0
+            ;;
+    esac
+    took "smoke (--version, cluster --demo${extras:+, $extras})" "$start"
 }
 
 cmd_image() {

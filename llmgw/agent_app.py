@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from llmgw import eventloop
 from llmgw.agent import Agent
 from llmgw.gossip import GossipConfig, GossipNode
+from llmgw.gossip.node import parse_host_port
 from llmgw.signals import serve_until_signalled
 from llmgw.topology import ROLE_UPSTREAM
 from llmgw.upstream.backends import Backend, canonical_id
@@ -75,6 +76,11 @@ class AgentConfig:
             object.__setattr__(self, "agent_id", default_agent_id(self.upstream_url))
         if not 0 <= self.gossip_port <= 65535:
             raise ValueError(f"gossip port must be within 0..65535, got {self.gossip_port}")
+        for seed in self.seeds:
+            try:
+                parse_host_port(seed)
+            except ValueError as exc:
+                raise ValueError(f"seeds: {exc}") from None
         GossipConfig.preset(self.gossip_config)  # an unknown preset name: ValueError naming the known ones
         # Everything the Agent would refuse, refused now (bad weight, capacity, alias, kind, probe timing, or an
         # advertisement of the configured models that cannot fit).
@@ -84,8 +90,8 @@ class AgentConfig:
 
     def backend(self) -> Backend:
         """The server as configured (what the agent advertises before it has probed anything)."""
-        return Backend(base_url=self.upstream_url, kind=self.kind, models=self.models, aliases=self.aliases,
-                       weight=self.weight, capacity=self.capacity,
+        return Backend(base_url=self.upstream_url, kind=BackendKind(self.kind), models=self.models,
+                       aliases=self.aliases, weight=self.weight, capacity=self.capacity,
                        chat_prefill=None if self.chat_prefill is None else ChatPrefill(self.chat_prefill),
                        models_configured=bool(self.models))
 

@@ -115,7 +115,7 @@ def open_channel(target: str, *, ca_file: str | None = None, cert_file: str | No
     to trust, None = the system roots; `cert_file` + `key_file` = a client certificate for mutual TLS)."""
     if not (ca_file or cert_file or key_file):
         return grpc.aio.insecure_channel(target)
-    from llmgw.replica.wire import channel_credentials
+    from llmgw.tls import channel_credentials
 
     return grpc.aio.secure_channel(target, channel_credentials(ca_file, cert_file, key_file))
 
@@ -148,7 +148,7 @@ async def stream_completion_http(session: aiohttp.ClientSession, base_url: str, 
                                  ssl: ssl_module.SSLContext | None = None) -> AsyncIterator[StreamedToken]:
     """Yield tokens of a streamed /v1/completions (Server-Sent Events) from a gateway's HTTP front as they arrive.
 
-    `session` is an aiohttp.ClientSession; `ssl` an ssl.SSLContext for https (llmgw.http.tls.client_ssl_context).
+    `session` is an aiohttp.ClientSession; `ssl` an ssl.SSLContext for https (llmgw.tls.client_ssl_context).
     Each token carries the serving replica (the X-LLMGW-Replica header) and the time since the request was sent;
     the one with a finish_reason is final. Raises HttpStreamError unless the stream ends with `data: [DONE]`."""
     import aiohttp

@@ -20,7 +20,7 @@ import argparse
 import os
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,7 @@ __all__ = [
     "option_keys",
     "parser_options",
     "render_options_markdown",
+    "structured_list",
     "update_docs",
 ]
 
@@ -64,6 +65,38 @@ _NOT_SETTINGS = (argparse._HelpAction, argparse._VersionAction, argparse._SubPar
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type, or the file cannot be read."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Repeatable options whose items are more than a word
+
+ItemParser = Callable[[Any, str], Any]
+
+
+@dataclass(frozen=True)
+class _StructuredList:
+    parse_item: ItemParser
+
+
+_STRUCTURED_ATTR = "_llmgw_structured_list"
+
+
+def structured_list(action: argparse.Action, parse_item: ItemParser) -> argparse.Action:
+    """Declare that the items of a repeatable option are structured (an item holds commas of its own):
+
+    - in the file, its array may hold TOML tables as well as strings (``[[key]]``, ``[[section.key]]`` or inline
+      ``{...}``), and
+    - in an environment variable, items are separated by whitespace (spaces, tabs or newlines), not by commas.
+
+    ``parse_item(value, where)`` turns one item (a string, or a dict for a table) into the value the command reads,
+    raising ValueError with a message that starts with ``where`` (e.g. ``"cfg.toml: key 'x', entry 2"``). Items
+    given as flags are left to the command, as argparse parsed them. Returns ``action``."""
+    setattr(action, _STRUCTURED_ATTR, _StructuredList(parse_item))
+    return action
+
+
+def _structured(action: argparse.Action) -> _StructuredList | None:
+    return getattr(action, _STRUCTURED_ATTR, None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -140,6 +173,8 @@ def _type_name(action: argparse.Action) -> str:
         return "integer"
     names: dict[object, str] = {None: "string", str: "string", int: "integer", float: "number"}
     base = names.get(action.type) or str(getattr(action.type, "__name__", "value"))
+    if kind == "list" and _structured(action) is not None:
+        return f"list of {base} or table"
     return f"list of {base}" if kind == "list" else base
 
 
@@ -284,6 +319,9 @@ def _convert(action: argparse.Action, value: Any, where: str, *, from_text: bool
             raise ConfigError(f"{where}: expected non-negative integer, got {value!r}")
         return value
     if kind == "list":
+        structured = _structured(action)
+        if structured is not None:
+            return _convert_structured(structured, value, where, from_text=from_text)
         if from_text:
             items = [part.strip() for part in value.split(",") if part.strip()]
         elif isinstance(value, list):
@@ -299,6 +337,26 @@ def _convert(action: argparse.Action, value: Any, where: str, *, from_text: bool
             raise ConfigError(f"{where}: expected exactly {action.nargs} values, got {len(converted)}")
         return converted
     return _convert_scalar(action, value, where, from_text=from_text)
+
+
+def _convert_structured(structured: _StructuredList, value: Any, where: str, *, from_text: bool) -> list[Any]:
+    if from_text:
+        items: list[Any] = value.split()  # whitespace: an item's own commas stay inside it
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise ConfigError(f"{where}: expected an array of strings or tables, got {type(value).__name__} {value!r}")
+    converted = []
+    for number, item in enumerate(items, 1):
+        item_where = f"{where}, entry {number}"
+        if isinstance(item, bool) or not isinstance(item, (str, dict)):
+            raise ConfigError(f"{item_where}: expected a string or a table, got {type(item).__name__} {item!r}")
+        try:
+            converted.append(structured.parse_item(item, item_where))
+        except ValueError as exc:
+            message = str(exc)
+            raise ConfigError(message if message.startswith(item_where) else f"{item_where}: {message}") from None
+    return converted
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -80,6 +80,8 @@ OUTCOMES = ("ok", "cancelled", "unknown", "invalid_argument", "deadline_exceeded
 _COMMON_OUTCOMES = ("ok", "cancelled", "invalid_argument", "deadline_exceeded", "resource_exhausted", "internal",
                     "unavailable")
 HEDGE_RESULTS = ("won", "lost", "cancelled", "denied")
+# Up to this many configured tenants get their per-tenant series created at 0 when the key file is loaded.
+PRECREATED_TENANTS = 100
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 MEMBER_STATES = ("alive", "suspect", "dead", "left")
 
@@ -507,6 +509,8 @@ class GatewayMetrics(_GossipBinding):
         """The tenants that get their own ``tenant`` label value (the key file's); requests of any other are not
         counted per tenant. Called again after a key file reload."""
         self._tenants = frozenset(tenants)
+        if len(self._tenants) > PRECREATED_TENANTS:  # thousands of tenants: series appear with their first request
+            return
         for tenant in self._tenants:  # known series start at 0, so a rate() sees the first request
             for outcome in ("ok", "resource_exhausted"):
                 self._tenant_child(tenant, outcome)

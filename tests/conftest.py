@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import _posixsubprocess
 import contextlib
+import itertools
 import os
 import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import settings
+from hypothesis.errors import InvalidArgument
 
 TESTS_DIR = Path(__file__).resolve().parent
 ROOT = TESTS_DIR.parent
@@ -84,6 +88,8 @@ TEST_TIERS: dict[str, str | tuple[str, dict[str, str]]] = {
                                  "test_otlp_exporter_is_configured_by_the_standard_environment": "inprocess"}),
     "test_upstream_fidelity.py": "unit",
     "test_upstream_sse.py": "unit",
+    "test_upstream_load.py": "unit",
+    "test_upstream_config.py": "unit",
     # ---- inprocess: loopback servers in this process ----
     "test_agent.py": "inprocess",
     "test_docs_library.py": "inprocess",
@@ -110,6 +116,8 @@ TEST_TIERS: dict[str, str | tuple[str, dict[str, str]]] = {
     "test_workers_metrics.py": "inprocess",
     "test_tracing_gateway.py": "inprocess",
     # ---- cluster: child processes ----
+    "test_agent_process.py": "cluster",
+    "test_upstream_cli.py": "cluster",
     "test_bench_openai.py": "cluster",
     "test_cli_main.py": "cluster",
     "test_client_cli.py": "cluster",
@@ -125,6 +133,7 @@ TEST_TIERS: dict[str, str | tuple[str, dict[str, str]]] = {
     "test_reliability_restart.py": "cluster",
     "test_shutdown.py": "cluster",
     "test_workers_gateway.py": "cluster",
+    "test_workers_grpc_admin.py": "cluster",
     "test_resilience.py": "cluster",
     "test_sourcecode.py": "cluster",
     "test_stall_acceptance.py": "cluster",
@@ -148,6 +157,68 @@ def tier_of(file_name: str, test_name: str) -> str | None:
         return entry
     file_tier, exceptions = entry
     return exceptions.get(test_name, file_tier)
+
+
+def _compiled_markexpr(markexpr: str) -> Any | None:
+    """pytest's own compiled `-m` expression (the grammar and answers of its deselection itself); None when that
+    parser is not there or the expression is invalid (pytest then reports it)."""
+    try:
+        from _pytest.mark import expression as mark_expression
+    except ImportError:
+        return None
+    parse_error = getattr(mark_expression, "ParseError", SyntaxError)  # pytest 8 raises ParseError, 9 SyntaxError
+    try:
+        return mark_expression.Expression.compile(markexpr)
+    except (SyntaxError, parse_error):
+        return None
+
+
+def _marks_matcher(tier: str, others: dict[str, bool], asked: list[str]) -> Callable[..., bool]:
+    """A test of `tier` whose other marks are `others` (absent when unlisted); a name the expression reads that
+    `others` does not list is appended to `asked`."""
+    def matcher(name: str, /, **kwargs: object) -> bool:
+        if name in TIERS:
+            return name == tier
+        if name not in others and name not in asked:
+            asked.append(name)
+        return others.get(name, False)
+    return matcher
+
+
+_MAX_FREE_MARKS = 8
+
+
+def _expression_may_select(markexpr: str, tier: str) -> bool:
+    """Whether `-m markexpr` can select a test of `tier`, whatever its other marks (slow, parametrize marks ...):
+    every assignment of the other names the expression reads is tried. True when in doubt."""
+    expression = _compiled_markexpr(markexpr)
+    if expression is None:
+        return True
+    names: list[str] = []  # names other than tiers, in the order the expression read them
+    while len(names) <= _MAX_FREE_MARKS:
+        known = list(names)
+        for values in itertools.product((False, True), repeat=len(known)):
+            # A name read only under some assignment (short-circuit) joins `names`, and the next round tries it.
+            if expression.evaluate(_marks_matcher(tier, dict(zip(known, values, strict=True)), names)):
+                return True
+        if len(names) == len(known):
+            return False
+    return True
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """With -m, a test file none of whose tiers the expression can select is not even imported: `make test-fast`
+    then loads no server, cluster or tool code (importing the files it deselects was a third of its run time)."""
+    markexpr = config.getoption("markexpr", default="")
+    if not markexpr or collection_path.parent != TESTS_DIR:
+        return None
+    entry = TEST_TIERS.get(collection_path.name)
+    if entry is None:
+        return None  # not a test file, or an unclassified one: collected, so the collection error names it
+    tiers = {entry} if isinstance(entry, str) else {entry[0], *entry[1].values()}
+    if any(_expression_may_select(markexpr, tier) for tier in tiers):
+        return None
+    return True
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -236,3 +307,40 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
     return (yield from _guarded_phase(item))
+
+
+# ---- property-test budgets: hypothesis settings profiles ---------------------------------------------------------
+# LLMGW_HYPOTHESIS_PROFILE names the profile. Unset, hypothesis chooses as it always does (its "default", or its own
+# "ci" on a CI machine) and every property test runs the examples its decorator asks for: that is `make test`.
+# `make test-fast` sets "fast": a few derandomized examples per property (the same ones on every run, no example
+# database), so the unit tier takes seconds. Tests pin their budget as max_examples=examples(N), never a bare N, so
+# the fast profile can scale it down; a test without a pin follows the profile's max_examples.
+HYPOTHESIS_PROFILE_ENV = "LLMGW_HYPOTHESIS_PROFILE"
+FAST_PROFILE = "fast"
+FAST_MAX_EXAMPLES = 10
+
+settings.register_profile(FAST_PROFILE, max_examples=FAST_MAX_EXAMPLES, derandomize=True, database=None)
+
+
+def _load_hypothesis_profile() -> str:
+    """Load the profile the environment names (before any test module is imported: decorators read it); its name,
+    or "" when hypothesis keeps its own choice."""
+    name = os.environ.get(HYPOTHESIS_PROFILE_ENV, "")
+    if name:
+        try:
+            settings.load_profile(name)
+        except InvalidArgument:
+            raise pytest.UsageError(f"{HYPOTHESIS_PROFILE_ENV}={name!r} is not a hypothesis settings profile; use "
+                                    f"{FAST_PROFILE!r}, 'default' or 'ci', or leave it unset") from None
+    return name
+
+
+HYPOTHESIS_PROFILE = _load_hypothesis_profile()
+
+
+def examples(pinned: int) -> int:
+    """A property test's max_examples: `pinned` (what `make test` runs), or under the fast profile a tenth of it
+    (a test pinned low has costly examples), between 2 and FAST_MAX_EXAMPLES."""
+    if HYPOTHESIS_PROFILE != FAST_PROFILE:
+        return pinned
+    return min(pinned, max(2, min(FAST_MAX_EXAMPLES, pinned // 10)))

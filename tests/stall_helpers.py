@@ -171,15 +171,18 @@ def start(cluster: Cluster, replicas: dict[str, list[str]], *, token_delay_ms: f
 
 async def frozen_replica_run(setup: Setup, *, streams: int = 30, max_tokens: int = 50, before_s: float = 3.0,
                              pause_s: float = 3.0, after_s: float = 3.0) -> dict:
-    """Closed-loop load on the setup; `before_s` in, the first replica is SIGSTOPped for `pause_s`."""
+    """Closed-loop load on the setup; `before_s` in, the replica with the most streams open is SIGSTOPped for
+    `pause_s`."""
     cluster = setup.cluster
-    frozen = next(iter(setup.replicas.values()))
     # Staggered over one request's length (20 ms/token): the freeze finds streams at every token index.
     load = asyncio.create_task(closed_loop(setup.gateway.grpc_address, streams=streams, max_tokens=max_tokens,
                                            duration_s=before_s + pause_s + after_s, prefix="freeze",
                                            stagger_s=max_tokens * 0.02))
     await asyncio.sleep(before_s)
     before = scrape(setup.http_url)
+    in_flight = dict(cluster.gateway_status(setup.gateway).in_flight_by_replica)
+    frozen_id = max(sorted(setup.replicas), key=lambda rid: in_flight.get(rid, 0))
+    frozen = setup.replicas[frozen_id]
     paused_at = time.monotonic()
     cluster.pause(frozen)
     try:
@@ -189,7 +192,11 @@ async def frozen_replica_run(setup: Setup, *, streams: int = 30, max_tokens: int
     resumed_at = time.monotonic()
     logs = await load
     after = scrape(setup.http_url)
-    return dict(client_figures(logs), paused_s=round(resumed_at - paused_at, 2),
+    status = cluster.gateway_status(setup.gateway)  # GatewayAdmin.GetStatus, what `llmgw status` shows
+    return dict(client_figures(logs), frozen=frozen_id, frozen_streams=in_flight.get(frozen_id, 0),
+                paused_s=round(resumed_at - paused_at, 2),
+                status_stall_failovers=status.stall_failovers, status_stall_suspicions=status.stall_suspicions,
+                status_deadlines=dict(status.inter_token_deadline_by_replica),
                 deadlines_before=before["inter_token_deadline_s"], suspicions=after["stall_suspicions"],
                 stall_failovers=after["stall_failovers"], races=after["races"], failovers=after["failovers"])
 

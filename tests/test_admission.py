@@ -3,6 +3,7 @@
 import asyncio
 
 import pytest
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -93,7 +94,7 @@ ops = st.lists(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(capacity=st.integers(0, 4), max_waiters=st.integers(0, 6), script=ops)
 def test_fifo_order_bound_and_no_credit_leak(capacity, max_waiters, script):
     """Against a model: admissions happen in arrival order, capacity is never exceeded, and a waiter is never

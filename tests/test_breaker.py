@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -427,7 +428,7 @@ def model_trip_index(outcomes, window, min_outcomes, consecutive, threshold):
     return None
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     outcomes=st.lists(st.booleans(), max_size=60),
     window=st.integers(1, 12),
@@ -453,7 +454,7 @@ def test_window_arithmetic_matches_model(outcomes, window, min_frac, consecutive
     assert len(changes) == (0 if expected is None else 1)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(
     n_replicas=st.integers(1, 7),
     fraction=st.sampled_from([0.0, 0.3, 0.5, 1.0]),
@@ -502,7 +503,7 @@ def apply_op(board, clock, rid, op, probes_out):
             probes_out.pop(other)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(
     ops=st.lists(
         st.tuples(st.sampled_from(["fail", "ok", "slow", "allow", "release", "wait"]), st.integers(1, 6)),

@@ -6,6 +6,7 @@ import math
 import struct
 
 import pytest
+from conftest import examples
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -55,7 +56,7 @@ messages_st = st.builds(
 )
 
 # Generating rich messages dominates the run time; these counts keep the file well inside its time budget.
-PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -593,7 +594,7 @@ def test_encode_limited_edges():
 # Properties
 
 
-@settings(PROPERTY, max_examples=250)
+@settings(PROPERTY, max_examples=examples(250))
 @given(messages_st)
 def test_round_trips_through_protobuf_both_ways(m):
     data = encode(m)
@@ -659,7 +660,7 @@ def _update_body(raw: bytes) -> bytes:
     return raw[pos:]
 
 
-@settings(PROPERTY, max_examples=60)
+@settings(PROPERTY, max_examples=examples(60))
 @given(messages_st)
 def test_truncated_messages_fail_cleanly_or_decode_to_what_protobuf_sees(m):
     encoded = encode(m)
@@ -691,13 +692,13 @@ def _differential(data: bytes) -> None:
     assert decode(encode(got)) == got
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=examples(1000), deadline=None)
 @given(st.binary(max_size=64))
 def test_random_bytes_fail_cleanly_or_agree_with_protobuf(data):
     _differential(data)
 
 
-@settings(PROPERTY, max_examples=200)
+@settings(PROPERTY, max_examples=examples(200))
 @given(messages_st, st.data())
 def test_corrupted_messages_fail_cleanly_or_agree_with_protobuf(m, data):
     encoded = bytearray(encode(m))

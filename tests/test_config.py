@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -213,7 +214,7 @@ def test_env_var_names():
     assert config.env_var_name(None, "seeds") == "LLMGW_SEEDS"
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(flag=st.one_of(st.none(), st.integers(1, 65535)), section_env=st.one_of(st.none(), st.integers(1, 65535)),
        shared_env=st.one_of(st.none(), st.integers(1, 65535)), section_file=st.one_of(st.none(), st.integers(1, 65535)),
        top_file=st.one_of(st.none(), st.integers(1, 65535)))

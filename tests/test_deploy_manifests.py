@@ -36,9 +36,6 @@ DRAIN_DEADLINE_S = 30
 # Oldest Kubernetes the manifests target (grpc probes, matchLabelKeys in topology spread) and the newest schema the
 # kubernetes-validate package carries.
 KUBERNETES_VERSIONS = ("1.30.0", "latest")
-# Flags the overlays use that belong to a feature not built yet: gateway --upstream (issue 12, real backends).
-# The test below fails as soon as the CLI accepts one of them, so that this list and the overlay's note go.
-PENDING_FLAGS = {"gateway": {"--upstream"}}
 # Where the pods get the gossip key (a Secret the operator creates, see deploy/README.md).
 GOSSIP_KEY_SECRET, GOSSIP_KEY_FILE = "llmgw-gossip-key", "/etc/llmgw-gossip/key"
 IMAGE_REPOSITORY = "registry.example.com/llmgw/llmgw"
@@ -489,27 +486,18 @@ def test_replica_ports_and_native_grpc_readiness_probe():
     assert resolve_port(container, container["livenessProbe"]["tcpSocket"]["port"]) == REPLICA["grpc"]
 
 
-def _parse(args: list[str], pending: set[str] | frozenset[str] = frozenset()):
-    """Parse container args with llmgw's own CLI parser (`llmgw <command> ...`), leaving out `pending` flags (with
-    their values); SystemExit from argparse means a flag or value the CLI does not accept."""
+def _parse(args: list[str]):
+    """Parse container args with llmgw's own CLI parser (`llmgw <command> ...`); SystemExit from argparse means a
+    flag or value the CLI does not accept."""
     from llmgw.__main__ import build_parser
 
-    kept = []
-    skip = False
-    for arg in args:
-        if skip:
-            skip = False
-        elif arg in pending:
-            skip = True
-        else:
-            kept.append(arg)
-    return build_parser().parse_args(kept)
+    return build_parser().parse_args(args)
 
 
 def test_every_llmgw_container_flag_is_accepted_by_the_cli():
     for _, workload in llmgw_workloads():
         args = only_container(workload)["args"]
-        namespace = _parse(args, PENDING_FLAGS.get(args[0], set()))
+        namespace = _parse(args)
         assert namespace._command == args[0] == workload["spec"]["template"]["metadata"]["labels"][
             "app.kubernetes.io/component"]
         flags = flag_values(args)
@@ -518,19 +506,28 @@ def test_every_llmgw_container_flag_is_accepted_by_the_cli():
         assert namespace.gossip_key_file == GOSSIP_KEY_FILE
 
 
-def test_pending_flags_are_still_pending():
-    """The overlay's --upstream waits for the real-backends feature: once the CLI accepts it, drop it from
-    PENDING_FLAGS and the "depends on" note in overlays/vllm/kustomization.yaml."""
-    from llmgw.__main__ import build_parser
+def test_vllm_overlay_gateways_find_every_ready_vllm_pod_through_the_headless_service():
+    """The overlay's gateway streams from the vLLM pods: its --upstream is the headless Service's DNS name and
+    port (re-resolved, so each ready pod is one upstream), kind vllm, as the real gateway CLI parses it."""
+    from llmgw.upstream.backends import DnsUpstream, parse_upstream_args
+    from llmgw.upstream.capabilities import BackendKind
 
-    gateway_args = only_container(find("Deployment", "llmgw-gateway", RENDERED["vllm"]))["args"]
-    for command, flags in PENDING_FLAGS.items():
-        for flag in flags:
-            assert flag in gateway_args
-            value = gateway_args[gateway_args.index(flag) + 1]
-            with pytest.raises(SystemExit):
-                build_parser().parse_args([command, flag, value])
-    assert "DEPENDS ON THE REAL-BACKENDS FEATURE" in (VLLM / "kustomization.yaml").read_text()
+    docs = RENDERED["vllm"]
+    gateway_args = only_container(find("Deployment", "llmgw-gateway", docs))["args"]
+    assert gateway_args.count("--upstream") == 1
+    (upstream,) = parse_upstream_args(_parse(gateway_args).upstream)
+    assert isinstance(upstream, DnsUpstream) and upstream.template.kind is BackendKind.VLLM
+    assert not upstream.template.models_configured  # models come from each pod's /v1/models
+
+    service = find("Service", upstream.name, docs)
+    assert service["spec"]["clusterIP"] == "None"  # headless: the name resolves to the pods themselves
+    assert not service["spec"].get("publishNotReadyAddresses", False)  # a loading model server is not listed
+    (workload,) = pods_of(service, docs)
+    vllm = only_container(workload)
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == upstream.port == resolve_port(vllm, port["targetPort"])
+    assert vllm["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert "DEPENDS ON" not in (VLLM / "kustomization.yaml").read_text()
 
 
 def test_gossip_key_comes_from_the_secret_the_docs_create(tmp_path):

@@ -6,6 +6,7 @@ import time
 
 import grpc
 import pytest
+from conftest import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -425,7 +426,7 @@ def test_load_rule_own_plus_others_with_peak_window():
     view.released("r")  # a request that outlived its replica: harmless
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rates=st.lists(st.sampled_from([0.0, 0.5, 1.0]), min_size=1, max_size=3),
        seeds=st.lists(st.integers(0, 1000), min_size=3, max_size=3),
        max_tokens=st.integers(1, 30), upstream_batch=st.sampled_from([1, 4, 64]),

@@ -10,35 +10,28 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from harness import free_udp_port
 from llmgw._core.codec import ACK, SUSPECT, Message, Update, encode
+from llmgw.cluster import MemberProcess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def free_udp_port() -> int:
-    """A port that is free now and >= 10000 (peers derive gRPC port = gossip port - 10000)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port >= 10000:
-            return port
-    raise RuntimeError("no free UDP port >= 10000")
-
-
 class NodeProcess:
-    """One gossip node process; a reader thread folds its JSON event lines into a member -> state view."""
+    """One gossip node process (llmgw.cluster.MemberProcess, output to tmp_path/<id>.log); a reader thread follows
+    this life's part of the log and folds its JSON event lines into a member -> state view."""
 
-    def __init__(self, member_id: str, port: int, seeds: list[str]) -> None:
+    def __init__(self, member_id: str, port: int, seeds: list[str], log_dir: Path) -> None:
         self.member_id = member_id
         self.address = f"127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "llmgw.gossip", "--id", member_id, "--bind", self.address,
                "--seeds", ",".join(seeds), "--config", "lan"]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                     env={**os.environ, "PYTHONPATH": ROOT})
+        self.process = MemberProcess(cmd, log_dir / f"{member_id}.log", name=member_id, cwd=ROOT)
         self.lock = threading.Lock()
         self.states: dict[str, str] = {}
         self.incarnations: dict[str, int] = {}
@@ -48,8 +41,24 @@ class NodeProcess:
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
+    def _lines(self) -> Iterator[str]:
+        """This life's output lines as they are appended; ends once the process exited and all it wrote is read."""
+        with open(self.process.log_path, "rb") as log:
+            log.seek(self.process.log_offset)
+            unfinished = b""
+            while True:
+                exited = not self.process.alive()  # checked before reading, so nothing written last is missed
+                chunk = log.read()
+                if chunk:
+                    *lines, unfinished = (unfinished + chunk).split(b"\n")
+                    yield from (line.decode(errors="replace") for line in lines)
+                elif exited:
+                    return
+                else:
+                    time.sleep(0.02)
+
     def _read(self) -> None:
-        for line in self.proc.stdout:
+        for line in self._lines():
             try:
                 obj = json.loads(line)
             except ValueError:
@@ -79,7 +88,7 @@ class NodeProcess:
     def request_table(self, timeout: float = 5.0) -> list[dict]:
         with self.lock:
             self.table = None
-        self.proc.send_signal(signal.SIGUSR1)
+        self.process.popen.send_signal(signal.SIGUSR1)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self.lock:
@@ -89,18 +98,12 @@ class NodeProcess:
         raise AssertionError(f"{self.member_id} printed no table")
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
+        """SIGKILL: the node vanishes without a word (no gossip leave)."""
+        self.process.kill()
 
     def terminate(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        """SIGTERM (graceful leave), a bounded wait, then SIGKILL."""
+        self.process.stop(timeout_s=5.0)
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.05) -> float | None:
@@ -114,11 +117,11 @@ def wait_until(predicate, timeout: float, interval: float = 0.05) -> float | Non
 
 
 @pytest.fixture
-def spawn():
+def spawn(tmp_path):
     procs: list[NodeProcess] = []
 
     def make(member_id: str, port: int, seeds: list[str]) -> NodeProcess:
-        p = NodeProcess(member_id, port, seeds)
+        p = NodeProcess(member_id, port, seeds, tmp_path)
         procs.append(p)
         assert p.started.wait(20), f"{member_id} did not start"
         return p

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -163,7 +164,7 @@ def test_bad_input_is_rejected():
 
 
 # ---- properties ----------------------------------------------------------------------------------------------------
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     ratio=st.sampled_from([0.0, 0.01, 0.05, 0.1, 0.2, 1 / 3, 0.5, 1.0]),
     burst=st.integers(1, 20),
@@ -188,7 +189,7 @@ def test_policy_hedges_never_exceed_the_budget(ratio, burst, initial_frac, event
     assert policy.stats()["policy_hedges_issued"] == issued
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(samples=st.lists(st.floats(0, 10, allow_nan=False), min_size=1, max_size=80), q=st.floats(0.01, 1))
 def test_quantile_matches_a_sorted_list_model(samples, q):
     window = 50

@@ -6,6 +6,7 @@ import json
 import logging
 
 import pytest
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_http_server import FakeMember, run_stack, wait_for
@@ -150,7 +151,7 @@ FIELDS = st.sampled_from(["model", "prompt", "messages", "max_tokens", "max_comp
                           "content", "echo", "logprobs"])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.dictionaries(FIELDS, JSON, max_size=8) | JSON)
 def test_any_json_body_is_either_valid_or_a_400_never_a_crash(body):
     for parse in (parse_completion_body, parse_chat_body):
@@ -163,7 +164,7 @@ def test_any_json_body_is_either_valid_or_a_400_never_a_crash(body):
             assert isinstance(p.stream, bool) and isinstance(p.hedge, bool)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]),
                                        "content": st.text(max_size=20)}), min_size=1, max_size=6),
        st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]),

@@ -19,9 +19,7 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +33,7 @@ from llmgw import client
 from llmgw._core.codec import CodecError
 from llmgw._proto import llmgateway_pb2 as pb
 from llmgw._proto import llmgateway_pb2_grpc as pb_grpc
+from llmgw.cluster import ClusterError, MemberProcess
 from llmgw.topology import GOSSIP_PORT_OFFSET
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,37 +66,25 @@ def reference_ports() -> tuple[socket.socket, int]:
 
 
 class Processes:
-    """llmgw processes of this test: started with their logs in tmp_path, always killed at the end."""
+    """llmgw processes of this test (llmgw.cluster.MemberProcess): logs in tmp_path, always killed at the end."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, MemberProcess] = {}
 
     def start(self, name: str, *argv: str) -> None:
-        with open(self.workdir / f"{name}.log", "wb") as log:  # the child keeps its own copy of the descriptor
-            self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "llmgw", *argv, "--log-level", "INFO"], stdout=log, stderr=subprocess.STDOUT,
-                env=dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1"), cwd=str(ROOT),
-                start_new_session=True)
+        self.procs[name] = MemberProcess([sys.executable, "-m", "llmgw", *argv, "--log-level", "INFO"],
+                                         self.workdir / f"{name}.log", name=name, cwd=ROOT)
 
     async def wait_ready(self, name: str) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        path = self.workdir / f"{name}.log"
-        while b"READY" not in path.read_bytes():
-            if self.procs[name].poll() is not None:
-                raise AssertionError(f"{name} exited:\n{path.read_text(errors='replace')[-3000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{name} not READY within {STARTUP_TIMEOUT_S:g} s")
-            await asyncio.sleep(0.05)
+        try:
+            await self.procs[name].wait_ready_async(STARTUP_TIMEOUT_S)
+        except ClusterError as exc:
+            raise AssertionError(str(exc)) from None
 
     def close(self) -> None:
         for proc in self.procs.values():
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-        for proc in self.procs.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=10)
+            proc.kill()
 
 
 class Speaker(asyncio.DatagramProtocol):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from llmgw.cluster import MemberProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT = str(ROOT / "tests" / "reliability_helpers.py")
@@ -45,7 +46,7 @@ class Hosts:
         self.bridge_ns = f"h11-{self.run}-br"
         self.namespaces: list[str] = []
         self.addresses: dict[str, str] = {}
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, MemberProcess] = {}
         self._next = 1
 
     def ns(self, host: str) -> str:
@@ -78,12 +79,13 @@ class Hosts:
     def link(self, host: str, up: bool) -> None:
         ip("-n", self.ns(host), "link", "set", "eth0", "up" if up else "down")
 
-    def spawn(self, host: str, argv: list[str]) -> subprocess.Popen:
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-        with open(self.workdir / f"{host}.log", "ab") as log:  # the child keeps its own descriptor
-            proc = subprocess.Popen(["ip", "netns", "exec", self.ns(host), sys.executable, *argv], stdout=log,
-                                    stderr=subprocess.STDOUT, env=env, cwd=str(ROOT), start_new_session=True)
-        self.procs[host] = proc
+    def spawn(self, host: str, argv: list[str], *, name: str | None = None) -> MemberProcess:
+        """`python argv` inside `host`'s namespace (llmgw.cluster.MemberProcess with an `ip netns exec` prefix),
+        logging to <name or host>.log; killed with its process group in close()."""
+        name = name or host
+        proc = MemberProcess(["ip", "netns", "exec", self.ns(host), sys.executable, *argv],
+                             self.workdir / f"{name}.log", name=name, cwd=ROOT)
+        self.procs[name] = proc
         return proc
 
     def start_node(self, role: str, host: str, seeds: list[str]) -> None:
@@ -106,26 +108,33 @@ class Hosts:
             raise AssertionError(f"agent {args} failed: {out.stderr[-2000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    def agent_async(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen(["ip", "netns", "exec", self.ns("client"), sys.executable, AGENT, *args],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
-                                env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
+    def agent_async(self, name: str, *args: str) -> MemberProcess:
+        """The agent running in the background on the client host, logging to <name>.log; see agent_result."""
+        return self.spawn("client", [AGENT, *args], name=name)
+
+    @staticmethod
+    def agent_result(proc: MemberProcess, timeout: float) -> dict:
+        """The JSON line a background agent printed last, once it exited 0 within `timeout` seconds."""
+        try:
+            returncode = proc.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{proc.name} still running after {timeout:g} s:\n{proc.log_tail()}") from None
+        assert returncode == 0, f"{proc.name} exited with {returncode}:\n{proc.log_tail()}"
+        with open(proc.log_path, "rb") as log:
+            log.seek(proc.log_offset)
+            lines = log.read().decode(errors="replace").splitlines()
+        # Its stdout and stderr share the log: the result is the last line that is a JSON object.
+        for line in reversed(lines):
+            if line.startswith("{"):
+                return json.loads(line)
+        raise AssertionError(f"{proc.name} printed no JSON result:\n{proc.log_tail()}")
 
     def members(self, gateway: str) -> dict:
         return self.agent("members", f"{self.addresses[gateway]}:{GRPC_PORT}", timeout=20)
 
     def close(self) -> None:
         for proc in self.procs.values():
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+            proc.kill()  # SIGKILL of its process group, then reaped (bounded)
         for ns in reversed(self.namespaces):
             ip("netns", "del", ns, check=False)
 
@@ -169,7 +178,7 @@ def cut_link_under_load(hosts, victim: str, observers=tuple(GATEWAYS), cut_s: fl
     everyone is ALIVE again. Returns (results by gateway, cut_at, restored_at, seconds the re-convergence took)."""
     everyone_alive = dict.fromkeys(REPLICAS + GATEWAYS, "alive")
     wait_converged(hosts, everyone_alive, 40.0)
-    loads = {g: hosts.agent_async("load", f"{hosts.addresses[g]}:{GRPC_PORT}", "12", "8", "10", g)
+    loads = {g: hosts.agent_async(f"load-{g}", "load", f"{hosts.addresses[g]}:{GRPC_PORT}", "12", "8", "10", g)
              for g in GATEWAYS}
     time.sleep(3.0)
     cut_at = time.monotonic()
@@ -180,9 +189,7 @@ def cut_link_under_load(hosts, victim: str, observers=tuple(GATEWAYS), cut_s: fl
     hosts.link(victim, up=True)
     results = {}
     for g, proc in loads.items():
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, err[-2000:]
-        results[g] = json.loads(out.strip().splitlines()[-1])
+        results[g] = hosts.agent_result(proc, timeout=60)
     converge_s = wait_converged(hosts, everyone_alive, 30.0)
     return results, cut_at, restored_at, converge_s
 

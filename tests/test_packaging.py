@@ -1,8 +1,9 @@
 """Packaging: sdist -> wheel -> a fresh venv outside the checkout -> `llmgw --version` and `llmgw cluster --demo`.
 
 The steps are deploy/build.sh's, the same ones deploy/Dockerfile runs (so the image build is exercised here without
-a container engine). The venv is installed with the gRPC/protobuf family held at the minimums pyproject.toml
-declares, which proves those minimums true: the generated modules refuse older runtimes at import.
+a container engine), with the extras the image installs (IMAGE_EXTRAS: tracing), so `--otel` is shown to work in
+it. The venv is installed with the gRPC/protobuf family held at the minimums pyproject.toml declares, which proves
+those minimums true: the generated modules refuse older runtimes at import.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ PROTOS = sorted(p.stem for p in (ROOT / "proto").glob("*.proto"))
 CORES = sorted(p.stem for p in (ROOT / "llmgw" / "_core").glob("*.pyx"))
 # Packages whose lowest declared version the venv gets: the ones the generated code checks at import.
 HELD_AT_MINIMUM = ("grpcio", "grpcio-health-checking", "grpcio-reflection", "protobuf")
+# The extras deploy/Dockerfile installs by default (its ARG LLMGW_EXTRAS).
+IMAGE_EXTRAS = "otel"
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +62,8 @@ def run_step(*args: str, env: dict[str, str] | None = None, timeout: float = 600
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """Wheel from the sdist, then a venv holding only that wheel and its dependencies (minimums for HELD_AT_MINIMUM)."""
+    """Wheel from the sdist, then a venv holding only that wheel[IMAGE_EXTRAS] and its dependencies (minimums for
+    HELD_AT_MINIMUM), as the image's runtime stage installs it."""
     work = tmp_path_factory.mktemp("packaging")
     assert not work.resolve().is_relative_to(ROOT)
     dist, venv = work / "dist", work / "venv"
@@ -67,7 +71,8 @@ def built(tmp_path_factory):
     constraints.write_text("".join(f"{name}=={minimum(requirement(name))}\n" for name in HELD_AT_MINIMUM))
     times = {}
     _, times["wheel"] = run_step("wheel", str(dist))
-    _, times["install"] = run_step("install", str(dist), str(venv), env={"PIP_CONSTRAINT": str(constraints)})
+    _, times["install"] = run_step("install", str(dist), str(venv), IMAGE_EXTRAS,
+                                   env={"PIP_CONSTRAINT": str(constraints)})
     (sdist,) = dist.glob("llmgw-*.tar.gz")
     (wheel,) = dist.glob("llmgw-*.whl")
     print(f"\nwheel {wheel.name}: {wheel.stat().st_size} bytes; sdist -> wheel {times['wheel']:.1f} s, "
@@ -132,12 +137,26 @@ def test_venv_holds_the_minimums_and_no_build_tools(built):
     for name in HELD_AT_MINIMUM:
         assert installed[name] == minimum(requirement(name)), name
     assert not {"cython", "grpcio-tools"} & set(installed)  # generators are build-time only
+    # The otel extra, as pyproject.toml declares it: what `--otel` needs.
+    otel = {Requirement(r).name for r in PROJECT["optional-dependencies"]["otel"]}
+    assert otel and otel <= set(installed), sorted(otel - set(installed))
 
 
-def test_installed_wheel_runs_version_and_the_demo_cluster_outside_the_tree(built):
-    output, elapsed = run_step("smoke", str(built["venv"]), timeout=300)
+def test_install_step_refuses_malformed_extras(tmp_path):
+    result = subprocess.run(["sh", str(BUILD_SH), "install", str(tmp_path), str(tmp_path / "venv"), "otel]; rm"],
+                            capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 2
+    assert "extras must be a comma-separated list of names like 'otel'" in result.stderr
+    assert not (tmp_path / "venv").exists()
+
+
+def test_installed_wheel_runs_version_and_the_traced_demo_cluster_outside_the_tree(built):
+    output, elapsed = run_step("smoke", str(built["venv"]), IMAGE_EXTRAS, timeout=300)
     assert re.search(rf"^llmgw {re.escape(PROJECT['version'])}$", output, flags=re.M), output[:500]
     assert "llmgw cluster ready:" in output and "tokens from replica-" in output and "llmgw cluster stopped" in output
+    # The demo's gateway ran with tracing on (LLMGW_OTEL=1) and exported the demo requests' spans.
+    spans = re.search(r"tracing: the demo's gateway exported (\d+) llmgw.request span", output)
+    assert spans and int(spans.group(1)) >= 1, output[-2000:]
     print(f"\nsmoke (--version, cluster --demo): {elapsed:.1f} s")
 
 
@@ -198,6 +217,9 @@ def test_dockerfile_runs_the_script_steps_as_non_root_without_the_source_tree():
     assert " AS builder" in builder.splitlines()[0] and "deploy/build.sh wheel /dist" in builder
     assert "-slim" in runtime.splitlines()[0]  # no compiler in the runtime image
     assert "build.sh install /tmp/dist /opt/llmgw" in runtime
+    # Tracing works in the image: the runtime installs the wheel with the extras the smoke test above ran with.
+    assert re.search(rf"^ARG LLMGW_EXTRAS={IMAGE_EXTRAS}$", runtime, flags=re.M)
+    assert 'build.sh install /tmp/dist /opt/llmgw "$LLMGW_EXTRAS"' in runtime
     assert "COPY . " not in runtime and "COPY --from=builder /src " not in runtime  # no source tree at run time
     user = re.search(r"^USER (\d+):(\d+)$", runtime, flags=re.M)
     assert user and int(user.group(1)) != 0

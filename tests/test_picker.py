@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -51,7 +52,7 @@ def model_candidates(cluster, exclude):
     return set()
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(clusters, st.sets(st.sampled_from(NAMES), max_size=3), st.integers(0, 2**64 - 1))
 def test_pick_is_a_least_loaded_eligible_member(cluster, exclude, seed):
     picker = build(cluster, seed)
@@ -63,7 +64,7 @@ def test_pick_is_a_least_loaded_eligible_member(cluster, exclude, seed):
         assert got is None
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(st.integers(2, 6), st.integers(0, 2**64 - 1))
 def test_random_tie_break_covers_every_tied_member(n, seed):
     picker = LeastConnectionsPicker(seed)

@@ -5,6 +5,7 @@ import time
 
 import grpc
 import pytest
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,7 +16,7 @@ from llmgw.replica import Faults, Limits, PrefixCache, Replica, ReplicaConfig, m
 
 
 # ---- model ---------------------------------------------------------------------------------------------
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=examples(50), deadline=None)
 @given(st.text(alphabet="abc xyz\u00e9\u4e2d", min_size=1, max_size=50), st.integers(0, 10_000))
 def test_token_is_a_pure_function_of_prompt_and_index(prompt, i):
     assert model.token_for(prompt, i) == model.token_for(prompt, i) == f"token_{i}"

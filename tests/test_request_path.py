@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from conftest import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from replica_fakes import answer, chunk, fake_gateway, healthy
@@ -46,7 +47,7 @@ def _failing_once(plan):
     return script
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(30), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(plan=st.lists(st.tuples(st.sampled_from(sorted(FAILURES)), st.integers(0, 6), st.integers(1, 3)),
                      min_size=0, max_size=2),
        max_tokens=st.integers(2, 12))

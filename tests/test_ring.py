@@ -8,6 +8,7 @@ import random
 
 import mmh3
 import pytest
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -120,7 +121,7 @@ def eligible(ring: HashRing, m: str, exclude) -> bool:
     )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(
     clusters,
     st.lists(keys, min_size=1, max_size=8),
@@ -140,7 +141,7 @@ def test_agrees_with_bisect_model(cluster, key_list, exclude, balance, point_bit
             assert ring.preference_list(key, n, exclude) == model.preference_list(key, n, exclude)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(clusters, keys, st.sets(st.sampled_from(MEMBER_IDS), max_size=4))
 def test_lookup_returns_an_eligible_member(cluster, key, exclude):
     ring, _ = build(cluster)
@@ -155,7 +156,7 @@ def test_lookup_returns_an_eligible_member(cluster, key, exclude):
         assert not any(eligible(ring, m, exclude) and not ring.is_suspect(m) for m in ring.members())
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(clusters, keys, st.integers(0, 20), st.sets(st.sampled_from(MEMBER_IDS), max_size=4))
 def test_preference_list_distinct_in_ring_order(cluster, key, n, exclude):
     ring, _ = build(cluster)
@@ -169,7 +170,7 @@ def test_preference_list_distinct_in_ring_order(cluster, key, n, exclude):
     assert distances == sorted(distances)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(clusters.filter(lambda c: len(c) >= 2), st.data(), st.lists(keys, min_size=20, max_size=60))
 def test_removing_a_member_moves_only_its_keys(cluster, data, key_list):
     ring, _ = build(cluster)
@@ -183,7 +184,7 @@ def test_removing_a_member_moves_only_its_keys(cluster, data, key_list):
             assert ring.owner(k) != victim
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(clusters, st.sampled_from(["new-1", "new-2"]), st.sampled_from([0.5, 1.0, 2.0]), st.lists(keys, max_size=60))
 def test_adding_a_member_moves_keys_only_to_it(cluster, newcomer, weight, key_list):
     ring, _ = build(cluster)
@@ -193,7 +194,7 @@ def test_adding_a_member_moves_keys_only_to_it(cluster, newcomer, weight, key_li
         assert ring.owner(k) in (owner, newcomer)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(clusters.filter(bool), st.data(), st.sampled_from([0.25, 0.5, 2.0, 3.0]), st.lists(keys, max_size=60))
 def test_reweighting_moves_only_that_members_keys(cluster, data, weight, key_list):
     ring, _ = build(cluster)
@@ -206,7 +207,7 @@ def test_reweighting_moves_only_that_members_keys(cluster, data, weight, key_lis
         assert after == owner or target in (owner, after)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(
     st.integers(2, 10),
     st.sampled_from([1.0, 1.1, 1.25, 2.0]),
@@ -247,7 +248,7 @@ def keyspace_shares(ring: HashRing) -> dict[str, float]:
     return {m: s / float(1 << 64) for m, s in shares.items()}
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=examples(10), deadline=None)
 @given(st.lists(st.sampled_from([1.0, 2.0, 3.0]), min_size=2, max_size=4), st.integers(0, 1000))
 def test_weights_shift_key_share_in_proportion(weights, salt):
     ring = HashRing(1000, None)
@@ -261,7 +262,7 @@ def test_weights_shift_key_share_in_proportion(weights, salt):
         assert abs(shares[f"w{salt}-{i}"] - expected) <= 0.15 * expected
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(clusters, st.randoms(use_true_random=False), st.lists(keys, max_size=20), st.sampled_from([64, 3]))
 def test_same_input_same_output_regardless_of_insertion_order(cluster, rnd, key_list, point_bits):
     order = list(cluster)

@@ -7,6 +7,7 @@ import os
 import sys
 
 import pytest
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -341,7 +342,7 @@ FAILURE_MODES = [
 ]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(n=st.integers(1, 5), where=st.integers(0, 4), failure=st.sampled_from(FAILURE_MODES + [None]))
 def test_any_failure_point_restores_routing(n, where, failure):
     ids = [f"r{i}" for i in range(n)]

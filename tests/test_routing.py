@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -221,7 +222,7 @@ member = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(
     st.dictionaries(st.sampled_from(NAMES), member, max_size=6),
     st.sampled_from(PROMPTS),
@@ -258,7 +259,7 @@ def test_every_decision_is_consistent_with_its_reason(cluster, prompt, exclude, 
         assert router.ring.lookup(router.affinity_hash(prompt), exclude) is None
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(st.permutations(NAMES), st.lists(st.sampled_from(PROMPTS), min_size=1, max_size=10))
 def test_routing_is_deterministic_and_insertion_order_independent(order, prompts):
     a, b = Router(seed=1), Router(seed=1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from conftest import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from replica_fakes import answer, chunk, fake_gateway
@@ -229,7 +230,7 @@ def test_config_knobs_reach_the_deadlines_and_bad_values_are_refused():
             GatewayConfig(**bad).validate()
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(20), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tokens_before=st.integers(1, 8), silence_s=st.sampled_from([0.0, 0.1, 0.25, 0.4, 0.8]),
        continuation_start_s=st.sampled_from([0.0, 0.05, 0.3, 0.6]), max_tokens=st.integers(10, 16),
        continuation_fails=st.booleans())
@@ -344,3 +345,71 @@ def test_a_silence_every_active_replica_shares_is_not_one_replicas_stall():
     assert together.counts[SUSPECTED] == 0 and together.shared_silences >= 2
     alone = run(scenario(False))
     assert alone.counts[SUSPECTED] == 1 and alone.counts[CONTINUATION_WON] == 1
+
+
+def test_metrics_show_each_replicas_deadlines_and_count_suspicions_and_races():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from llmgw.gateway.observability import MetricsListener
+    from llmgw.metrics import GatewayMetrics, render
+
+    async def scenario():
+        script = scripted(quiet_after(10, 3.0), starting_after(0.02))
+        gateway, _ = await fake_gateway({"a": script, "b": script})
+        teach(gateway, "ab", gap_s=0.1)  # b's deadline: p99 of 100 ms gaps x 3 + 50 ms
+        metrics = GatewayMetrics(process_metrics=False)
+        listener = MetricsListener(gateway, metrics)
+        gateway.add_listener(listener)
+        got, _ = await timed(gateway, "frozen", 20)
+        assert_exact(got, 20)
+        metrics.refresh()
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(render(metrics.registry)[0].decode())
+                   for s in family.samples}
+        listener.detach()
+        await gateway.stop()
+        return samples, gateway.stall_guard.deadlines
+
+    samples, deadlines = run(scenario())
+    assert samples[("llmgw_gateway_stall_suspicions_total", ())] == 1
+    assert samples[("llmgw_gateway_stall_failovers_total", ())] == 1
+    assert samples[("llmgw_gateway_stall_races_total", (("result", "continuation_won"),))] == 1
+    assert samples[("llmgw_gateway_stall_races_total", (("result", "original_won"),))] == 0
+    assert samples[("llmgw_gateway_failovers_total", ())] == 0  # a race is not counted as an attempt failure
+    for rid in "ab":
+        value = samples[("llmgw_gateway_inter_token_deadline_seconds", (("replica", rid),))]
+        assert value == pytest.approx(deadlines.inter_token_deadline(rid)) and 0.3 < value < 5.0
+        assert samples[("llmgw_gateway_first_token_deadline_seconds", (("replica", rid),))] == 10.0  # no TTFTs
+
+
+def test_every_member_replica_is_listed_even_without_evidence():
+    async def scenario():
+        gateway, _ = await fake_gateway({"a": scripted(quiet_after(3, 0.0), starting_after(0.0)), "b": None})
+        teach(gateway, "a")
+        snapshot = gateway.stall_guard.snapshot()
+        await gateway.stop()
+        return snapshot
+
+    replicas = run(scenario())["replicas"]
+    assert replicas["a"]["inter_token_deadline_s"] == pytest.approx(0.2)
+    assert (replicas["b"]["inter_token_deadline_s"], replicas["b"]["first_token_deadline_s"]) == (5.0, 10.0)
+
+
+def test_a_suspected_replica_is_kept_off_new_requests_only_for_a_while(monkeypatch):
+    from llmgw.gateway import stall_race
+
+    monkeypatch.setattr(stall_race, "STALL_PROBATION_S", 0.1)
+
+    async def scenario():
+        gateway, _ = await fake_gateway({"a": scripted(quiet_after(3, 0.0), starting_after(0.0)), "b": None})
+        guard = gateway.stall_guard
+        guard._suspected("a", asyncio.get_running_loop().time())
+        assert guard.excluded() == ["a"] and gateway.routable() == {"b"}
+        await asyncio.sleep(0.15)  # probation over, though "a" has not delivered: it may be tried again
+        assert guard.excluded() == [] and gateway.routable() == {"a", "b"}
+        guard._suspected("a", asyncio.get_running_loop().time())
+        guard.deadlines.record_gap("a", 0.01)  # it delivered: no longer suspected
+        assert guard.excluded() == []
+        await gateway.stop()
+
+    run(scenario())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,7 +30,7 @@ def test_outranks_is_the_model(a_inc, a_state, b_inc, b_state):
     assert outranks(a_inc, a_state, b_inc, b_state) == model_wins((a_inc, a_state), (b_inc, b_state))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(rumours)
 def test_member_table_follows_the_merge_model(seq):
     node = make("observer")
@@ -48,7 +49,7 @@ def test_member_table_follows_the_merge_model(seq):
             assert NAMES[row[4]] == model[1]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 6), st.sampled_from(STATES), st.binary(max_size=3), st.booleans()),
                 max_size=40))
 def test_app_meta_follows_the_same_merge_model_as_the_other_metadata(seq):
@@ -70,7 +71,7 @@ def test_app_meta_follows_the_same_merge_model_as_the_other_metadata(seq):
         assert (row[MEMBER_FIELDS.index("app_meta")], row[MEMBER_FIELDS.index("max_capacity")]) == meta
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(st.integers(0, 10), rumours)
 def test_self_refutation_model(start, seq):
     """Hearing itself SUSPECT/DEAD/LEFT at incarnation >= its own, a node moves to rumoured + 1; else nothing."""
@@ -88,7 +89,7 @@ def test_self_refutation_model(start, seq):
         assert node.local_member()[4] == "alive"
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.binary(max_size=1500))
 def test_arbitrary_bytes_never_raise_and_known_members_stay_listed(data):
     node = make("x")

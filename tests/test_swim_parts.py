@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -50,7 +51,7 @@ ops = st.lists(st.one_of(st.tuples(st.just("push"), st.integers(0, 5), st.intege
                          st.tuples(st.just("send"), st.integers(0, 8), st.integers(1, 4))), max_size=60)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(ops)
 def test_broadcast_queue_matches_model(operations):
     q = BroadcastQueue()

@@ -1,6 +1,7 @@
 """Usage digest wire format: byte-identical to protobuf for the proposed message, hostile bytes refused cleanly."""
 
 import pytest
+from conftest import examples
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -56,7 +57,7 @@ def to_proto(digest: UsageDigest):
     return msg
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(digests)
 def test_encoding_is_byte_identical_to_protobuf_and_round_trips(digest):
     data = encode_digest(digest)
@@ -98,7 +99,7 @@ def test_malformed_bytes_raise_digest_error(data, words):
         decode_digest(data)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(st.binary(max_size=200))
 def test_any_bytes_decode_or_raise_digest_error(data):
     try:

@@ -4,6 +4,7 @@ shares between backlogged tenants, a light tenant's bounded wait, bounds per ten
 import math
 
 import pytest
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -50,7 +51,7 @@ operations = st.lists(st.one_of(
 ), max_size=60)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(operations, st.integers(0, 6), st.sampled_from([("", 1.0), ("acme", 2.5), ("tiny", 0.3)]),
        st.integers(0, 2))
 def test_one_tenant_behaves_exactly_like_admission_queue(ops, max_waiters, tenant_weight, capacity):
@@ -118,7 +119,7 @@ def test_weights_3_to_1_give_shares_3_to_1():
     assert "".join(w.tenant for w in order[:8]) == "aaabaaab"
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.floats(0.1, 8.0), st.floats(0.1, 8.0), st.integers(1, 300))
 def test_backlogged_tenants_share_by_weight_within_one_round(w1, w2, admissions):
     queue: FairQueue[Waiter] = FairQueue(10_000)
@@ -133,7 +134,7 @@ def test_backlogged_tenants_share_by_weight_within_one_round(w1, w2, admissions)
         assert numbers == sorted(numbers)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.lists(st.floats(0.5, 6.0), min_size=1, max_size=4), st.floats(0.2, 3.0), st.integers(0, 50))
 def test_light_tenant_waits_at_most_one_round_while_heavy_tenants_flood(heavy_weights, light_weight, after):
     queue: FairQueue[Waiter] = FairQueue(100_000)

@@ -436,3 +436,71 @@ def test_fairness_b_at_its_fair_share_gets_45_percent_and_weights_3_to_1_share_t
     assert out["b"]["wait_p99_s"] <= out["a"]["wait_p99_s"] / 5, out
     out = _fairness({"a": 2.0, "b": 2.0}, {"a": 3, "b": 1}, 3.0)["tenants"]
     assert 0.70 <= out["a"]["share"] <= 0.80, out
+
+
+# ---- usage gossip (its shell, over a fake gossip node) --------------------------------------------------------
+class _FakeNode:
+    """GossipNode's surface UsageGossip uses: members, send_user, subscribe_user, subscribe."""
+
+    def __init__(self, member_id: str, members) -> None:
+        self.member_id = member_id
+        self._members = members
+        self.sent: list[tuple[str, bytes]] = []
+        self.user_callbacks: list = []
+        self.member_callbacks: list = []
+
+    def members(self):
+        return self._members
+
+    def max_user_payload(self, member_id: str) -> int:
+        return 1300
+
+    def send_user(self, member_id: str, payload: bytes) -> bool:
+        self.sent.append((member_id, payload))
+        return True
+
+    def subscribe_user(self, callback):
+        self.user_callbacks.append(callback)
+        return lambda: self.user_callbacks.remove(callback)
+
+    def subscribe(self, callback):
+        self.member_callbacks.append(callback)
+        return lambda: self.member_callbacks.remove(callback)
+
+
+def test_usage_gossip_sends_to_live_gateways_takes_digests_drops_bad_ones_and_forgets_leavers(keys_path):
+    from types import SimpleNamespace
+
+    from llmgw.gateway.tenancy_gossip import USAGE_TAG, UsageGossip
+
+    def member(member_id: str, role: str = "gateway", state: str = "alive"):
+        return SimpleNamespace(member_id=member_id, role=role, state=state)
+
+    async def scenario() -> None:
+        members = [member("gw-1"), member("gw-2"), member("gw-3", state="suspect"), member("gw-4", state="dead"),
+                   member("replica-1", role="replica")]
+        mine, theirs = (TenancyGate.from_key_file(name, str(keys_path)) for name in ("gw-1", "gw-2"))
+        node = _FakeNode("gw-1", members)
+        gossip = UsageGossip(mine, node, interval_s=0.05)
+        await gossip.start()
+        try:
+            await asyncio.sleep(0.12)  # a few rounds, even with nothing to report (heartbeats)
+            assert {m for m, _ in node.sent} == {"gw-2", "gw-3"} and all(p.startswith(USAGE_TAG) for _, p in node.sent)
+            loop = asyncio.get_running_loop()
+            theirs.admit("search", loop.time())
+            (deliver,) = node.user_callbacks
+            deliver("gw-2", USAGE_TAG + theirs.limiter.build_digest(loop.time()))
+            deliver("gw-2", USAGE_TAG + b"\xff\xff not a digest")
+            deliver("gw-2", b"another application's message")
+            assert gossip.stats()["received"] == 1 and gossip.stats()["bad"] == 1
+            report = mine.usage(loop.time())
+            assert report["tenants"]["search"]["peers"]["gw-2"]["requests"] == 1
+            assert report["tenants"]["search"]["cluster"]["requests"] == 1
+            (on_member,) = node.member_callbacks
+            on_member(SimpleNamespace(kind="left", member=member("gw-2", state="left")))
+            assert "gw-2" not in mine.usage(loop.time())["peers"]
+        finally:
+            await gossip.stop()
+        assert node.user_callbacks == [] and node.member_callbacks == []
+
+    asyncio.run(asyncio.wait_for(scenario(), 10.0))

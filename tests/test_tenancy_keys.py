@@ -5,6 +5,7 @@ import time
 import tracemalloc
 
 import pytest
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -235,7 +236,7 @@ def test_authorization_value_from_http_headers_and_grpc_metadata():
     assert err.value.reason is AuthFailure.MALFORMED
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.one_of(st.none(), st.text(max_size=300), st.binary(max_size=300)))
 def test_any_authorization_value_is_a_key_or_a_clear_refusal(value):
     try:
@@ -251,7 +252,7 @@ def test_bearer_round_trip(key):
     assert bearer_key(f"Bearer {key}") == key
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.text(max_size=400))
 def test_any_file_text_parses_or_fails_with_key_file_error(text):
     try:

@@ -1,6 +1,7 @@
 """Per-tenant limits: sliding windows, retry_after, pacing, cluster sum over digests, partition fallback."""
 
 import pytest
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -37,7 +38,7 @@ def test_window_slides_bucket_by_bucket():
     assert w.total(1000.0) == 0
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.lists(st.tuples(st.floats(0, 5.0), st.integers(0, 5)), max_size=60),
        st.integers(1, 12), st.sampled_from([0.5, 1.0, 5.0]))
 def test_window_matches_a_list_of_events(steps, buckets, bucket_s):
@@ -127,7 +128,7 @@ def test_steady_overload_is_admitted_at_the_limit_rate_from_the_start():
         assert sum(1 for t in admitted if start <= t < start + 10) == 100
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(st.lists(st.floats(0.0, 3.0), min_size=1, max_size=80), st.integers(1, 8),
        st.sampled_from([NO_PACING, LimiterConfig(), LimiterConfig(bucket_s=5.0, recent_window_s=10.0)]))
 def test_decisions_match_a_model_and_retry_after_is_exact(gaps, per_minute, config):
@@ -349,6 +350,7 @@ def test_tenants_near_a_limit_go_first_in_digests():
         assert "tenant-0199" in {t.tenant for t in decode_digest(lim.build_digest(step * 0.5, 256)).tenants}
 
 
+@pytest.mark.slow  # ~5 s of CPU (a 30 s simulation of 1000 tenants): left out of `make test-fast`
 def test_gossip_bandwidth_with_1000_tenants_is_bounded():
     report = digest_bandwidth(1000, 3, interval_s=0.5, budget_bytes=1024, duration_s=30.0)
     # One 1024-byte digest per 0.5 s to each of 2 peers: at most 4096 bytes/s, whatever the tenant count.

@@ -19,10 +19,13 @@ import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from upstream_stack import UpstreamStack, start_mocks
 
 from harness import free_tcp_port
 from inprocess import FakeMember, FakeMembership, wait_for
 from llmgw import client
+from llmgw._proto import llmgateway_pb2 as pb
+from llmgw._proto import llmgateway_pb2_grpc as pb_grpc
 from llmgw.gateway import GatewayConfig, app
 from llmgw.logs import setup_logging
 from llmgw.replica import Replica, ReplicaConfig
@@ -36,6 +39,8 @@ from llmgw.tracing import (
     setup_tracing,
     shutdown_tracing,
 )
+from llmgw.upstream.backends import Backend
+from llmgw.upstream.capabilities import BackendKind
 
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -188,10 +193,17 @@ def test_grpc_request_is_traced_from_the_callers_traceparent_to_the_replica(expo
     (received,) = stack.seen_traceparent["r1"]
     assert_received_context_of(received, attempt)
     # The request's one log line carries its trace id.
-    lines = [line for line in request_log_lines() if line.get("msg") == "request" and line.get("id") == "traced-1"]
+    lines = [line for line in request_log_lines() if line["logger"] == "llmgw.gateway.requests"
+             and line.get("msg") == "request" and line.get("id") == "traced-1"]
     assert len(lines) == 1
     assert lines[0]["trace_id"] == CALLER_TRACE
     assert lines[0]["span_id"] == format(request.context.span_id, "016x")
+    # So does the replica's line for the stream: the trace goes on into the replica's log, under the attempt.
+    (replica_line,) = [line for line in request_log_lines()
+                       if line["logger"] == "llmgw.replica" and line.get("id") == "traced-1"]
+    assert replica_line["msg"] == "request" and replica_line["outcome"] == "ok" and replica_line["tokens"] == 5
+    assert replica_line["trace_id"] == CALLER_TRACE
+    assert replica_line["parent_span_id"] == format(attempt.context.span_id, "016x")
 
 
 def test_http_request_traceparent_goes_to_the_replica_as_grpc_metadata_on_a_generate_call(exporter):
@@ -259,3 +271,117 @@ def test_failover_is_an_event_and_each_replica_try_its_own_attempt_span(exporter
     assert_received_context_of(to_r2, attempts[1])
     assert request.attributes["llmgw.outcome"] == "ok"
     assert request.attributes["llmgw.replicas"] == "r1,r2"
+
+
+# ---- OpenAI-compatible model servers behind the HTTP transport ----------------------------------------------
+
+
+def run_upstreams(scenario, mocks: int = 1, timeout: float = 60.0, **mock_options):
+    """Run `scenario(gateway, servers)` with a gateway (tests/upstream_stack.py) in front of recording mock
+    servers; returns the servers (stopped), whose recorded requests stay readable."""
+    async def main():
+        servers = await start_mocks(mocks, **mock_options)
+        gateway = UpstreamStack([Backend(m.base_url, kind=BackendKind.VLLM) for m in servers])
+        try:
+            await gateway.start()
+            await asyncio.wait_for(scenario(gateway, servers), timeout)
+        finally:
+            await gateway.close()
+            for server in servers:
+                await server.stop()
+        return servers
+
+    return asyncio.run(main())
+
+
+def received_traceparent(server) -> list[str]:
+    """The traceparent header of each generation request the mock server received (None when absent)."""
+    return [{k.lower(): v for k, v in seen.headers.items()}.get("traceparent")
+            for seen in server.generation_requests()]
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["stream", "whole"])
+def test_model_server_request_carries_the_attempt_spans_traceparent(exporter, streamed):
+    async def scenario(gw, servers):
+        body = {"model": "mock-model", "prompt": "hello upstream", "max_tokens": 4, "stream": streamed}
+        status, _, raw = await gw.post("/v1/completions", body, headers={"traceparent": CALLER_TRACEPARENT})
+        assert status == 200, raw
+        assert (b"data: [DONE]" in raw) is streamed
+
+    (server,) = run_upstreams(scenario)
+    spans = exporter.get_finished_spans()
+    (request,) = by_name(spans, REQUEST_SPAN)
+    assert format(request.context.trace_id, "032x") == CALLER_TRACE  # the caller's trace goes on
+    assert request.parent is not None and format(request.parent.span_id, "016x") == CALLER_SPAN
+    assert request.attributes["llmgw.front"] == "http" and request.attributes["llmgw.outcome"] == "ok"
+    (attempt,) = by_name(spans, ATTEMPT_SPAN)
+    assert_child_of(attempt, request)
+    assert attempt.attributes["llmgw.replica"] == Backend(server.base_url).id
+    assert attempt.attributes["llmgw.outcome"] == "ok"  # ended when the answer did, though the front stops there
+    (sent,) = received_traceparent(server)
+    assert sent is not None and sent != CALLER_TRACEPARENT  # the gateway's attempt, not the caller's span
+    assert_received_context_of(sent, attempt)
+
+
+def test_each_hedge_leg_sends_its_own_attempts_traceparent_to_its_model_server(exporter):
+    async def scenario(gw, servers):
+        body = {"model": "mock-model", "prompt": "race me", "max_tokens": 3, "stream": True}
+        headers = {"traceparent": CALLER_TRACEPARENT, "X-LLMGW-Hedge": "1"}  # hedge at once: both legs open
+        status, _, raw = await gw.post("/v1/completions", body, headers=headers)
+        assert status == 200 and raw.rstrip().endswith(b"data: [DONE]"), raw
+
+    # Both servers hold the first token long enough for both legs' requests to arrive.
+    servers = run_upstreams(scenario, mocks=2, first_token_delay=0.3)
+    spans = exporter.get_finished_spans()
+    (request,) = by_name(spans, REQUEST_SPAN)
+    attempts = {a.attributes["llmgw.replica"]: a for a in by_name(spans, ATTEMPT_SPAN)}
+    assert sorted(a.attributes["llmgw.hedge"] for a in attempts.values()) == [False, True]
+    winner, loser = sorted(attempts.values(), key=lambda a: a.attributes["llmgw.outcome"] != "ok")
+    assert winner.attributes["llmgw.outcome"] == "ok"
+    # The loser was stopped while still waiting for its first token, or had it a moment too late.
+    assert loser.attributes["llmgw.outcome"] in ("cancelled", "hedge_lost")
+    for server in servers:
+        attempt = attempts[Backend(server.base_url).id]
+        assert_child_of(attempt, request)
+        (sent,) = received_traceparent(server)
+        assert_received_context_of(sent, attempt)
+
+
+# ---- the replica's own log line ---------------------------------------------------------------------------
+
+
+def test_replica_logs_the_trace_id_from_the_field_or_from_grpc_metadata(request_log_lines):
+    """Without a gateway: whoever calls Generate, the replica's line names the trace of the traceparent it got --
+    in GenerateRequest.traceparent, or as gRPC metadata only -- and a malformed or missing one names none."""
+    other_trace, other_span = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+
+    async def generate(address: str, request_id: str, *, field: str = "", metadata=()) -> None:
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = pb_grpc.LLMReplicaStub(channel).Generate(
+                pb.GenerateRequest(request_id=request_id, prompt="p", max_tokens=2, traceparent=field),
+                metadata=metadata, timeout=10)
+            responses = [r async for r in call]
+        assert responses[-1].is_final
+
+    async def scenario(s: Stack):
+        rep = await s.add_replica("r1", token_delay_ms=1, sessions=False)
+        address = rep.grpc_address
+        await generate(address, "by-field", field=CALLER_TRACEPARENT)
+        await generate(address, "by-metadata", metadata=(("traceparent", f"00-{other_trace}-{other_span}-01"),))
+        # The field wins over metadata when both came (the gateway sends the same value in both).
+        await generate(address, "both", field=CALLER_TRACEPARENT,
+                       metadata=(("traceparent", f"00-{other_trace}-{other_span}-01"),))
+        await generate(address, "malformed", field="00-not-a-trace-01")
+        await generate(address, "untraced")
+
+    run(scenario)
+    lines = {line["id"]: line for line in request_log_lines()
+             if line["logger"] == "llmgw.replica" and line["msg"] == "request"}
+    assert set(lines) == {"by-field", "by-metadata", "both", "malformed", "untraced"}
+    assert (lines["by-field"]["trace_id"], lines["by-field"]["parent_span_id"]) == (CALLER_TRACE, CALLER_SPAN)
+    assert (lines["by-metadata"]["trace_id"], lines["by-metadata"]["parent_span_id"]) == (other_trace, other_span)
+    assert lines["both"]["trace_id"] == CALLER_TRACE
+    for untraced in ("malformed", "untraced"):
+        assert "trace_id" not in lines[untraced] and "parent_span_id" not in lines[untraced]
+    for line in lines.values():
+        assert line["replica"] == "r1" and line["outcome"] == "ok" and line["tokens"] == 2

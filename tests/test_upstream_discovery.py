@@ -3,13 +3,14 @@
 import asyncio
 import contextlib
 import json
-import socket
 import tomllib
 
 import pytest
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from llmgw.cluster import free_port
 from llmgw.testing.mock_openai import MockOpenAIServer
 from llmgw.upstream.backends import (
     Backend,
@@ -61,12 +62,6 @@ async def wait_until(predicate, timeout=5.0, step=0.01):
     while not predicate():
         assert loop.time() < deadline, "condition not reached in time"
         await asyncio.sleep(step)
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.asynccontextmanager
@@ -314,7 +309,7 @@ def test_unreadable_advertisements_are_refused_with_a_reason(data, message):
 names = st.text(st.characters(codec="utf-8", categories=("L", "N", "P", "S")), min_size=1, max_size=8)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(models=st.lists(names, max_size=3, unique=True), kind=st.sampled_from(BackendKind),
        health=st.sampled_from(HealthState), weight=st.floats(0.01, 100), capacity=st.integers(0, 10_000),
        load=st.none() | st.builds(ServerLoad, st.integers(0, 10_000), st.integers(0, 10_000),
@@ -331,7 +326,7 @@ def test_every_advertisement_reads_back_as_it_was_written(models, kind, health, 
     assert decoded == backend.with_load(expected_load)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.binary(max_size=600) | st.builds(lambda v: json.dumps(v).encode(), st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from("vukmahlwcp"), inner, max_size=8),

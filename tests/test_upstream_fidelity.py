@@ -3,6 +3,7 @@
 import copy
 
 import pytest
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -315,7 +316,7 @@ _json_values = st.recursive(_json_scalars, lambda inner: st.lists(inner, max_siz
 _client_keys = st.text(min_size=1, max_size=12).filter(lambda k: k not in {"model", "stream", "stream_options"})
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.dictionaries(_client_keys, _json_values, max_size=8), st.booleans(), st.booleans())
 def test_any_client_fields_survive_prepare_request(fields, stream, need_usage):
     client = {"model": "alias", "stream": stream, **fields}
@@ -327,7 +328,7 @@ def test_any_client_fields_survive_prepare_request(fields, stream, need_usage):
     assert ("stream_options" in prepared.body) == (stream and need_usage)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.dictionaries(st.text(min_size=1, max_size=12).filter(lambda k: k not in ("id", "model", "usage")),
                        _json_values, max_size=8))
 def test_any_chunk_fields_survive_rewrite(fields):

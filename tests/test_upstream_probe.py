@@ -4,11 +4,11 @@ current (llmgw/upstream/monitor.py)."""
 import asyncio
 import contextlib
 import math
-import socket
 
 import pytest
 from aiohttp import web
 
+from llmgw.cluster import free_port
 from llmgw.testing.mock_openai import MockOpenAIServer
 from llmgw.upstream.backends import Backend, HealthState, ServerLoad
 from llmgw.upstream.capabilities import BackendKind
@@ -32,12 +32,6 @@ async def wait_until(predicate, timeout=5.0, step=0.01):
     while not predicate():
         assert loop.time() < deadline, "condition not reached in time"
         await asyncio.sleep(step)
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- metrics parsing ---------------------------------------------------------------------------------------

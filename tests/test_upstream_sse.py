@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -129,7 +130,7 @@ def event_streams(draw):
     return "".join(parts).encode(), expected
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(event_streams(), st.data())
 def test_any_split_gives_the_same_events(stream_and_events, data):
     stream, expected = stream_and_events
@@ -139,7 +140,7 @@ def test_any_split_gives_the_same_events(stream_and_events, data):
     assert parse_all(stream, range(1, len(stream))) == expected
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.lists(st.dictionaries(st.text(max_size=5), st.one_of(st.integers(), st.text(max_size=10)), max_size=4),
                 max_size=5), st.data())
 def test_openai_stream_round_trip_under_any_split(chunks, data):

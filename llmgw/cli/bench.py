@@ -1,22 +1,22 @@
 """`python -m llmgw bench [SUITE ...] [--filter X]`: run benchmark suites from the repository's benchmarks/ dir.
 
 Suites: core (every micro-benchmark benchmarks/bench_*.py, via the plain runner), and gossip, dataplane,
-resilience, reliability, tenancy (whole-system suites: benchmarks/run_<suite>.py, each with main(argv) -> int, which gets
-`--quick` if given plus whatever --suite-args holds). `all` runs every suite that exists. The benchmarks are not
-installed with the package: run this from a source checkout.
+resilience, reliability, tenancy, openai (whole-system suites: benchmarks/run_<suite>.py, each with
+main(argv) -> int, which gets `--quick` if given plus whatever --suite-args holds). `all` runs every suite that
+exists. The benchmarks are not installed with the package: run this from a source checkout.
 """
 
 from __future__ import annotations
 
-HELP = "run benchmark suites: core (micro-benchmarks), gossip, dataplane, resilience, reliability, tenancy, all"
+HELP = "run benchmark suites: core (micro-benchmarks), gossip, dataplane, resilience, reliability, tenancy, openai, all"
 
-SUITES = ("core", "gossip", "dataplane", "resilience", "reliability", "tenancy")
+SUITES = ("core", "gossip", "dataplane", "resilience", "reliability", "tenancy", "openai")
 
 
 def add_arguments(p) -> None:
     # Validated in run(): argparse rejects an empty list when nargs="*" is combined with choices.
     p.add_argument("suites", nargs="*", metavar="SUITE",
-                   help="core (default), gossip, dataplane, resilience, reliability, tenancy or all")
+                   help="core (default), gossip, dataplane, resilience, reliability, tenancy, openai or all")
     p.add_argument("--filter", default=None, help="core: only benchmarks whose name contains this text")
     p.add_argument("--quick", action="store_true", help="short runs for a smoke test, not for figures (all suites)")
     p.add_argument("--suite-args", default="", metavar="ARGS",

@@ -11,7 +11,7 @@ HELP = "run the inference gateway (gRPC InferenceGateway + OpenAI-compatible HTT
 
 
 def add_arguments(p) -> None:
-    from llmgw.config import DEFAULT_PORTS, add_config_argument
+    from llmgw.config import DEFAULT_PORTS, add_config_argument, structured_list
     from llmgw.gateway.api import GatewayConfig
     from llmgw.gateway.shutdown import DEFAULT_SHUTDOWN_GRACE_S
 
@@ -82,11 +82,14 @@ def add_arguments(p) -> None:
                               "'Authorization: Bearer <key>' and enforce each tenant's limits across the gateways; "
                               "SIGHUP or POST /admin/keys/reload reloads it. A bad file: exit 2 naming the line")
     models = p.add_argument_group("OpenAI-compatible model servers (docs/backends.md)")
-    models.add_argument("--upstream", action="append", default=[], metavar="URL[,key=value...]",
-                        help="a model server the gateway streams from directly (vLLM, SGLang, llama.cpp, TGI, "
-                             "Ollama...); repeatable. URL alone learns its models from /v1/models; options: kind, "
-                             "model, alias=NAME=SERVER_NAME, weight, capacity, chat_prefill, id; dns://NAME:PORT "
-                             "re-resolves a name (refresh, scheme). In the config file: upstream = [\"URL\", ...]")
+    upstream = models.add_argument(
+        "--upstream", action="append", default=[], metavar="URL[,key=value...]",
+        help="a model server the gateway streams from directly (vLLM, SGLang, llama.cpp, TGI, Ollama...); "
+             "repeatable. URL alone learns its models from /v1/models; options: kind, model, alias=NAME=SERVER_NAME, "
+             "weight, capacity, chat_prefill, id; dns://NAME:PORT re-resolves a name (refresh, scheme). In the config "
+             "file: [[upstream]] tables (url, models, aliases, ...) or upstream = [\"URL\", ...]; in the environment: "
+             "whitespace-separated. Flags replace the file's list")
+    structured_list(upstream, _parse_upstream_item)
     tls = p.add_argument_group("TLS")
     tls.add_argument("--tls-cert", default="", help="PEM certificate: serve gRPC and HTTP over TLS")
     tls.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
@@ -183,6 +186,12 @@ def config_from_args(args, worker: int | None = None):
     except ValueError as exc:
         raise SystemExit(f"gateway: {exc}") from None
     return cfg
+
+
+def _parse_upstream_item(value, where: str):
+    from llmgw.upstream.backends import parse_upstream_item
+
+    return parse_upstream_item(value, where)
 
 
 def _upstreams_from_args(args) -> tuple:

@@ -6,8 +6,10 @@ watchdog. An attempt that cannot go on raises AttemptError (the request path fai
 (the request itself is at fault: invalid, or out of time); it calls nothing above it. Its verdict for the breaker
 is read from it afterwards (`ttft_s`, `mean_itl_s`, `finished`).
 
-Limits come from a `Limits` object asked per replica and per wait, so a policy adapting them to each replica's
-recent behaviour replaces StaticLimits without touching this module.
+Limits come from a `Limits` object asked per replica and per wait: the hard ones (the configured timeouts). With
+a `StallGuard` (llmgw.gateway.stall_race) the attempt lets the guard do its waits: it adds each replica's adaptive
+deadline and, past it, races a continuation on another replica; the attempt may then go on with the
+continuation's stream, ticket and replica.
 """
 
 from __future__ import annotations

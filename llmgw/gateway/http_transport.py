@@ -116,6 +116,7 @@ class HttpReplicaStream:
         "_error",
         "_finish",
         "_finished",
+        "_headers",
         "_job",
         "_opened",
         "_progress",
@@ -123,11 +124,13 @@ class HttpReplicaStream:
         "_timeout_s",
     )
 
-    def __init__(self, client: UpstreamClient, backend: Backend, job: StreamJob, timeout_s: float) -> None:
+    def __init__(self, client: UpstreamClient, backend: Backend, job: StreamJob, timeout_s: float,
+                 headers: dict[str, str] | None = None) -> None:
         self._client = client
         self._backend = backend
         self._job = job
         self._timeout_s = timeout_s
+        self._headers = headers  # extra request headers (the attempt's traceparent), fixed when the attempt opened
         self._stream: UpstreamStream | None = None
         self._opened = False
         self._ended = False
@@ -206,9 +209,10 @@ class HttpReplicaStream:
         try:
             if request.stream:
                 self._stream = await self._client.open_stream(backend.base_url, endpoint, prepared.body,
-                                                              timeouts=timeouts)
+                                                              timeouts=timeouts, headers=self._headers)
                 return None
-            answer = await self._client.complete(backend.base_url, endpoint, prepared.body, timeouts=timeouts)
+            answer = await self._client.complete(backend.base_url, endpoint, prepared.body, timeouts=timeouts,
+                                                 headers=self._headers)
         except UpstreamError as exc:
             raise self._translate(exc) from None
         return self._whole(answer)
@@ -350,7 +354,14 @@ class HttpTransport:
         backend = self._backends(target.replica_id or "")
         if backend is None:
             return _FailedStream(AttemptError(AttemptErrorKind.CLOSED, f"upstream {target.replica_id} left"))
-        return HttpReplicaStream(self.client, backend, job, timeout_s)
+        # The request goes out at the stream's first read(), but job.trace is this attempt's span only now: a
+        # hedge leg opened meanwhile replaces it. So the trace context is taken here, synchronously.
+        trace = job.trace
+        headers: dict[str, str] | None = None
+        if trace.recording:
+            headers = {}
+            trace.inject(headers)  # traceparent (+ tracestate) of the attempt span (llmgw.tracing)
+        return HttpReplicaStream(self.client, backend, job, timeout_s, headers)
 
     def forget(self, address: str) -> None:
         """Nothing to drop: connections are pooled per host by the client and closed when idle."""

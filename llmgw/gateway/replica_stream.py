@@ -11,6 +11,8 @@ import enum
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from llmgw.tracing import Span
+
 
 class ReplicaChunk:
     """One message from a replica: `tokens` starting at token `index`, the last of them final when `is_final`.
@@ -81,8 +83,8 @@ class ReplicaTarget(Protocol):
 
 class StreamJob(Protocol):
     """What a stream is asked to produce: the request (`request`, the front's llmgw.gateway.InferenceRequest,
-    for transports that pass more of it on), its id, prompt and token budget, and the tokens the client already
-    has (`forwarded`: the stream continues after them)."""
+    for transports that pass more of it on), its id, prompt and token budget, the tokens the client already has
+    (`forwarded`: the stream continues after them) and the span of the attempt (`trace`)."""
 
     @property
     def request(self) -> Any: ...
@@ -98,6 +100,11 @@ class StreamJob(Protocol):
 
     @property
     def forwarded(self) -> Sequence[str]: ...
+
+    # The span of the attempt being opened (llmgw.tracing; NOOP_SPAN when not tracing). A transport reads it
+    # synchronously in open() for the outgoing traceparent: a hedge leg may replace it once open() returned.
+    @property
+    def trace(self) -> Span: ...
 
     # What a transport keeps about this request across its attempts (None until one sets it), e.g. the HTTP
     # transport's record of what already reached the client.

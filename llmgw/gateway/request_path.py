@@ -256,6 +256,8 @@ class RequestPath:
                     async for batch in relay:
                         if attempt.finished:  # the breaker hears of the success before the caller gets it
                             self.capacity.report_success(ticket, attempt.ttft_s, attempt.mean_itl_s)
+                            if req.spans:  # so does the span: a front may stop reading at the final batch
+                                _end_attempt_span(req, attempt, "ok")
                         yield batch
                 self._attempt_event(ticket.replica_id, AttemptOutcome.OK, None)
                 if req.spans:

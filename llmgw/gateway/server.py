@@ -247,10 +247,17 @@ class GatewayServer:
                                       detail=event.detail, state=event.state)
 
     async def GetRollout(self, request, context):
+        parts = self.worker_parts
+        if parts is not None:  # wherever in the group it runs, or ran last (as the HTTP admin answers)
+            return _rollout_message(await parts.rollouts.status())
         return self._rollout_state()
 
     async def AbortRollout(self, request, context):
+        parts = self.worker_parts
         try:
+            if parts is not None:  # the group's update, whichever worker runs it
+                status = await parts.rollouts.abort()
+                return _rollout_message(status if status is not None else await parts.rollouts.status())
             await self.rollouts.abort()
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -259,14 +266,23 @@ class GatewayServer:
 
     def _rollout_state(self) -> pb.RolloutState:
         rollout = self.rollouts.rollout
-        if rollout is None:
-            return pb.RolloutState(state="none")
-        st = rollout.status
-        return pb.RolloutState(
-            version=st.new_version, state=st.state, index=st.index, total=st.total,
-            current_replica=st.current_replica or "", failed_replica=st.failed_replica or "", error=st.error or "",
-            restored=bool(st.restored),
-            replicas=[pb.RolloutReplica(replica_id=p.replica_id, step=p.step,
-                                        old_incarnation=-1 if p.old_incarnation is None else p.old_incarnation,
-                                        new_incarnation=-1 if p.new_incarnation is None else p.new_incarnation,
-                                        error=p.error or "") for p in st.replicas])
+        return _rollout_message(None if rollout is None else rollout.status.to_dict())
+
+
+def _rollout_message(status: dict[str, Any] | None) -> pb.RolloutState:
+    """A rollout status (llmgw.rollout.RolloutStatus.to_dict(), as WorkerRollouts relays it too) as the RPC's
+    message; state "none" when no rolling update was started."""
+    if status is None:
+        return pb.RolloutState(state="none")
+
+    def incarnation(value: int | None) -> int:
+        return -1 if value is None else value
+
+    return pb.RolloutState(
+        version=status["new_version"], state=status["state"], index=status["index"], total=status["total"],
+        current_replica=status["current_replica"] or "", failed_replica=status["failed_replica"] or "",
+        error=status["error"] or "", restored=bool(status["restored"]),
+        replicas=[pb.RolloutReplica(replica_id=p["replica_id"], step=p["step"],
+                                    old_incarnation=incarnation(p["old_incarnation"]),
+                                    new_incarnation=incarnation(p["new_incarnation"]), error=p["error"] or "")
+                  for p in status["replicas"]])

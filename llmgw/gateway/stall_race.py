@@ -116,8 +116,16 @@ class StallGuard:
                         del marks[rid]
 
     def snapshot(self) -> dict[str, Any]:
-        """StallDeadlines.snapshot() plus the counters (`events`)."""
-        snap = self.deadlines.snapshot()
+        """StallDeadlines.snapshot() plus the counters (`events`). Every replica of the membership is listed: one
+        the deadlines have no evidence about yet (new, or back after leaving) at the ceilings."""
+        deadlines = self.deadlines
+        snap = deadlines.snapshot()
+        replicas = snap["replicas"]
+        for rid in sorted(self._known - replicas.keys()):
+            replicas[rid] = {"inter_token_deadline_s": deadlines.inter_token_deadline(rid), "gap_quantile_s": None,
+                             "gap_samples": 0.0, "first_token_deadline_s": deadlines.first_token_deadline(rid, 0),
+                             "first_token_deadline_by_chars_s": {}, "ttft_quantile_s": None, "ttft_samples": 0.0,
+                             "stalled_for_s": None, "histogram_buckets": 0}
         snap["events"] = dict(self.counts)
         return snap
 
@@ -160,8 +168,8 @@ class StallGuard:
                     raise
                 return switched
             race.disarm()
-            if not first:
-                watchdog.reschedule(None)
+            if race.hard_armed:
+                watchdog.reschedule(None)  # never fire while the caller holds the event
             if race.race is not None:
                 race.delivered(chunk)
         now = loop.time()

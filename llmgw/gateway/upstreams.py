@@ -4,7 +4,8 @@ Upstreams come from discovery (llmgw.upstream.discovery: the `--upstream` list, 
 `llmgw agent` sidecars advertise on the gossip mesh) as Backend events. Each server joins the gateway's
 membership view as one more replica whose id is its Backend.id and whose address is its base URL (so the
 MixedTransport sends its requests over HTTP); an unhealthy one leaves routing until it is healthy again; its
-own load report (running + waiting requests) is the load the picker sees, like a gRPC replica's gossiped one.
+own load report (running + waiting requests; a full KV cache counts as busy: Backend.routing_load) is the load the
+picker sees, like a gRPC replica's gossiped one.
 
 Routing by model (docs/backends.md):
 - a request naming a model that upstreams serve (by name or alias) goes only to the upstreams serving it;
@@ -192,10 +193,9 @@ def _state(backend: Backend) -> str:
 
 
 def _member(backend: Backend) -> UpstreamMember:
-    load = backend.load
-    active = load.running + load.waiting if load is not None else 0
+    # Its own report (running + waiting, a KV-full cache counting as busy: Backend.routing_load) is the load.
     return UpstreamMember(member_id=backend.id, grpc_address=backend.base_url.rstrip("/"), weight=backend.weight,
-                          max_capacity=backend.capacity, active_requests=active)
+                          max_capacity=backend.capacity, active_requests=backend.routing_load)
 
 
 # ---- requests -----------------------------------------------------------------------------------------------

@@ -110,6 +110,7 @@ async def serve(front: Any, request: web.Request, body: dict[str, Any], api: str
     user = body.get("user")
     infer_request = passthrough_request(api, body, request_id=request_id, hedge=hedge,
                                         client_id=user if isinstance(user, str) else "")
+    infer_request.trace_carrier = request.headers  # the caller's traceparent, if any (llmgw.tracing)
     if caller is not None:
         infer_request.tenant, infer_request.key_id = caller.tenant, caller.key_id
     result.reached_gateway = True

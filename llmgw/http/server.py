@@ -85,7 +85,7 @@ async def start_http(gateway, *, host: str = "127.0.0.1", port: int = 0, admin_t
     GatewayAdmin rollout RPCs run one rolling update; without one, the front makes its own around `restart`, the
     async (replica_id, version) hook that restarts a replica on the new version (None = no rolling updates).
     Drains always go to the gateway's own drain set (Gateway.drains);
-    `ssl_context` (an ssl.SSLContext for the server side, see llmgw.http.tls) serves HTTPS instead of HTTP.
+    `ssl_context` (an ssl.SSLContext for the server side, see llmgw.tls) serves HTTPS instead of HTTP.
     `body_timeout_s` bounds how long a completion request's body may take to arrive: a slower one (slowloris)
     gets 408 in OpenAI's error shape and its connection is closed.
     `worker_rollouts` (a llmgw.workers.WorkerRollouts over `rollouts`, in a worker of `gateway --workers N`) makes

@@ -14,8 +14,10 @@ import grpc
 from llmgw import rpc
 from llmgw._proto import llmgateway_pb2 as pb
 from llmgw.gossip import GossipConfig, GossipNode
+from llmgw.logs import request_log
 from llmgw.replica import model
 from llmgw.topology import gossip_port_for
+from llmgw.tracing import parse_traceparent
 
 log = logging.getLogger("llmgw.replica")
 
@@ -170,6 +172,12 @@ class Replica:
     async def Generate(self, request, context: grpc.aio.ServicerContext):
         if isinstance(request, rpc.UndecodableRequest):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        if not request.traceparent and log.isEnabledFor(logging.INFO):
+            # A caller may send its trace context as metadata only: the request's log line names its trace.
+            for key, value in context.invocation_metadata() or ():
+                if key == "traceparent" and isinstance(value, str):
+                    request.traceparent = value
+                    break
         try:
             async with contextlib.aclosing(self._serve(request)) as responses:
                 async for response in responses:
@@ -226,6 +234,7 @@ class Replica:
         self._idle.clear()
         self._load_changed()
         generate = self._generate
+        started = asyncio.get_running_loop().time()
         # How the stream ended, as its gRPC status (the metrics label it by name).
         outcome, tokens = grpc.StatusCode.CANCELLED, 0
         try:
@@ -252,6 +261,17 @@ class Replica:
             self._load_changed()
             if self.metrics is not None:
                 self.metrics.request_finished(outcome, tokens=tokens)
+            if log.isEnabledFor(logging.INFO):
+                self._log_request(request, outcome, tokens, asyncio.get_running_loop().time() - started)
+
+    def _log_request(self, request, outcome: grpc.StatusCode, tokens: int, seconds: float) -> None:
+        """The one info line per stream. With the caller's W3C traceparent (the gateway's attempt span) it carries
+        trace_id and parent_span_id, so a trace can be followed from the gateway into this replica's log."""
+        context = parse_traceparent(request.traceparent) if request.traceparent else None
+        trace = {"trace_id": context[0], "parent_span_id": context[1]} if context is not None else {}
+        request_log(log, "request", id=request.request_id, replica=self.config.replica_id,
+                    outcome=outcome.name.lower(), tokens=tokens, resumed_from=request.tokens_already_generated,
+                    duration_ms=round(seconds * 1000.0, 3), **trace)
 
     async def _generate(self, request):
         loop = asyncio.get_running_loop()

@@ -10,9 +10,20 @@ Decisions (`check`, or `try_admit` which also records the admission):
 - requests_per_minute: refused when one more request would exceed the limit in the window, or would exceed the
   pro-rata budget of the recent (pacing) window: limit * recent_window_s / 60. Without pacing a 60 s window lets a
   tenant spend the whole minute in its first seconds and then echoes that burst every minute; with it the
-  admitted rate stays near limit / 60 per second after the first seconds;
+  admitted rate stays near limit / 60 per second after the first seconds; and refused when this gateway's own
+  requests of the last s buckets (2 <= s <= the pacing window) would exceed its pace over them (below);
 - tokens_per_minute: refused while the window's (or the recent window's) tokens are at or over the budget. Tokens
   are counted after the fact (`record_tokens`): a running stream is never cut, the next request is refused.
+Pace (requests per minute, with pacing on): the pacing window alone still admits in lumps -- whatever a bucket
+took frees up at once when that bucket leaves the window, so a burst comes back every window (per second 24, 21,
+0, 0, 6, ... against 600/min). So each gateway also spreads its requests over the buckets: its pace is its part
+of limit / 60 per second (its share when alone, times its slice of the cluster's recent demand), and any s
+consecutive buckets may hold at most the pace of s buckets (2 <= s <= the pacing window). Fractions of a request
+are spread Bresenham-style, each gateway offset by its rank among the gateways it hears from, so with equal
+slices the gateways' whole requests add up to the cluster's pace in every bucket. A bucket after a quiet one may
+take up to two buckets' pace (the burst allowance; at least `burst` requests, for tenants whose pace is below
+that): the next bucket then takes nothing, so after a burst the rate is back at the pace one bucket later and
+nothing echoes.
 `retry_after_s` is the time until the first bucket boundary at which the request would pass, given the local
 buckets (exact) and the peers' counts assumed spread evenly over their window (they only send sums).
 
@@ -80,6 +91,7 @@ class LimiterConfig:
     peer_timeout_s: float = 5.0  # a peer not heard from for this long stops counting
     forget_after_s: float = 600.0  # ... and after this long stops counting in "the gateways I last knew"
     concurrent_retry_after_s: float = 1.0  # when a stream will end is unknown: a hint
+    burst: float = 5.0  # requests (cluster-wide) a tenant may start in one bucket after a quiet spell, at least
     hot_fraction: float = 0.5  # tenants using this much of a limit go first in digests
     max_peers: int = 64
 
@@ -96,6 +108,8 @@ class LimiterConfig:
             raise ValueError("need peer_timeout_s > 0 and forget_after_s >= peer_timeout_s")
         if self.concurrent_retry_after_s <= 0 or not 0 < self.hot_fraction <= 1 or self.max_peers < 1:
             raise ValueError("concurrent_retry_after_s > 0, 0 < hot_fraction <= 1 and max_peers >= 1 required")
+        if not self.burst >= 1:
+            raise ValueError("burst must be >= 1 request")
 
     @property
     def buckets(self) -> int:
@@ -108,6 +122,34 @@ class LimiterConfig:
     @property
     def pacing(self) -> bool:
         return self.recent_buckets < self.buckets
+
+
+@dataclass(frozen=True)
+class _Pace:
+    """This gateway's pace for one tenant: how many requests the buckets ending with a given one may hold."""
+
+    rate: float  # requests per bucket (this gateway's part)
+    phase: float  # in [0, 1): rank / gateways, so the gateways' rounded allocations interleave
+    burst: float  # this gateway's part of LimiterConfig.burst
+
+    def _allocated(self, bucket: int) -> int:
+        """Whole requests allocated to the buckets before `bucket` (Bresenham: floor(rate * bucket + phase))."""
+        return math.floor(self.rate * bucket + self.phase)
+
+    def allowance(self, head: int, span: int) -> float:
+        """What the `span` (>= 2) buckets ending with bucket `head` may hold together: their allocation, plus
+        what lifts the two newest up to the burst allowance when two buckets' pace is below it."""
+        end = self._allocated(head + 1)
+        two = end - self._allocated(head - 1)
+        return end - self._allocated(head + 1 - span) + max(0.0, self.burst - two)
+
+    def fits(self, newest: list[int], head: int, spans: int, ahead: int = 0) -> bool:
+        """Whether one more request fits in bucket `head + ahead`, for every span 2..`spans` ending with it, given
+        this gateway's counts newest first (newest[k] = bucket `head - k`; later buckets are empty)."""
+        for span in range(2, spans + 1):
+            if sum(newest[:max(0, span - ahead)]) + 1 > self.allowance(head + ahead, span):
+                return False
+        return True
 
 
 @dataclass
@@ -238,6 +280,7 @@ class UsageLimiter:
             counter = own.requests if kind is Limit.REQUESTS else own.tokens
             window_cap, recent_cap = self._caps(per_minute, share)
             slice_cap = None
+            fraction = 1.0  # of the cluster's recent demand that arrives here
             if kind is Limit.REQUESTS and recent_cap is not None and seen.recent_demand:
                 # Peers' counts arrive late: after a bucket boundary every gateway would see the same freed
                 # room and fill it. Each takes at most its slice of the recent budget, in proportion to the
@@ -245,6 +288,9 @@ class UsageLimiter:
                 own_demand = own.demand.total(now) if own.demand_sent is None else own.demand_sent
                 own_demand = max(own_demand, 1)
                 slice_cap = math.ceil(recent_cap * own_demand / (own_demand + seen.recent_demand))
+                fraction = own_demand / (own_demand + seen.recent_demand)
+            pace = self._pace(per_minute, share * fraction, now) \
+                if kind is Limit.REQUESTS and recent_cap is not None else None
             own_window = counter.total(now)
             own_recent = counter.total(now, cfg.recent_buckets)
             # Requests: one more must fit. Tokens: the next request's cost is unknown; allowed while under.
@@ -252,10 +298,14 @@ class UsageLimiter:
             if own_window + peer_window + 1 > window_cap:
                 over = own_window + peer_window, window_cap
             elif recent_cap is not None and (own_recent + peer_recent + 1 > recent_cap
-                                             or (slice_cap is not None and own_recent + 1 > slice_cap)):
+                                             or (slice_cap is not None and own_recent + 1 > slice_cap)
+                                             or (pace is not None and not pace.fits(counter.newest_first(now),
+                                                                                    counter.head(now),
+                                                                                    cfg.recent_buckets))):
                 over = own_recent + peer_recent, recent_cap
             if over is not None:
-                retry = self._retry_after(counter, now, peer_window, peer_recent, window_cap, recent_cap, slice_cap)
+                retry = self._retry_after(counter, now, peer_window, peer_recent, window_cap, recent_cap, slice_cap,
+                                          pace)
                 return Refused(kind, retry, *over)
         return ALLOWED
 
@@ -266,9 +316,19 @@ class UsageLimiter:
             return window_cap, None
         return window_cap, max(1, math.floor(per_minute * share * cfg.recent_window_s / 60.0))
 
+    def _pace(self, per_minute: int, part: float, now: float) -> _Pace:
+        """This gateway's pace: `part` (its share times its slice of the demand) of per_minute / 60 per second,
+        phased by its rank among the gateways it hears from."""
+        cfg = self.config
+        ids = sorted([self.gateway_id, *(peer_id for peer_id, peer in self._peers.items()
+                                         if now - peer.last_heard <= cfg.peer_timeout_s)])
+        return _Pace(per_minute * part * cfg.bucket_s / 60.0, ids.index(self.gateway_id) / len(ids), cfg.burst * part)
+
     def _retry_after(self, counter: WindowCounter, now: float, peer_window: int, peer_recent: int,
-                     window_cap: int, recent_cap: int | None, slice_cap: int | None) -> float:
-        """Seconds until the first bucket boundary where one more unit fits in both windows (and the slice)."""
+                     window_cap: int, recent_cap: int | None, slice_cap: int | None,
+                     pace: _Pace | None = None) -> float:
+        """Seconds until the first bucket boundary where one more unit fits in both windows (and the slice and
+        the pace)."""
         cfg = self.config
         n, r, bucket_s = cfg.buckets, cfg.recent_buckets, cfg.bucket_s
         newest = counter.newest_first(now)
@@ -287,7 +347,8 @@ class UsageLimiter:
             fits_window = own_window + peers_window + 1 <= window_cap
             fits_recent = recent_cap is None or own_recent + peers_recent + 1 <= recent_cap
             fits_slice = slice_cap is None or own_recent + 1 <= slice_cap
-            if fits_window and fits_recent and fits_slice:
+            fits_pace = pace is None or pace.fits(newest, head, r, ahead=1 + j)
+            if fits_window and fits_recent and fits_slice and fits_pace:
                 return max(wait, 0.0)
         return cfg.window_s
 

@@ -23,7 +23,12 @@ Written down, an upstream is either a `--upstream` string or a `[[upstream]]` ta
 The string form is the URL, then comma-separated `key=value` options: `kind`, `model` (repeatable), `alias`
 (repeatable, `CLIENT_NAME=SERVER_NAME`, split at the first `=`), `weight`, `capacity`, `id`, `chat_prefill`, and for
 `dns://` targets `scheme` (http or https) and `refresh` (seconds). A model name containing a comma cannot be written
-in the string form: use the config file. An upstream with no models learns them from its `/v1/models`.
+in the string form: use the config file. An upstream with no models learns them from its `/v1/models`. The config
+file may also mix both forms in one array (`upstream = ["URL,...", { url = ... }]`), and `LLMGW_GATEWAY_UPSTREAM`
+holds string forms separated by whitespace (llmgw.config.structured_list; parse_upstream_item reads one entry).
+
+Load: `Backend.routing_load` is what the gateway's picker sees -- the server's running + waiting requests, and a
+KV-full server (usage >= KV_CACHE_FULL) made to look as busy as it can while still taking requests.
 """
 
 from __future__ import annotations
@@ -43,6 +48,12 @@ NO_CAPACITY_LIMIT = 0  # capacity 0: the gateway sets no per-server concurrency 
 DEFAULT_DNS_REFRESH_S = 5.0
 DNS_SCHEME = "dns"
 MAX_MODEL_NAME_CHARS = 256
+# Server-reported KV cache usage at or above this is "KV-full": one more request would wait in the server's queue or
+# preempt a running one (vLLM and SGLang run with their caches well used, so only the last few percent count).
+KV_CACHE_FULL = 0.95
+# What a KV-full server without a capacity adds to its load: more requests than any one server runs at once
+# (vLLM's max_num_seqs defaults to 256 or 1024), so the picker takes it only when every other server is KV-full too.
+KV_FULL_EXTRA_LOAD = 1024
 
 
 class UpstreamConfigError(ValueError):
@@ -140,6 +151,24 @@ class Backend:
 
     def with_load(self, load: ServerLoad | None) -> Backend:
         return dataclasses.replace(self, load=load)
+
+    @property
+    def routing_load(self) -> int:
+        """The load the gateway's picker sees for this server (docs/backends.md, "Load"): its reported running +
+        waiting requests; when its KV cache is full (usage >= KV_CACHE_FULL), as loaded as it can be while still
+        taking requests -- capacity - 1 when it has a capacity (the gateway then sends it at most one more request
+        until the next report shows room), else KV_FULL_EXTRA_LOAD more. The bounded-load ring walk and least
+        connections thus pass it by while another server has room, and take it again once it reports below the
+        threshold. 0 when the server reports no load."""
+        load = self.load
+        if load is None:
+            return 0
+        queued = load.running + load.waiting
+        if load.kv_cache_usage is None or load.kv_cache_usage < KV_CACHE_FULL:
+            return queued
+        if self.capacity > 0:
+            return max(queued, self.capacity - 1)
+        return queued + KV_FULL_EXTRA_LOAD
 
 
 def canonical_id(base_url: str) -> str:
@@ -267,15 +296,17 @@ _TABLE_KEYS = frozenset({"url", "kind", "models", "aliases", "weight", "capacity
 _DNS_ONLY_KEYS = frozenset({"scheme", "refresh"})
 
 
-def parse_upstream_arg(text: str) -> UpstreamSpec:
-    """One `--upstream` value: `URL[,key=value...]` (see the module docstring)."""
+def parse_upstream_arg(text: str, where: str = "") -> UpstreamSpec:
+    """One `--upstream` value: `URL[,key=value...]` (see the module docstring). `where` names its source in error
+    messages (default: the flag)."""
     if not isinstance(text, str) or not text.strip():
-        raise UpstreamConfigError("--upstream needs a URL, got an empty value")
+        raise UpstreamConfigError(f"{where}: an upstream needs a URL, got an empty value" if where
+                                  else "--upstream needs a URL, got an empty value")
     url, *options = [part.strip() for part in text.strip().split(",")]
     table: dict[str, Any] = {"url": url}
     models: list[str] = []
     aliases: list[tuple[str, str]] = []
-    where = f"--upstream {text!r}"
+    where = f"{where} ({text!r})" if where else f"--upstream {text!r}"
     for option in options:
         key, sep, value = option.partition("=")
         key, value = key.strip(), value.strip()
@@ -315,18 +346,42 @@ def parse_upstream_tables(tables: object) -> list[UpstreamSpec]:
         where = f"[[upstream]] entry {number}"
         if not isinstance(table, dict):
             raise UpstreamConfigError(f"{where}: must be a table, got {type(table).__name__}")
-        if isinstance(table.get("url"), str):
-            where += f" (url = {table['url']!r})"
-        unknown = sorted(set(table) - _TABLE_KEYS)
-        if unknown:
-            raise UpstreamConfigError(f"{where}: unknown key(s) {unknown} (known: {sorted(_TABLE_KEYS)})")
-        specs.append(_spec_from_table(table, where))
+        specs.append(parse_upstream_table(table, where))
     _check_unique_ids(specs)
     return specs
 
 
-def parse_upstream_args(values: Iterable[str]) -> list[UpstreamSpec]:
-    specs = [parse_upstream_arg(value) for value in values]
+def parse_upstream_table(table: Mapping[str, Any], where: str) -> UpstreamSpec:
+    """One `[[upstream]]` table; `where` names it in error messages (its url is added when it has one)."""
+    if isinstance(table.get("url"), str):
+        where += f" (url = {table['url']!r})"
+    unknown = sorted(set(table) - _TABLE_KEYS)
+    if unknown:
+        raise UpstreamConfigError(f"{where}: unknown key(s) {unknown} (known: {sorted(_TABLE_KEYS)})")
+    return _spec_from_table(table, where)
+
+
+def parse_upstream_item(value: object, where: str) -> UpstreamSpec:
+    """One item of the config file's `upstream` array or of `LLMGW_GATEWAY_UPSTREAM`: a `--upstream` string or an
+    `[[upstream]]` table (llmgw.config hands them over with `where` naming the file or variable and the entry)."""
+    if isinstance(value, str):
+        return parse_upstream_arg(value, where)
+    if isinstance(value, Mapping):
+        return parse_upstream_table(value, where)
+    raise UpstreamConfigError(f"{where}: an upstream is a URL string or a table, got {type(value).__name__}")
+
+
+def parse_upstream_args(values: Iterable[str | UpstreamSpec | Mapping[str, Any]]) -> list[UpstreamSpec]:
+    """The gateway's whole list: `--upstream` strings, and what the config file or the environment gave (already
+    parsed by parse_upstream_item, or tables); the same server listed twice is an error."""
+    specs: list[UpstreamSpec] = []
+    for number, value in enumerate(values, 1):
+        if isinstance(value, (Backend, DnsUpstream)):
+            specs.append(value)
+        elif isinstance(value, Mapping):
+            specs.append(parse_upstream_table(value, f"upstream entry {number}"))
+        else:
+            specs.append(parse_upstream_arg(value))
     _check_unique_ids(specs)
     return specs
 
