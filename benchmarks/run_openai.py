@@ -45,6 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from llmgw.cluster import MemberProcess, free_port  # noqa: E402 - after the sys.path set-up, as in openai_load.py
+
 LOADGEN = ROOT / "benchmarks" / "openai_load.py"
 MODEL = "mock-model"
 CONCURRENCIES = (1, 16, 64, 256)
@@ -102,15 +104,15 @@ class PathUnavailable(Exception):
 
 
 class ServerProcess:
-    """A server subprocess whose output goes to a log file (no pipe to fill); stopped by `stop()`."""
+    """A server subprocess (llmgw.cluster.MemberProcess: its own process group, output to a log file, no pipe to
+    fill); stopped by `stop()`."""
 
     def __init__(self, name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None) -> None:
         self.name = name
-        self.log_path = workdir / f"{name}.log"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         cwd=ROOT, env=env)
-        self.pid = self.proc.pid
+        self.process = MemberProcess(argv, workdir / f"{name}.log", name=name, env=env, cwd=ROOT)
+        self.log_path = self.process.log_path
+        self.proc = self.process.popen
+        self.pid = self.process.pid
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -132,13 +134,8 @@ class ServerProcess:
             time.sleep(0.05)
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout)
+        """SIGTERM to the process group, up to `timeout` s, then SIGKILL of the group."""
+        self.process.stop(timeout)
 
 
 def _tail(text: str, lines: int = 6) -> str:
@@ -146,15 +143,11 @@ def _tail(text: str, lines: int = 6) -> str:
 
 
 def free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port("127.0.0.1")
 
 
 def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port("127.0.0.1", socket.SOCK_DGRAM)
 
 
 def wait_http_ok(url: str, timeout: float, check: Callable[[bytes], bool] = lambda body: True) -> None:

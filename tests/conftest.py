@@ -6,7 +6,9 @@
                one-shot CLI or tool runs
     system     root and network namespaces, a fresh venv (packaging), an external model server (llama.cpp)
 
-`make test-fast` runs `pytest -m "unit and not slow"`; `pytest -m "unit or inprocess"` adds the in-process tier.
+`make test-fast` runs `pytest -m "unit and not slow"` under the "fast" hypothesis profile (property-test budgets,
+below); `pytest -m "unit or inprocess"` adds the in-process tier. With -m, files of tiers it cannot select are not
+imported at all.
 A test file missing from TEST_TIERS is a collection error (a new file must be classified); tests/test_tiers.py
 checks the table against the files on disk. A unit test that binds or listens on a socket or starts a process fails
 (the guard below), so the unit tier stays what its name says.
@@ -107,6 +109,7 @@ TEST_TIERS: dict[str, str | tuple[str, dict[str, str]]] = {
     "test_sessions.py": "inprocess",
     "test_status_cli.py": "inprocess",
     "test_tenancy_gateway.py": "inprocess",
+    "test_tenancy_upstream.py": "inprocess",
     "test_upstream_client.py": "inprocess",
     "test_upstream_discovery.py": "inprocess",
     "test_upstream_mock.py": "inprocess",
@@ -115,6 +118,7 @@ TEST_TIERS: dict[str, str | tuple[str, dict[str, str]]] = {
     "test_upstream_faults.py": "inprocess",
     "test_workers_metrics.py": "inprocess",
     "test_tracing_gateway.py": "inprocess",
+    "test_served_bookkeeping.py": "inprocess",
     # ---- cluster: child processes ----
     "test_agent_process.py": "cluster",
     "test_upstream_cli.py": "cluster",
@@ -124,6 +128,7 @@ TEST_TIERS: dict[str, str | tuple[str, dict[str, str]]] = {
     "test_cluster.py": "cluster",
     "test_dataplane.py": "cluster",
     "test_gossip_process.py": "cluster",
+    "test_grpc_fork.py": "cluster",
     "test_hostile_requests.py": "cluster",
     "test_member_process.py": "cluster",
     "test_mixed_cluster.py": "cluster",
@@ -328,10 +333,11 @@ def _load_hypothesis_profile() -> str:
     name = os.environ.get(HYPOTHESIS_PROFILE_ENV, "")
     if name:
         try:
-            settings.load_profile(name)
+            settings.get_profile(name)  # first: load_profile would record an unknown name as current, then raise
         except InvalidArgument:
             raise pytest.UsageError(f"{HYPOTHESIS_PROFILE_ENV}={name!r} is not a hypothesis settings profile; use "
                                     f"{FAST_PROFILE!r}, 'default' or 'ci', or leave it unset") from None
+        settings.load_profile(name)
     return name
 
 

@@ -1,11 +1,11 @@
 """The agent (llmgw/agent.py) against the deterministic mock server: what it advertises, and when."""
 
 import asyncio
-import socket
 
 import pytest
 
 from llmgw.agent import Agent
+from llmgw.cluster import free_port
 from llmgw.testing.mock_openai import MockOpenAIServer
 from llmgw.upstream.backends import HealthState, ServerLoad
 from llmgw.upstream.capabilities import BackendKind
@@ -86,9 +86,7 @@ def test_models_load_and_health_are_advertised_kill_and_restart():
 
 def test_a_server_down_from_the_start_is_advertised_unhealthy_never_unknown():
     async def scenario():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]  # nothing listens here once the socket is closed
+        port = free_port()  # nothing listens here
         published = Recorder()
         async with Agent(f"http://127.0.0.1:{port}", "vllm", publish=published, probe_interval_s=0.05,
                          unhealthy_after=3) as agent:

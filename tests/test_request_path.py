@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from replica_fakes import answer, chunk, fake_gateway, healthy
 
 from llmgw.gateway import InferenceRequest, Unavailable
-from llmgw.gateway.events import AttemptOutcome, RequestListener
+from llmgw.gateway.events import AttemptOutcome, RequestListener, RequestOutcome, RequestRecord
 from llmgw.gateway.replica_stream import AttemptError, AttemptErrorKind
 
 FAILURES = {
@@ -129,6 +129,57 @@ def test_a_client_that_leaves_frees_the_replica_and_is_reported_cancelled():
         await stream.aclose()
         assert first.index == 0 and transport.streams[0].cancelled and gateway.in_flight == {}
         assert events.attempts[-1] == ("a", AttemptOutcome.CANCELLED)
+        await gateway.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+class Records(Events):
+    """Attempt events and the request records as the listeners get them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[RequestRecord] = []
+
+    def request_finished(self, record):
+        self.records.append(record)
+
+
+@pytest.mark.parametrize("shape", ["batches", "events", "one_chunk"])
+def test_a_front_that_closes_at_the_final_batch_still_books_a_success(shape):
+    """The HTTP fronts and the gRPC front may aclose() the stream as soon as they hold the final batch: the
+    request is served all the same -- counted, its attempt reported OK (never CANCELLED), the breaker told."""
+    async def scenario():
+        per_chunk = 6 if shape == "one_chunk" else 2
+        gateway, transport = await fake_gateway({"a": lambda resume, mt: answer(resume, mt, per_chunk=per_chunk)})
+        seen = Records()
+        gateway.add_listener(seen)
+        successes = []
+        record_success = gateway.breakers.record_success
+        gateway.breakers.record_success = lambda *args, **kw: (successes.append(args[0]), record_success(*args, **kw))
+        request = InferenceRequest(prompt="p", max_tokens=6)
+        tokens = []
+        if shape == "events":
+            stream = gateway.infer(request)
+            async for event in stream:
+                tokens.append(event.index)
+                if event.is_final:
+                    break
+        else:
+            stream = gateway.infer_batches(request)
+            async for batch in stream:
+                tokens.extend(event.index for event in batch)
+                if batch[-1].is_final:
+                    break
+        # Served before the front lets go: the counters a status call reads already say so.
+        assert tokens == list(range(6)) and gateway.stats.served_total == 1 and successes == ["a"]
+        await stream.aclose()  # what a front does right after the final batch
+        assert gateway.stats.served_total == 1 and gateway.stats.failed_total == 0
+        assert [o for _, o in seen.attempts] == [AttemptOutcome.FIRST_TOKEN, AttemptOutcome.OK]
+        assert successes == ["a"] and gateway.breakers.state("a") == "closed"
+        assert len(seen.records) == 1 and seen.records[0].outcome is RequestOutcome.OK
+        assert seen.records[0].complete and seen.records[0].tokens == 6
+        assert gateway.in_flight == {} and not transport.streams[0].cancelled
         await gateway.stop()
 
     asyncio.run(asyncio.wait_for(scenario(), 10))

@@ -5,7 +5,6 @@ stalls`; figures in docs/reliability.md."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import subprocess
 import sys
 
@@ -48,30 +47,21 @@ def test_a_replica_frozen_3_s_under_30_streams_costs_clients_under_a_second_and_
     assert all(d < 1.0 for rid, d in figures["status_deadlines"].items() if rid != figures["frozen"]), figures
 
 
-def test_jittery_slow_and_pausing_replicas_raise_no_false_alarm(tmp_path):
-    """Three clusters side by side, one per behaviour, each with one healthy replica beside the unusual one; 15 s
-    of 30 streams each (the benchmark runs 60 s)."""
-    with contextlib.ExitStack() as stack:
-        setups = {}
-        for kind, extra in BEHAVIOURS.items():
-            cluster = stack.enter_context(Cluster(tmp_path / kind, gossip_config="local"))
-            setups[kind] = start(cluster, {f"replica-{kind}": extra, "replica-healthy": []},
-                                 gateway_args=GATEWAY_ARGS.get(kind, ()))
-
-        async def all_at_once():
-            runs = [steady_run(setup, streams=30, max_tokens=30 if kind != "slow" else 10, duration_s=15.0,
-                               prefix=kind) for kind, setup in setups.items()]
-            return dict(zip(setups, await asyncio.gather(*runs), strict=True))
-
-        results = asyncio.run(all_at_once())
-    for kind, figures in results.items():
-        print(kind, figures)
-        assert figures["requests"] >= 30 and figures["failed"] == 0 and figures["inexact"] == 0, (kind, figures)
-        assert figures["suspicions"] == 0 and figures["stall_failovers"] == 0, (kind, figures)
-        assert figures["failovers"] == 0, (kind, figures)
-        # The unusual replica served its share, and its deadline was learnt (below the 5 s ceiling).
-        assert figures["served_by"].get(f"replica-{kind}", 0) >= 15, (kind, figures)
-        assert figures["inter_token_deadline_s"][f"replica-{kind}"] < 5.0, (kind, figures)
-    # A 10x slower replica gets a longer deadline than the fast healthy one next to it: slow is not punished.
-    slow = results["slow"]["inter_token_deadline_s"]
-    assert slow["replica-slow"] > slow["replica-healthy"], slow
+@pytest.mark.parametrize("kind", sorted(BEHAVIOURS))
+def test_jittery_slow_and_pausing_replicas_raise_no_false_alarm(tmp_path, kind):
+    """The unusual replica beside one healthy replica, 30 streams for 12 s (the benchmark runs 60 s each)."""
+    with Cluster(tmp_path, gossip_config="local") as cluster:
+        setup = start(cluster, {f"replica-{kind}": BEHAVIOURS[kind], "replica-healthy": []},
+                      gateway_args=GATEWAY_ARGS.get(kind, ()))
+        figures = asyncio.run(steady_run(setup, streams=30, max_tokens=10 if kind == "slow" else 30,
+                                         duration_s=12.0, prefix=kind))
+    print(kind, figures)
+    assert figures["requests"] >= 30 and figures["failed"] == 0 and figures["inexact"] == 0, figures
+    assert figures["suspicions"] == 0 and figures["stall_failovers"] == 0, figures
+    assert figures["failovers"] == 0, figures
+    # The unusual replica served its share, and its deadline was learnt (below the 5 s ceiling).
+    assert figures["served_by"].get(f"replica-{kind}", 0) >= 15, figures
+    deadlines = figures["inter_token_deadline_s"]
+    assert deadlines[f"replica-{kind}"] < 5.0, figures
+    if kind == "slow":  # a 10x slower replica gets a longer deadline than the fast one: slow is not punished
+        assert deadlines["replica-slow"] > deadlines["replica-healthy"], deadlines

@@ -152,6 +152,7 @@ def test_a_hiccup_shorter_than_the_continuations_first_token_costs_nothing():
     run(scenario())
 
 
+@pytest.mark.slow  # ~1 s of real time (the 1 s first-token floor): left out of `make test-fast`
 def test_a_first_token_that_does_not_come_is_raced_too():
     async def scenario():
         script = scripted(starting_after(3.0), starting_after(0.02))
@@ -316,6 +317,7 @@ def test_replica_flags_for_the_gray_behaviours_and_their_checks():
             replica.config_from_args(parser.parse_args(bad))
 
 
+@pytest.mark.slow  # ~1.6 s of real time (two 80-token scenarios): left out of `make test-fast`
 def test_a_silence_every_active_replica_shares_is_not_one_replicas_stall():
     """Two streams on two replicas go quiet together (the gateway's host or network, not a replica): no
     suspicion. One quiet while the other keeps streaming: suspected as usual."""

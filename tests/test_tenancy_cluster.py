@@ -110,6 +110,55 @@ def test_a_gateway_cut_off_from_the_others_falls_back_to_its_share_and_the_other
     assert all(d["received"] > 0 and d["bad"] == 0 for d in out["digests"].values()), out["digests"]
 
 
+WORKERS = ("gateway-1-w0", "gateway-1-w1")
+
+
+async def _answers_by_worker(address: str, key: str) -> dict[str, str]:
+    """The answer (status code name) each worker of `address` gives an Infer call with `key`: the workers share the
+    port, so each fresh connection (a subchannel pool of its own) lands on one of them; bounded tries."""
+    from llmgw._proto import llmgateway_pb2 as pb
+    from llmgw._proto import llmgateway_pb2_grpc as pb_grpc
+
+    answers: dict[str, str] = {}
+    for _ in range(200):
+        channel = grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+        try:
+            worker = (await pb_grpc.GatewayAdminStub(channel).GetStatus(pb.GatewayStatusRequest(),
+                                                                        timeout=10)).gateway_id
+            if worker not in answers:
+                answers[worker] = (await _grpc_request(channel, "which keys", 2, key, timeout_s=10.0))[0]
+        finally:
+            await channel.close()
+        if len(answers) == len(WORKERS):
+            return answers
+    raise AssertionError(f"200 connections reached only {sorted(answers)}")
+
+
+def test_sighup_to_the_supervisor_of_workers_reloads_the_key_file_in_every_worker(tmp_path: Path):
+    text, keys = key_file_text({"team": {}})
+    path = tmp_path / "keys.toml"
+    path.write_text(text)
+    new_key = "sk-llmgw-workers-new-key-000001"
+    with Cluster(tmp_path, log_level="INFO") as c:
+        c.start_replica("replica-1", token_delay_ms=1)
+        gateway = c.start_gateway("gateway-1", extra=["--workers", "2", "--keys", str(path)], wait_ready=False)
+        wait_until(lambda: gateway.log_path.read_text().count("READY") == 2, 60, what="both workers ready")
+
+        def answers(key: str) -> dict[str, str]:
+            return asyncio.run(asyncio.wait_for(_answers_by_worker(gateway.grpc_address, key), 60.0))
+
+        everyone_ok = dict.fromkeys(WORKERS, "ok")
+        wait_until(lambda: answers(keys["team"]) == everyone_ok, 30.0, 0.3, "both workers to serve the key")
+        path.write_text(text + f'[[key]]\nsha256 = "{hash_key(new_key)}"\ntenant = "team"\n')
+        # The file alone changes nothing: each worker reads it at start and on a reload.
+        assert answers(new_key) == dict.fromkeys(WORKERS, "unauthenticated")
+        os.kill(gateway.pid, signal.SIGHUP)  # to the supervisor only: it forwards the signal to each worker
+        wait_until(lambda: answers(new_key) == everyone_ok, 20.0, 0.3, "both workers to take the new key")
+        assert answers(keys["team"]) == everyone_ok
+        assert gateway.alive() and gateway.log_path.read_text().count("reloaded: 2 keys, 1 tenants") == 2
+        assert new_key not in gateway.log_path.read_text()
+
+
 # ---- the CLI -----------------------------------------------------------------------------------------------
 def _llmgw(*args: str, stdin: str = "", timeout: float = 60.0) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))

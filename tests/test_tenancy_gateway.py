@@ -92,14 +92,18 @@ class Stack(ReplicaPool):
         async with self.session.request(method, path, headers={"Authorization": f"Bearer {ADMIN}"}) as resp:
             return resp.status, await resp.json()
 
-    async def infer_grpc(self, key: str | None, *, model: str | None = None, max_tokens: int = 3):
+    async def infer_grpc(self, key: str | None, *, model: str | None = None, max_tokens: int = 3,
+                         model_field: str = ""):
+        """`model`: named in the `llmgw-model` metadata (clients of the reference's proto); `model_field`: in
+        InferRequest.model."""
         metadata = []
         if key is not None:
             metadata.append(("authorization", f"Bearer {key}"))
         if model is not None:
             metadata.append(("llmgw-model", model))
         call = pb_grpc.InferenceGatewayStub(self.channel).Infer(
-            pb.InferRequest(prompt="hello tenants", max_tokens=max_tokens), timeout=10.0, metadata=metadata or None)
+            pb.InferRequest(prompt="hello tenants", max_tokens=max_tokens, model=model_field), timeout=10.0,
+            metadata=metadata or None)
         tokens = [msg async for msg in call]
         return tokens, call
 
@@ -218,6 +222,27 @@ def test_a_key_limited_to_some_models_gets_403_for_others_on_both_fronts(keys_pa
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED
         tokens, _ = await s.infer_grpc(KEYS["llama"], model="llama-3-8b")
         assert tokens[-1].is_final
+
+    run(scenario)
+
+
+def test_grpc_names_the_model_in_the_request_field_and_the_key_may_use_only_its_own(keys_path):
+    async def scenario(s: Stack):
+        await s.add_replica("r1", token_delay_ms=1)
+        await s.start(keys_path)
+        err = await grpc_error(s.infer_grpc(KEYS["llama"], model_field="qwen-2-7b"))
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED and "llama-team" in err.details()
+        assert "qwen-2-7b" in err.details()
+        tokens, _ = await s.infer_grpc(KEYS["llama"], model_field="llama-3-8b")
+        assert tokens[-1].is_final
+        # The field wins over the metadata (kept for clients of the reference's proto, which has no field 8).
+        err = await grpc_error(s.infer_grpc(KEYS["llama"], model_field="qwen-2-7b", model="llama-3-8b"))
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        tokens, _ = await s.infer_grpc(KEYS["llama"], model_field="llama-3-8b", model="qwen-2-7b")
+        assert tokens[-1].is_final
+        err = await grpc_error(s.infer_grpc(KEYS["llama"]))
+        assert "InferRequest.model" in err.details()
+        assert s.gate.forbidden == 3
 
     run(scenario)
 

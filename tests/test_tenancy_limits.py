@@ -360,3 +360,106 @@ def test_gossip_bandwidth_with_1000_tenants_is_bounded():
     small = digest_bandwidth(10, 3, interval_s=0.5, budget_bytes=1024, duration_s=10.0)
     assert small.bytes_per_s_per_node < report.bytes_per_s_per_node / 2
     assert small.longest_gap_s <= 0.5
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pace: smooth at one-second resolution
+
+
+def per_second(admitted, seconds):
+    counts = [0] * seconds
+    for t, _ in admitted:
+        counts[int(t)] += 1
+    return counts
+
+
+def test_a_burst_after_a_quiet_spell_is_two_seconds_pace_and_is_paid_back_in_the_next_second():
+    lim = limiter(TenantLimits(requests_per_minute=600))  # 10/s
+    for _ in range(20):
+        assert lim.try_admit("t", 0.5) is ALLOWED
+        lim.stream_ended("t")
+    refused = lim.check("t", 0.6)
+    assert refused.limit is Limit.REQUESTS and refused.retry_after_s == pytest.approx(1.4)  # second 1 holds 0
+    assert lim.check("t", 1.5) is not ALLOWED
+    for _ in range(10):
+        assert lim.try_admit("t", 2.0) is ALLOWED
+    assert lim.check("t", 2.5).retry_after_s == pytest.approx(0.5)
+    # Quiet again for a whole pacing window: the burst allowance is back.
+    for _ in range(20):
+        assert lim.try_admit("t", 7.0) is ALLOWED
+    assert lim.check("t", 7.0) is not ALLOWED
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(st.integers(1, 4), st.sampled_from([300, 600, 1200, 3000]), st.sampled_from([1.5, 2.0, 3.0, 4.0]),
+       st.sampled_from([0.1, 0.25, 0.5]))
+def test_the_cluster_admits_the_limit_rate_in_every_second_after_the_start(gateways, per_minute, overload,
+                                                                           interval):
+    """Offered `overload` x the limit, spread round-robin over the gateways, digests every `interval`. Until the
+    first digest tells each gateway its slice of the demand, each may take two seconds' pace from quiet; that
+    burst is paid back in the next seconds. From the fourth second on, every single second admits the limit / 60
+    within 10 % (or one request, whichever is more), and no 5 s window holds more than the limit's share."""
+    nodes = cluster(gateways, TenantLimits(requests_per_minute=per_minute))
+    seconds = 30
+    counts = per_second(simulate(nodes, seconds=seconds, rate=per_minute / 60 * overload, interval=interval),
+                        seconds)
+    pace = per_minute / 60
+    tolerance = max(0.1 * pace, 1.0)
+    assert all(abs(count - pace) <= tolerance for count in counts[3:]), counts
+    assert counts[0] <= 2 * pace * gateways + gateways, counts
+    assert all(sum(counts[s:s + 5]) <= 5 * pace + gateways for s in range(seconds - 4)), counts
+
+
+def test_random_arrivals_stay_near_the_limit_rate_every_second():
+    import random
+
+    rng = random.Random(7)
+    nodes = cluster(3, TenantLimits(requests_per_minute=600))
+    admitted = []
+    next_digest = 0.0
+    for k in range(60 * 30):
+        now = k / 30
+        while next_digest <= now:
+            exchange(nodes, next_digest)
+            next_digest += 0.5
+        index = rng.choices(range(3), [1, 2, 3])[0]  # uneven, random
+        if nodes[index].try_admit("t", now) is ALLOWED:
+            admitted.append((now, index))
+            nodes[index].stream_ended("t")
+    counts = per_second(admitted, 60)
+    spread = (sum((c - 10) ** 2 for c in counts[2:]) / len(counts[2:])) ** 0.5
+    # Without the pace the pacing window alone gave 30, 21, 0, 0, 0, ... (a standard deviation over 10).
+    assert spread < 3.0, counts
+    # Each gateway's slice moves with its random share of the arrivals, and a slice that shrank holds its gateway
+    # back for a moment: the cluster stays under the limit, a few percent below it.
+    assert max(counts[2:]) <= 16 and 0.9 * 580 <= sum(counts[2:]) <= 580, counts
+
+
+@settings(max_examples=examples(150), deadline=None)
+@given(st.lists(st.floats(0.0, 0.05), min_size=30, max_size=150), st.integers(60, 600))
+def test_retry_after_stays_exact_with_the_pace(gaps, per_minute):
+    """Alone, at rates where the pace binds: a refused request passes exactly `retry_after_s` later and not a
+    moment before, and no second (bucket) after a busy one holds more than two buckets' pace."""
+    config = LimiterConfig()
+    lim = limiter(TenantLimits(requests_per_minute=per_minute), config)
+    admitted: list[int] = []
+    now = 0.0
+    for gap in gaps:
+        now += gap
+        decision = lim.check("t", now)
+        if decision is ALLOWED:
+            lim.record_request("t", now)
+            admitted.append(int(now))
+            continue
+        retry = decision.retry_after_s
+        assert retry > 0
+        probe = limiter(TenantLimits(requests_per_minute=per_minute), config)
+        for b in admitted:
+            probe.record_request("t", float(b))
+        assert probe.check("t", now + retry - 1e-6) is not ALLOWED
+        assert probe.check("t", now + retry + 1e-9) is ALLOWED
+    pace = per_minute / 60
+    for bucket in set(admitted):
+        assert admitted.count(bucket) <= max(2 * pace, config.burst) + 1
+    # 30+ requests within 1.5 s are more than two buckets' pace (or the burst) allows: the retries were checked.
+    assert len(admitted) < len(gaps)

@@ -1,5 +1,6 @@
 """The test tiers (tests/conftest.py): the table classifies every test file and only real ones, the tiers are
-registered markers, and the unit-tier guard refuses sockets and processes even when a test swallows the refusal."""
+registered markers, the unit-tier guard refuses sockets and processes even when a test swallows the refusal, `-m`
+leaves files of tiers it cannot select unimported, and property-test budgets follow the hypothesis profile."""
 
 from __future__ import annotations
 
@@ -15,18 +16,27 @@ import tomllib
 import types
 from pathlib import Path
 
+import conftest
 import pytest
 from conftest import (
+    FAST_MAX_EXAMPLES,
+    FAST_PROFILE,
+    HYPOTHESIS_PROFILE_ENV,
     ROOT,
     TEST_TIERS,
     TESTS_DIR,
     TIERS,
     UnitTierViolation,
+    _expression_may_select,
     _guarded_phase,
+    _load_hypothesis_profile,
     _unit_guard,
+    examples,
     pytest_collection_modifyitems,
+    pytest_ignore_collect,
     tier_of,
 )
+from hypothesis import settings
 
 
 def _test_functions(path: Path) -> set[str]:
@@ -140,3 +150,80 @@ def test_tests_of_other_tiers_run_unguarded():
     assert socket.socket.bind.__name__ == "refused"  # still this unit test's own guard, not a new one
     with pytest.raises(StopIteration):
         phase.send(None)
+
+
+# ---- -m: files of tiers the expression cannot select are not imported ------------------------------------------
+class _FakeConfig:
+    def __init__(self, markexpr: str) -> None:
+        self.markexpr = markexpr
+
+    def getoption(self, name: str, default: object = None) -> object:
+        assert name == "markexpr"
+        return self.markexpr
+
+
+def test_the_mark_expression_is_judged_for_every_assignment_of_its_other_names():
+    cases = {
+        "unit and not slow": {"unit"},
+        "not unit": {"inprocess", "cluster", "system"},
+        "inprocess or unit": {"unit", "inprocess"},
+        "slow": set(TIERS),  # any tier may hold a slow test
+        "unit and slow and not slow": set(),
+        # `foo` is read only once `slow` is true (short-circuit): found and tried in a later round.
+        "unit and slow and foo": {"unit"},
+        "unit and": set(TIERS),  # invalid (pytest reports it): in doubt, every tier
+    }
+    for expression, expected in cases.items():
+        assert {tier for tier in TIERS if _expression_may_select(expression, tier)} == expected, expression
+
+
+def test_with_a_mark_expression_files_it_cannot_select_are_not_imported():
+    fast = _FakeConfig("unit and not slow")
+
+    def ignored(path: Path, config: _FakeConfig = fast) -> bool | None:
+        return pytest_ignore_collect(path, config)  # type: ignore[arg-type]
+
+    assert ignored(TESTS_DIR / "test_gateway.py") is True  # inprocess
+    assert ignored(TESTS_DIR / "test_netns.py") is True  # system
+    assert ignored(TESTS_DIR / "test_ring.py") is None  # unit
+    assert ignored(TESTS_DIR / "test_config.py") is None  # unit, with a few cluster tests
+    assert ignored(TESTS_DIR / "test_config.py", _FakeConfig("cluster")) is None  # for those few
+    assert ignored(TESTS_DIR / "test_ring.py", _FakeConfig("cluster")) is True
+    assert ignored(TESTS_DIR / "test_brand_new.py") is None  # unclassified: collected, so the error names it
+    assert ignored(TESTS_DIR / "harness.py") is None
+    assert ignored(TESTS_DIR / "test_gateway.py", _FakeConfig("")) is None  # no -m: everything
+    assert ignored(ROOT / "test_gateway.py") is None  # not in tests/
+
+
+# ---- property-test budgets -------------------------------------------------------------------------------------
+def test_the_fast_profile_runs_few_derandomized_examples_without_a_database():
+    fast = settings.get_profile(FAST_PROFILE)
+    assert (fast.max_examples, fast.derandomize, fast.database) == (FAST_MAX_EXAMPLES, True, None)
+
+
+def test_examples_is_the_pinned_budget_unless_the_fast_profile_scales_it_down(monkeypatch):
+    budgets = (1, 2, 20, 60, 150, 1000)
+    for profile in ("", "default", "ci"):
+        monkeypatch.setattr(conftest, "HYPOTHESIS_PROFILE", profile)
+        assert [examples(n) for n in budgets] == list(budgets), profile
+    monkeypatch.setattr(conftest, "HYPOTHESIS_PROFILE", FAST_PROFILE)
+    assert [examples(n) for n in budgets] == [1, 2, 2, 6, 10, 10]
+
+
+def test_an_unknown_profile_name_is_a_clear_usage_error(monkeypatch):
+    monkeypatch.setenv(HYPOTHESIS_PROFILE_ENV, "fastest")
+    with pytest.raises(pytest.UsageError, match="LLMGW_HYPOTHESIS_PROFILE='fastest' is not a hypothesis settings"):
+        _load_hypothesis_profile()
+    monkeypatch.delenv(HYPOTHESIS_PROFILE_ENV)
+    assert _load_hypothesis_profile() == ""  # unset: hypothesis keeps its own choice
+
+
+def test_every_pinned_example_budget_goes_through_examples():
+    """A bare max_examples=N would ignore the fast profile (and a bare one in `make test-fast` is the slow part)."""
+    bare = []
+    for path in sorted(TESTS_DIR.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Call):
+                bare += [f"{path.name}:{node.lineno}" for keyword in node.keywords
+                         if keyword.arg == "max_examples" and isinstance(keyword.value, ast.Constant)]
+    assert bare == [], "use max_examples=examples(N) (tests/conftest.py)"

@@ -3,12 +3,12 @@
 import asyncio
 import email.utils
 import json
-import socket
 import time
 
 import pytest
 from aiohttp import web
 
+from llmgw.cluster import free_port
 from llmgw.testing.mock_openai import CREATED, Fault, FaultKind, MockOpenAIServer, expected_text, render_chat
 from llmgw.upstream.client import (
     Endpoint,
@@ -232,9 +232,7 @@ def test_first_byte_timeout_and_connect_refused():
         with pytest.raises(UpstreamError) as first_byte:
             await stream.read()
         waited = time.monotonic() - started
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            closed_port = probe.getsockname()[1]
+        closed_port = free_port()  # nothing listens here
         with pytest.raises(UpstreamError) as refused:
             await client.open_stream(f"http://127.0.0.1:{closed_port}", Endpoint.CHAT, chat_body(stream=True))
         with pytest.raises(UpstreamError) as refused_models:

@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Protocol
 
 from llmgw.gateway.api import DeadlineExceeded, InferenceRequest, InvalidArgument, TokenEvent
 from llmgw.gateway.capacity import Ticket
-from llmgw.gateway.replica_stream import AttemptError, AttemptErrorKind, ReplicaChunk, ReplicaStream, Transport
+from llmgw.gateway.replica_stream import (
+    AttemptError,
+    AttemptErrorKind,
+    ReplicaChunk,
+    ReplicaStream,
+    ReportedUsage,
+    Transport,
+)
 from llmgw.tracing import NOOP_SPAN, Span
 
 if TYPE_CHECKING:
@@ -60,7 +67,7 @@ class Job:
     the client already has (the resume point of the next attempt; each attempt appends what it delivers)."""
 
     __slots__ = ("deadline", "forwarded", "max_tokens", "prompt", "request", "request_id", "trace",
-                 "transport_state")
+                 "transport_state", "usage")
 
     def __init__(self, request: InferenceRequest, request_id: str, deadline: float) -> None:
         self.request = request
@@ -70,6 +77,7 @@ class Job:
         self.deadline = deadline  # event-loop time
         self.forwarded: list[str] = []
         self.transport_state: object = None  # what a transport keeps about this request across its attempts
+        self.usage: ReportedUsage | None = None  # the server's usage, when a transport saw one
         # The span of the attempt being opened (llmgw.tracing; NOOP_SPAN when not tracing): the request path sets
         # it just before Attempt.open(), whose transport.open() reads it synchronously for the outgoing
         # traceparent (gRPC metadata + GenerateRequest.traceparent; span.inject(headers) over HTTP).

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 
 from llmgw.gateway.api import ErrorKind, TokenEvent
+from llmgw.gateway.replica_stream import ReportedUsage
 from llmgw.tracing import NOOP_SPAN, Span
 
 
@@ -77,6 +78,7 @@ class RequestRecord:
         "tokens",
         "trace",
         "ttft_s",
+        "usage",
     )
 
     def __init__(self, request_id: str, client_id: str, hedge: bool, started: float, tenant: str = "",
@@ -100,6 +102,8 @@ class RequestRecord:
         self.prompt_tokens = 0  # as the front counted them (llmgw counts words: it has no tokenizer)
         self.finish_reason: str | None = None  # of the final token ("stop", "length"...), once delivered
         self.trace: Span = NOOP_SPAN  # the request's span (llmgw.tracing); ended after request_finished
+        # The model server's usage (prompt, completion tokens) when it reported one (replica_stream.ReportedUsage).
+        self.usage: ReportedUsage | None = None
 
     @property
     def duration_s(self) -> float:

@@ -37,6 +37,7 @@ from llmgw.gateway.replica_stream import (
     ReplicaChunk,
     ReplicaStream,
     ReplicaTarget,
+    ReportedUsage,
     StreamJob,
     Transport,
 )
@@ -202,10 +203,13 @@ class HttpReplicaStream:
                                             "request") from None
             self._continued_tokens = sent_tokens
         server_model = backend.server_model(request.model) or request.model
-        prepared = prepare_request(body, upstream_model=server_model, need_usage=False)
+        prepared = prepare_request(body, upstream_model=server_model, need_usage=asks_usage(request))
         defaults = self._client.timeouts
-        timeouts = UpstreamTimeouts(connect=min(defaults.connect, self._timeout_s),
-                                    first_byte=min(defaults.first_byte, self._timeout_s), idle=defaults.idle)
+        timeout_s = self._timeout_s
+        timeouts = defaults  # the usual case: the request has more time left than the client's own limits
+        if timeout_s < defaults.connect or timeout_s < defaults.first_byte:
+            timeouts = UpstreamTimeouts(connect=min(defaults.connect, timeout_s),
+                                        first_byte=min(defaults.first_byte, timeout_s), idle=defaults.idle)
         try:
             if request.stream:
                 self._stream = await self._client.open_stream(backend.base_url, endpoint, prepared.body,
@@ -223,6 +227,7 @@ class HttpReplicaStream:
         finish = None
         for choice in _choices_of(data):
             finish = choice.get("finish_reason") or finish
+        _note_usage(self._job, data)
         return ReplicaChunk(0, [text] if text else [], True, _finish_label(finish),
                             raw=[StreamChunk(data, answer.raw)])
 
@@ -261,6 +266,7 @@ class HttpReplicaStream:
                 chunk = self._continued(chunk, chat, pieces, other, chunk_finish)
                 if chunk is None:
                     continue
+            _note_usage(job, chunk.data)
             raws.append(chunk)
             if pieces:
                 tokens.append("".join(pieces))
@@ -283,7 +289,10 @@ class HttpReplicaStream:
                     if isinstance(content, str) and content:
                         pieces.append(content)
                     if not other:
-                        other = any(value for key, value in delta.items() if key not in _CHAT_DELTA_TEXT)
+                        for key, value in delta.items():
+                            if value and key not in _CHAT_DELTA_TEXT:
+                                other = True
+                                break
             else:
                 text = choice.get("text")
                 if isinstance(text, str) and text:
@@ -394,6 +403,27 @@ class MixedTransport:
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
+def asks_usage(request: Any) -> bool:
+    """Whether a streamed request asks the server for usage (`stream_options.include_usage`) even when its client
+    did not: a tenant's tokens count the server's usage where it reports one (llmgw.gateway.tenancy_gate). The
+    HTTP front then forwards none of the usage its client did not ask for (llmgw.http.passthrough)."""
+    return bool(request.tenant)
+
+
+def _note_usage(job: StreamJob, data: dict[str, Any]) -> None:
+    """Keep the server's usage on the job (the latest one: servers reporting it on every chunk count up)."""
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        return
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if _count(prompt) and _count(completion):
+        job.usage = ReportedUsage(prompt, completion)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _choices_of(data: dict[str, Any]) -> list[dict[str, Any]]:
     choices = data.get("choices")
     if not isinstance(choices, list):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from llmgw.tracing import Span
 
@@ -34,6 +34,18 @@ class ReplicaChunk:
     def __repr__(self) -> str:
         return (f"ReplicaChunk(index={self.index}, tokens={self.tokens!r}, is_final={self.is_final}, "
                 f"finish_reason={self.finish_reason!r})")
+
+
+class ReportedUsage(NamedTuple):
+    """A request's token usage as the model server reported it (OpenAI `usage`), in the client's terms: after a
+    failover the text already sent counts as completion, not prompt."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
 
 
 class AttemptErrorKind(enum.Enum):
@@ -109,6 +121,10 @@ class StreamJob(Protocol):
     # What a transport keeps about this request across its attempts (None until one sets it), e.g. the HTTP
     # transport's record of what already reached the client.
     transport_state: object
+
+    # The server's own count of the request's tokens, set by a transport that saw one (None = none reported: the
+    # gateway's count stands). The request path hands it to the tenant's token limit.
+    usage: ReportedUsage | None
 
 
 class Transport(Protocol):

@@ -206,8 +206,8 @@ class RequestPath:
                             ) -> AsyncGenerator[list[TokenEvent], None]:
         """_serve within the tenant's limits: counted once valid, refused (ResourceExhausted with the delay) when
         over a limit; when it ends, however it ends, its stream slot is freed and its tokens are counted: the
-        prompt's as the front counted them (else its words, as the HTTP front's usage does) + the tokens
-        delivered."""
+        model server's usage where it reported one (record.usage), else the prompt's as the front counted them
+        (else its words, as the HTTP front's usage does) + the tokens delivered."""
         tenancy = self.tenancy
         assert tenancy is not None
         check_request(request, self.config)  # an invalid request costs the tenant nothing
@@ -219,10 +219,14 @@ class RequestPath:
                     yield batch
         finally:
             if admitted:
-                prompt_tokens = request.prompt_tokens
-                if prompt_tokens is None:
-                    prompt_tokens = len(request.prompt.split())
-                tenancy.finished(request.tenant, prompt_tokens + record.tokens, loop.time())
+                if record.usage is not None:
+                    tokens = record.usage.total
+                else:
+                    prompt_tokens = request.prompt_tokens
+                    if prompt_tokens is None:
+                        prompt_tokens = len(request.prompt.split())
+                    tokens = prompt_tokens + record.tokens
+                tenancy.finished(request.tenant, tokens, loop.time())
 
     # ---- route -> admit -> stream -> fail over --------------------------------------------------------------
     async def _serve(self, request: InferenceRequest, record: RequestRecord) -> AsyncGenerator[list[TokenEvent], None]:
@@ -238,6 +242,7 @@ class RequestPath:
         # Called once per request: it also credits the hedge budget. None = this request never hedges.
         hedge_delay = self.hedger.delay_for(bool(request.hedge))
         hedge_decided = False
+        served = False  # the final batch is on its way to the caller, the success booked
         while True:
             # 1. route + admit (routing happens inside admission, atomically with taking the capacity)
             await self._admit(ticket, deadline, resumed=bool(req.failures or req.refusals), reasons=req.reasons,
@@ -254,15 +259,17 @@ class RequestPath:
                                                               explicit=bool(request.hedge))
                 async with contextlib.aclosing(attempt.relay()) as relay:
                     async for batch in relay:
-                        if attempt.finished:  # the breaker hears of the success before the caller gets it
+                        if attempt.finished:
+                            # The success is booked, once, before the caller gets the final batch: a front may
+                            # stop reading right there (aclose() at this yield), and then nothing after it runs.
+                            served = True
                             self.capacity.report_success(ticket, attempt.ttft_s, attempt.mean_itl_s)
-                            if req.spans:  # so does the span: a front may stop reading at the final batch
+                            self._attempt_event(ticket.replica_id, AttemptOutcome.OK, None)
+                            if req.spans:
                                 _end_attempt_span(req, attempt, "ok")
+                            self.stats.served_total += 1
+                            record.usage = req.job.usage  # the server's count, if its transport saw one
                         yield batch
-                self._attempt_event(ticket.replica_id, AttemptOutcome.OK, None)
-                if req.spans:
-                    _end_attempt_span(req, attempt, "ok")
-                self.stats.served_total += 1
                 return
             # 3. fail over
             except _RaceLost as lost:
@@ -274,7 +281,8 @@ class RequestPath:
                 self._attempt_failed(req, ticket, failure)
                 self._check_attempts(req)
             except (asyncio.CancelledError, GeneratorExit):
-                self._attempt_event(ticket.replica_id, AttemptOutcome.CANCELLED, None)
+                if not served:  # closed at the final batch: served, already reported OK
+                    self._attempt_event(ticket.replica_id, AttemptOutcome.CANCELLED, None)
                 raise
             except DeadlineExceeded:
                 self.stats.failed_total += 1

@@ -43,7 +43,8 @@ GRPC_STATUS: dict[ErrorKind, grpc.StatusCode] = {
 }
 
 
-# InferRequest names no model: a caller whose key is limited to some models names it in this metadata entry.
+# The model of a request: InferRequest.model; a client built from the reference's proto (which has no such
+# field) names it in this metadata entry instead -- its stubs cannot set field 8, metadata works with any stub.
 MODEL_METADATA = "llmgw-model"
 
 
@@ -158,7 +159,7 @@ class GatewayServer:
         if remaining is not None:
             timeout_s = remaining if timeout_s is None else min(timeout_s, remaining)
         metadata = context.invocation_metadata() or ()
-        model = _metadata_model(metadata)
+        model = request.model or _metadata_model(metadata)
         try:  # API keys (metadata `authorization: Bearer <key>`); open without a key file
             caller = self.gateway.tenancy.caller(metadata, model)
         except GatewayError as exc:

@@ -157,21 +157,31 @@ class StallGuard:
             if not first:
                 watchdog.reschedule(None)  # never fire while the caller holds the event
         else:
-            race = _Race(self, attempt, watchdog, armed, soft, None if first else armed + hard)
-            race.arm(min(job.deadline, armed + soft))
+            # The race's state is only built if the deadline passes (rarely): the hot path pays one timer.
+            waiting: list[_Race | None] = [None]
+            due = min(job.deadline, armed + soft)
+            handle = loop.call_at(due, self._deadline_passed, waiting, attempt, watchdog, armed, soft,
+                                  None if first else armed + hard, due, asyncio.current_task())
             try:
                 chunk = await stream.read()
             except BaseException as exc:
+                handle.cancel()
+                race = waiting[0]
+                if race is None:
+                    raise
                 race.disarm()
                 switched = race.interrupted(exc)
                 if switched is None:
                     raise
                 return switched
-            race.disarm()
-            if race.hard_armed:
-                watchdog.reschedule(None)  # never fire while the caller holds the event
-            if race.race is not None:
-                race.delivered(chunk)
+            handle.cancel()
+            race = waiting[0]
+            if race is not None:
+                race.disarm()
+                if race.hard_armed:
+                    watchdog.reschedule(None)  # never fire while the caller holds the event
+                if race.race is not None:
+                    race.delivered(chunk)
         now = loop.time()
         if chunk is not None:
             if first:
@@ -181,6 +191,13 @@ class StallGuard:
             self._last_message[rid] = now
         attempt.message_at = now
         return chunk
+
+    def _deadline_passed(self, waiting: list[_Race | None], attempt: Attempt, watchdog: asyncio.Timeout,
+                         armed: float, soft: float, hard_at: float | None, due: float,
+                         waiter: asyncio.Task | None) -> None:
+        race = waiting[0] = _Race(self, attempt, watchdog, armed, soft, hard_at, waiter)
+        race.due = due
+        race.suspect()
 
     def shared_silence(self, replica_id: str, now: float, window_s: float) -> bool:
         """Whether the replicas other than `replica_id` that delivered within SHARED_SILENCE_ACTIVE_S have all
@@ -236,7 +253,7 @@ class _Race:
     )
 
     def __init__(self, guard: StallGuard, attempt: Attempt, watchdog: asyncio.Timeout, armed: float, soft: float,
-                 hard_at: float | None) -> None:
+                 hard_at: float | None, waiter: asyncio.Task | None) -> None:
         self.guard = guard
         self.attempt = attempt
         self.watchdog = watchdog
@@ -246,7 +263,7 @@ class _Race:
         self.race: StallRace | None = None
         self.leg: Attempt | None = None
         self.task: asyncio.Task | None = None
-        self.waiter = asyncio.current_task()
+        self.waiter = waiter  # the task waiting for the quiet stream's read
         self.won_by_leg = False
         self.closed = False  # the wait is over: a continuation finishing now is only cleaned up
         self.due = 0.0

@@ -149,7 +149,7 @@ class TenancyGate:
             ring.authorize(caller.entry, model)
         except keyring.Forbidden as exc:
             self.forbidden += 1
-            hint = "" if model else " (name the model: gRPC metadata 'llmgw-model')"
+            hint = "" if model else " (name the model: InferRequest.model, or gRPC metadata 'llmgw-model')"
             raise PermissionDenied(f"{exc}{hint}") from None
 
     def caller(self, headers: HeaderPairs, model: str) -> Caller | None:

@@ -9,7 +9,8 @@ client with its status and body.
 Usage is the server's. For a stream whose client asked for usage (`stream_options.include_usage`) from a server
 that sends none (llama.cpp), the gateway adds a usage chunk of its own count: `completion_tokens` is the number of
 content events it forwarded, `prompt_tokens` and `total_tokens` are null (the gateway has no tokenizer), and
-`"llmgw_usage": "gateway_count"` marks it.
+`"llmgw_usage": "gateway_count"` marks it. When the gateway itself asked the server for usage (a tenant's tokens
+are counted: http_transport.asks_usage) and the client did not, that usage is not forwarded.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from llmgw.gateway.api import GatewayError, TokenEvent
-from llmgw.gateway.http_transport import UpstreamRejected
+from llmgw.gateway.http_transport import UpstreamRejected, asks_usage
 from llmgw.gateway.upstreams import passthrough_request
 from llmgw.upstream.client import StreamChunk
 from llmgw.upstream.fidelity import rewrite_chunk
@@ -46,23 +47,27 @@ def _dumps(obj: Any) -> bytes:
 class _Answer:
     """Turns the server's events into what the client gets, one request at a time."""
 
-    __slots__ = ("content_events", "model", "response_id", "usage_seen")
+    __slots__ = ("content_events", "drop_usage", "model", "response_id", "usage_seen")
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, drop_usage: bool = False) -> None:
         self.model = model
+        self.drop_usage = drop_usage  # the usage in the stream is the gateway's request, not the client's
         self.response_id: str | None = None
         self.usage_seen = False
         self.content_events = 0
 
-    def encode(self, chunk: StreamChunk) -> bytes:
-        """One event's data as the client gets it: the server's bytes when nothing needs rewriting."""
+    def encode(self, chunk: StreamChunk) -> bytes | None:
+        """One event's data as the client gets it: the server's bytes when nothing needs rewriting; None when it
+        is not forwarded (usage the client did not ask for)."""
         data = chunk.data
         if self.response_id is None:
             given = data.get("id")
             self.response_id = given if isinstance(given, str) else ""
         if data.get("usage") is not None:
             self.usage_seen = True
-        out = rewrite_chunk(data, response_id=self.response_id, client_model=self.model, drop_usage=False)
+        out = rewrite_chunk(data, response_id=self.response_id, client_model=self.model, drop_usage=self.drop_usage)
+        if out is None:
+            return None
         if out is data and chunk.raw:
             return chunk.raw
         return _dumps(out)
@@ -73,7 +78,9 @@ class _Answer:
             if event.token:
                 self.content_events += 1
             for chunk in event.raw or ():
-                parts.append(b"data: " + self.encode(chunk) + b"\n\n")
+                encoded = self.encode(chunk)
+                if encoded is not None:
+                    parts.append(b"data: " + encoded + b"\n\n")
         return b"".join(parts)
 
     def gateway_usage(self, api: str) -> bytes:
@@ -114,7 +121,7 @@ async def serve(front: Any, request: web.Request, body: dict[str, Any], api: str
     if caller is not None:
         infer_request.tenant, infer_request.key_id = caller.tenant, caller.key_id
     result.reached_gateway = True
-    answer = _Answer(model)
+    answer = _Answer(model, drop_usage=infer_request.stream and asks_usage(infer_request) and not wants_usage(body))
     gateway = front.gateway
     if not infer_request.stream:
         return await _complete(front, gateway, infer_request, answer, id_header, result, started, errors)
@@ -145,7 +152,9 @@ async def _complete(front: Any, gateway: Any, infer_request: Any, answer: _Answe
     headers = dict(id_header)
     if result.replicas:
         headers[oa.replica_header] = result.replicas[0]
-    return web.Response(body=answer.encode(chunks[0]), headers=headers, content_type="application/json")
+    body = answer.encode(chunks[0])
+    assert body is not None  # only streamed usage is ever held back
+    return web.Response(body=body, headers=headers, content_type="application/json")
 
 
 async def _stream(front: Any, request: web.Request, gateway: Any, infer_request: Any, answer: _Answer,
@@ -176,16 +185,15 @@ async def _stream(front: Any, request: web.Request, gateway: Any, infer_request:
             if batch[-1].is_final:
                 if usage_wanted and not answer.usage_seen:
                     out += answer.gateway_usage(api)
-                await response.write(out + SSE_DONE)
-                break
+                # The last events, [DONE] and the end of the chunked body leave in one write.
+                await response.write_eof(out + SSE_DONE)
+                return response
             if out:
                 await response.write(out)
             try:
                 batch = await anext(batches)
             except StopAsyncIteration:
                 raise GatewayError("stream ended without a final token") from None
-        await response.write_eof()
-        return response
     except GatewayError as exc:
         if isinstance(exc, UpstreamRejected):
             err_body: Any = _error_body_of(exc)

@@ -21,9 +21,9 @@ of limit / 60 per second (its share when alone, times its slice of the cluster's
 consecutive buckets may hold at most the pace of s buckets (2 <= s <= the pacing window). Fractions of a request
 are spread Bresenham-style, each gateway offset by its rank among the gateways it hears from, so with equal
 slices the gateways' whole requests add up to the cluster's pace in every bucket. A bucket after a quiet one may
-take up to two buckets' pace (the burst allowance; at least `burst` requests, for tenants whose pace is below
-that): the next bucket then takes nothing, so after a burst the rate is back at the pace one bucket later and
-nothing echoes.
+take up to two buckets' pace; after a quiet spell (nothing in the pacing window), at least `burst` requests, for
+tenants whose pace is lower (the burst allowance). The buckets after a burst take only what is left of their
+pace, so one bucket after a burst of two buckets' pace the rate is back at the pace and nothing echoes.
 `retry_after_s` is the time until the first bucket boundary at which the request would pass, given the local
 buckets (exact) and the peers' counts assumed spread evenly over their window (they only send sums).
 
@@ -136,18 +136,21 @@ class _Pace:
         """Whole requests allocated to the buckets before `bucket` (Bresenham: floor(rate * bucket + phase))."""
         return math.floor(self.rate * bucket + self.phase)
 
-    def allowance(self, head: int, span: int) -> float:
-        """What the `span` (>= 2) buckets ending with bucket `head` may hold together: their allocation, plus
-        what lifts the two newest up to the burst allowance when two buckets' pace is below it."""
+    def allowance(self, head: int, span: int, quiet: bool) -> float:
+        """What the `span` (>= 2) buckets ending with bucket `head` may hold together: their allocation; after a
+        quiet spell (`quiet`: nothing in the pacing window before `head`) also what lifts it to the burst allowance
+        when two buckets' allocation is below it."""
         end = self._allocated(head + 1)
-        two = end - self._allocated(head - 1)
-        return end - self._allocated(head + 1 - span) + max(0.0, self.burst - two)
+        lift = max(0.0, self.burst - (end - self._allocated(head - 1))) if quiet else 0.0
+        return end - self._allocated(head + 1 - span) + lift
 
     def fits(self, newest: list[int], head: int, spans: int, ahead: int = 0) -> bool:
         """Whether one more request fits in bucket `head + ahead`, for every span 2..`spans` ending with it, given
         this gateway's counts newest first (newest[k] = bucket `head - k`; later buckets are empty)."""
+        older = newest[1:spans] if ahead == 0 else newest[:max(0, spans - ahead)]
+        quiet = not any(older)
         for span in range(2, spans + 1):
-            if sum(newest[:max(0, span - ahead)]) + 1 > self.allowance(head + ahead, span):
+            if sum(newest[:max(0, span - ahead)]) + 1 > self.allowance(head + ahead, span, quiet):
                 return False
         return True
 
@@ -280,17 +283,19 @@ class UsageLimiter:
             counter = own.requests if kind is Limit.REQUESTS else own.tokens
             window_cap, recent_cap = self._caps(per_minute, share)
             slice_cap = None
-            fraction = 1.0  # of the cluster's recent demand that arrives here
-            if kind is Limit.REQUESTS and recent_cap is not None and seen.recent_demand:
-                # Peers' counts arrive late: after a bucket boundary every gateway would see the same freed
-                # room and fill it. Each takes at most its slice of the recent budget, in proportion to the
-                # requests arriving at it, so the gateways do not claim the same room twice.
-                own_demand = own.demand.total(now) if own.demand_sent is None else own.demand_sent
-                own_demand = max(own_demand, 1)
-                slice_cap = math.ceil(recent_cap * own_demand / (own_demand + seen.recent_demand))
-                fraction = own_demand / (own_demand + seen.recent_demand)
-            pace = self._pace(per_minute, share * fraction, now) \
-                if kind is Limit.REQUESTS and recent_cap is not None else None
+            pace = None
+            if kind is Limit.REQUESTS and recent_cap is not None:
+                gateways = self._gateways_heard(now)
+                fraction = 1.0  # of the cluster's recent demand that arrives here
+                if seen.recent_demand:
+                    # Peers' counts arrive late: after a bucket boundary every gateway would see the same freed
+                    # room and fill it. Each takes at most its slice of the recent budget, in proportion to the
+                    # requests arriving at it, so the gateways do not claim the same room twice.
+                    own_demand = own.demand.total(now) if own.demand_sent is None else own.demand_sent
+                    own_demand = max(own_demand, 1)
+                    fraction = _rounded_slice(own_demand / (own_demand + seen.recent_demand), len(gateways))
+                    slice_cap = math.ceil(recent_cap * fraction)
+                pace = self._pace(per_minute, share * fraction, gateways)
             own_window = counter.total(now)
             own_recent = counter.total(now, cfg.recent_buckets)
             # Requests: one more must fit. Tokens: the next request's cost is unknown; allowed while under.
@@ -316,13 +321,18 @@ class UsageLimiter:
             return window_cap, None
         return window_cap, max(1, math.floor(per_minute * share * cfg.recent_window_s / 60.0))
 
-    def _pace(self, per_minute: int, part: float, now: float) -> _Pace:
-        """This gateway's pace: `part` (its share times its slice of the demand) of per_minute / 60 per second,
-        phased by its rank among the gateways it hears from."""
+    def _gateways_heard(self, now: float) -> list[str]:
+        """This gateway and the peers it hears from, sorted by id."""
+        timeout = self.config.peer_timeout_s
+        return sorted([self.gateway_id, *(peer_id for peer_id, peer in self._peers.items()
+                                          if now - peer.last_heard <= timeout)])
+
+    def _pace(self, per_minute: int, part: float, gateways: list[str]) -> _Pace:
+        """This gateway's pace: `part` (its share times its slice) of per_minute / 60 per second, phased by its rank
+        among `gateways`."""
         cfg = self.config
-        ids = sorted([self.gateway_id, *(peer_id for peer_id, peer in self._peers.items()
-                                         if now - peer.last_heard <= cfg.peer_timeout_s)])
-        return _Pace(per_minute * part * cfg.bucket_s / 60.0, ids.index(self.gateway_id) / len(ids), cfg.burst * part)
+        return _Pace(per_minute * part * cfg.bucket_s / 60.0, gateways.index(self.gateway_id) / len(gateways),
+                     cfg.burst * part)
 
     def _retry_after(self, counter: WindowCounter, now: float, peer_window: int, peer_recent: int,
                      window_cap: int, recent_cap: int | None, slice_cap: int | None,
@@ -531,6 +541,14 @@ class UsageLimiter:
                  for peer_id, peer in sorted(self._peers.items())}
         return {"gateway": self.gateway_id, "window_s": self.config.window_s, "share": share, "peers": peers,
                 "tenants": tenants}
+
+
+def _rounded_slice(fraction: float, gateways: int) -> float:
+    """A slice of the demand rounded to 1 / (4 x gateways): demand counts differ by a request or two from digest to
+    digest, and each such difference would otherwise move the rounding of the pace's allocations (and the slice of
+    the pacing budget), so that evenly loaded gateways no longer add up exactly."""
+    steps = 4 * gateways
+    return min(1.0, max(1, round(fraction * steps)) / steps)
 
 
 def _usage_json(usage: TenantUsage) -> dict:

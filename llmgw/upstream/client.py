@@ -123,6 +123,8 @@ class UpstreamClient:
         self._headers = dict(headers or {})
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        # Built once, not per request: the per-call aiohttp timeout of each connect limit in use.
+        self._client_timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     def _client(self) -> aiohttp.ClientSession:
         if self._closed:
@@ -243,11 +245,15 @@ class UpstreamClient:
         """Send the request and wait for the response headers, by `deadline` (the first-byte deadline)."""
         session = self._client()
         remaining = deadline - asyncio.get_running_loop().time()
+        client_timeout = self._client_timeouts.get(timeouts.connect)
+        if client_timeout is None:
+            if len(self._client_timeouts) >= 64:  # connect limits cut to a request's remaining time vary
+                self._client_timeouts.clear()
+            client_timeout = self._client_timeouts[timeouts.connect] = aiohttp.ClientTimeout(
+                total=None, sock_connect=timeouts.connect)
         try:
             async with asyncio.timeout(remaining):
-                return await session.request(method, url, data=payload, headers=headers,
-                                             timeout=aiohttp.ClientTimeout(total=None,
-                                                                           sock_connect=timeouts.connect))
+                return await session.request(method, url, data=payload, headers=headers, timeout=client_timeout)
         except aiohttp.ServerTimeoutError as exc:
             # The only aiohttp timeout set here is sock_connect (aiohttp >= 3.10 names it ConnectionTimeoutError).
             raise UpstreamError(FailureKind.CONNECT, f"{url}: connect timed out after {timeouts.connect}s") from exc
@@ -261,6 +267,10 @@ class UpstreamClient:
                                 f"{type(exc).__name__}: {exc}") from exc
         except OSError as exc:
             raise UpstreamError(FailureKind.RESET, f"{url}: {type(exc).__name__}: {exc}") from exc
+
+
+class _ReadTimedOut(Exception):
+    """The read watchdog's verdict, delivered into a pending network read (never leaves this module)."""
 
 
 class UpstreamStream:
@@ -286,6 +296,10 @@ class UpstreamStream:
         self._require_finish_reason = require_finish_reason
         self._choices_seen: set[object] = set()
         self._choices_finished: set[object] = set()
+        # The read watchdog (see _read_network): when the pending network read must give up (event-loop time;
+        # None: no read pending), and the one timer that checks it.
+        self._read_due: float | None = None
+        self._watch: asyncio.TimerHandle | None = None
 
     def done(self) -> bool:
         """True once the stream can yield nothing more: [DONE] read, failed, or cancelled."""
@@ -317,6 +331,7 @@ class UpstreamStream:
         return stopped
 
     def _close(self) -> None:
+        self._stop_watch()
         if not self._closed:
             self._closed = True
             self._response.close()
@@ -357,24 +372,52 @@ class UpstreamStream:
                 await self._drain()
 
     async def _read_network(self) -> bytes:
+        # One timer per stream, not one per read: a read sets when it must give up (`_read_due`) and the timer is
+        # re-armed only when it would fire too late; when it fires early (data came meanwhile) it re-arms at the
+        # pending read's own due time. A read per server event made a timeout context per event (a timer
+        # scheduled and cancelled each time), a visible share of the gateway's CPU per streamed chunk.
         loop = asyncio.get_running_loop()
-        if self._events_seen == 0:
-            timeout, kind = self._first_byte_deadline - loop.time(), FailureKind.TIMEOUT_FIRST_BYTE
-            what = f"no stream event within {self._timeouts.first_byte}s"
-        else:
-            timeout, kind = self._timeouts.idle, FailureKind.TIMEOUT_IDLE
-            what = f"stream silent for {self._timeouts.idle}s after {self._events_seen} events"
+        first = self._events_seen == 0
+        due = self._first_byte_deadline if first else loop.time() + self._timeouts.idle
+        self._read_due = due
+        watch = self._watch
+        if watch is None or watch.when() > due:
+            if watch is not None:
+                watch.cancel()
+            self._watch = loop.call_at(due, self._watch_fired)
         try:
-            async with asyncio.timeout(timeout):
-                return await self._response.content.readany()
+            return await self._response.content.readany()
         except asyncio.CancelledError:
             self._close()  # a read abandoned halfway leaves the stream in no known state
             raise
-        except TimeoutError:
-            self._fail(kind, f"{self.url}: {what}")
+        except _ReadTimedOut:
+            if first:
+                self._fail(FailureKind.TIMEOUT_FIRST_BYTE,
+                           f"{self.url}: no stream event within {self._timeouts.first_byte}s")
+            self._fail(FailureKind.TIMEOUT_IDLE, f"{self.url}: stream silent for {self._timeouts.idle}s after "
+                       f"{self._events_seen} events")
         except (aiohttp.ClientError, OSError) as exc:
             self._fail(FailureKind.RESET, f"{self.url}: connection broke after {self._events_seen} events: "
                        f"{type(exc).__name__}: {exc}")
+        finally:
+            self._read_due = None
+
+    def _watch_fired(self) -> None:
+        self._watch = None
+        due = self._read_due
+        if due is None or self._closed:
+            return  # no read pending: the next one arms the timer again
+        loop = asyncio.get_running_loop()
+        if loop.time() < due:
+            self._watch = loop.call_at(due, self._watch_fired)
+            return
+        # Wakes the pending readany() with this exception; the stream fails and closes in _read_network.
+        self._response.content.set_exception(_ReadTimedOut())
+
+    def _stop_watch(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()
 
     def _take(self, data: bytes) -> None:
         """Queue the chunks `data` completes. A defect found after good chunks is recorded, not raised: read()
@@ -442,6 +485,7 @@ class UpstreamStream:
         except (TimeoutError, aiohttp.ClientError, OSError):
             self._close()  # a connection in an unknown state is not reused
             return
+        self._stop_watch()
         if not self._closed:
             self._closed = True
             self._response.release()
