@@ -389,8 +389,11 @@ async def limit_load(targets: list[tuple[str, str]], key: str, per_s: float, dur
     per_second = [sum(1 for t in every if s <= t < s + 1) for s in range(math.ceil(duration_s))]
     # Per 5 s (the limiter's pacing window) after skip_s: the rate the limit is held to at that time scale.
     per_5s = [sum(per_second[s:s + 5]) for s in range(math.ceil(skip_s), len(per_second) - 4, 5)]
+    by_gateway = {name: [sum(1 for t in times if s <= t < s + 1) for s in range(math.ceil(duration_s))]
+                  for name, times in admitted.items()}
     return {"offered": n, "codes": codes, "admitted_per_min": round(sum(per_gateway.values()), 1),
-            "per_gateway_per_min": per_gateway, "per_second": per_second, "per_5s": per_5s}
+            "per_gateway_per_min": per_gateway, "per_second": per_second, "per_5s": per_5s,
+            "per_second_by_gateway": by_gateway}
 
 
 async def partition_run(*, per_minute: int = 600, duration_s: float = 10.0, settle_s: float = 6.0) -> dict:

@@ -100,8 +100,13 @@ def is_upstream_agent(member: MemberLike) -> bool:
 
 
 def gossip_port_for(grpc_port: int) -> int:
-    """The default gossip port of a node serving gRPC on `grpc_port`."""
-    return grpc_port + GOSSIP_PORT_OFFSET
+    """The default gossip port of a node serving gRPC on `grpc_port`; ValueError when that is not a port (a gRPC
+    port above 55535 has no default gossip port: it must be given)."""
+    port = grpc_port + GOSSIP_PORT_OFFSET
+    if not 0 < port <= 65535:
+        raise ValueError(f"no default gossip port for gRPC port {grpc_port} (it would be {port}): "
+                         "give the gossip port explicitly (--gossip-port)")
+    return port
 
 
 def grpc_address_for(gossip_address: str, advertised: str = "") -> str:

@@ -328,7 +328,7 @@ def test_gateway_stops_routing_to_a_killed_server_within_2_s_and_routes_to_it_ag
     id_a, id_b = canonical_id(mock_a.url), canonical_id(mock_b.url)
     http_port = free_port("127.0.0.1")
     gateway = processes("gateway", "--id", "gateway-1", "--port", str(free_port("127.0.0.1")),
-                        "--gossip-config", "local", "--http-port", str(http_port),
+                        "--gossip-port", str(free_port("127.0.0.1", socket.SOCK_DGRAM)), "--gossip-config", "local", "--http-port", str(http_port),
                         "--seeds", f"{gossip_a},{gossip_b}", "--log-level", "INFO", name="gateway")
     gateway_url = f"http://127.0.0.1:{http_port}"
     prompts = (f"prompt number {i}" for i in range(1_000_000))

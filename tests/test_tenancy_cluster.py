@@ -159,6 +159,31 @@ def test_sighup_to_the_supervisor_of_workers_reloads_the_key_file_in_every_worke
         assert new_key not in gateway.log_path.read_text()
 
 
+def test_sighup_never_stops_a_gateway_without_a_key_file_even_while_its_workers_start(tmp_path: Path):
+    """Found by a reviewer: without --keys the workers had no SIGHUP handler, so the forwarded signal (default
+    action: terminate) killed them and the supervisor exited 1; a signal during start-up did the same."""
+    with Cluster(tmp_path, log_level="INFO") as c:
+        c.start_replica("replica-1", token_delay_ms=1)
+        gateway = c.start_gateway("gateway-1", extra=["--workers", "2"], wait_ready=False)
+        children = Path(f"/proc/{gateway.pid}/task/{gateway.pid}/children")
+        # Once the supervisor has spawned its workers (its handlers are in place by then), signal it
+        # again and again while the workers start.
+        wait_until(lambda: len(children.read_text().split()) == 2, 30.0, 0.02, "the supervisor to start 2 workers")
+        sent_during_start = 0
+        while gateway.log_path.read_text().count("READY") < 2:  # bounded by the wait below
+            os.kill(gateway.pid, signal.SIGHUP)
+            sent_during_start += 1
+            if sent_during_start > 600:
+                raise AssertionError("the workers never became ready")
+            time.sleep(0.05)
+        os.kill(gateway.pid, signal.SIGHUP)
+        open_answers = dict.fromkeys(WORKERS, "ok")
+        wait_until(lambda: asyncio.run(asyncio.wait_for(_answers_by_worker(gateway.grpc_address, ""), 60.0))
+                   == open_answers, 30.0, 0.3, "both workers to keep serving")
+        assert gateway.alive() and sent_during_start > 0
+        assert "no key file (--keys) to reload" in gateway.log_path.read_text()
+
+
 # ---- the CLI -----------------------------------------------------------------------------------------------
 def _llmgw(*args: str, stdin: str = "", timeout: float = 60.0) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))

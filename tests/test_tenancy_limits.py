@@ -373,40 +373,47 @@ def per_second(admitted, seconds):
     return counts
 
 
-def test_a_burst_after_a_quiet_spell_is_two_seconds_pace_and_is_paid_back_in_the_next_second():
-    lim = limiter(TenantLimits(requests_per_minute=600))  # 10/s
-    for _ in range(20):
-        assert lim.try_admit("t", 0.5) is ALLOWED
-        lim.stream_ended("t")
-    refused = lim.check("t", 0.6)
-    assert refused.limit is Limit.REQUESTS and refused.retry_after_s == pytest.approx(1.4)  # second 1 holds 0
-    assert lim.check("t", 1.5) is not ALLOWED
+def test_after_a_quiet_spell_a_tenant_starts_at_its_pace_or_its_burst_allowance_and_nothing_echoes():
+    fast = limiter(TenantLimits(requests_per_minute=600))  # 10/s: above the burst allowance (5)
     for _ in range(10):
-        assert lim.try_admit("t", 2.0) is ALLOWED
-    assert lim.check("t", 2.5).retry_after_s == pytest.approx(0.5)
-    # Quiet again for a whole pacing window: the burst allowance is back.
-    for _ in range(20):
-        assert lim.try_admit("t", 7.0) is ALLOWED
-    assert lim.check("t", 7.0) is not ALLOWED
+        assert fast.try_admit("t", 0.5) is ALLOWED
+    refused = fast.check("t", 0.6)
+    assert refused.limit is Limit.REQUESTS and refused.retry_after_s == pytest.approx(0.4)
+    for _ in range(10):
+        assert fast.try_admit("t", 1.0) is ALLOWED
+    assert fast.check("t", 1.0) is not ALLOWED
+
+    slow = limiter(TenantLimits(requests_per_minute=120))  # 2/s: 5 may start at once, then it is paid back
+    for _ in range(5):
+        assert slow.try_admit("t", 0.0) is ALLOWED
+    assert slow.check("t", 0.1).retry_after_s == pytest.approx(1.9)  # second 1 is used up, second 2 has 1
+    counts = [5]
+    for second in range(1, 30):
+        admitted = 0
+        for k in range(6):  # 3x the limit
+            if slow.try_admit("t", second + k / 6) is ALLOWED:
+                admitted += 1
+        counts.append(admitted)
+    assert counts[:3] == [5, 0, 1] and set(counts[3:]) == {2}, counts
 
 
 @settings(max_examples=examples(40), deadline=None)
 @given(st.integers(1, 4), st.sampled_from([300, 600, 1200, 3000]), st.sampled_from([1.5, 2.0, 3.0, 4.0]),
        st.sampled_from([0.1, 0.25, 0.5]))
-def test_the_cluster_admits_the_limit_rate_in_every_second_after_the_start(gateways, per_minute, overload,
-                                                                           interval):
-    """Offered `overload` x the limit, spread round-robin over the gateways, digests every `interval`. Until the
-    first digest tells each gateway its slice of the demand, each may take two seconds' pace from quiet; that
-    burst is paid back in the next seconds. From the fourth second on, every single second admits the limit / 60
-    within 10 % (or one request, whichever is more), and no 5 s window holds more than the limit's share."""
+def test_the_cluster_admits_the_limit_rate_in_every_second_after_the_first_two(gateways, per_minute, overload,
+                                                                                interval):
+    """Offered `overload` x the limit, spread round-robin over the gateways, digests every `interval`. While the
+    first digests tell each gateway its slice of the demand (each takes an even one meanwhile), the first two
+    seconds together stay within their pace; after them every single second admits the limit / 60 within 10 % (or
+    one request, whichever is more), and no 5 s window holds more than the limit's share."""
     nodes = cluster(gateways, TenantLimits(requests_per_minute=per_minute))
     seconds = 30
     counts = per_second(simulate(nodes, seconds=seconds, rate=per_minute / 60 * overload, interval=interval),
                         seconds)
     pace = per_minute / 60
     tolerance = max(0.1 * pace, 1.0)
-    assert all(abs(count - pace) <= tolerance for count in counts[3:]), counts
-    assert counts[0] <= 2 * pace * gateways + gateways, counts
+    assert all(abs(count - pace) <= tolerance for count in counts[2:]), counts
+    assert sum(counts[:2]) <= 2 * (pace + tolerance), counts
     assert all(sum(counts[s:s + 5]) <= 5 * pace + gateways for s in range(seconds - 4)), counts
 
 
@@ -439,7 +446,7 @@ def test_random_arrivals_stay_near_the_limit_rate_every_second():
 @given(st.lists(st.floats(0.0, 0.05), min_size=30, max_size=150), st.integers(60, 600))
 def test_retry_after_stays_exact_with_the_pace(gaps, per_minute):
     """Alone, at rates where the pace binds: a refused request passes exactly `retry_after_s` later and not a
-    moment before, and no second (bucket) after a busy one holds more than two buckets' pace."""
+    moment before, and no second (bucket) holds more than its pace or the burst allowance."""
     config = LimiterConfig()
     lim = limiter(TenantLimits(requests_per_minute=per_minute), config)
     admitted: list[int] = []
@@ -460,6 +467,24 @@ def test_retry_after_stays_exact_with_the_pace(gaps, per_minute):
         assert probe.check("t", now + retry + 1e-9) is ALLOWED
     pace = per_minute / 60
     for bucket in set(admitted):
-        assert admitted.count(bucket) <= max(2 * pace, config.burst) + 1
-    # 30+ requests within 1.5 s are more than two buckets' pace (or the burst) allows: the retries were checked.
+        assert admitted.count(bucket) <= max(pace, config.burst) + 1
+    # 30+ requests within 1.5 s are more than the pace (or the burst) allows: the retries were checked.
     assert len(admitted) < len(gaps)
+
+
+def test_a_gateway_that_alone_gets_requests_takes_the_whole_pace_once_its_peers_have_spoken():
+    nodes = cluster(3, TenantLimits(requests_per_minute=600))
+    admitted = []
+    next_digest = 0.0
+    for k in range(10 * 30):  # 30/s, all to g0; the others only send heartbeats
+        now = k / 30
+        while next_digest <= now:
+            exchange(nodes, next_digest)
+            next_digest += 0.5
+        if nodes[0].try_admit("t", now) is ALLOWED:
+            admitted.append((now, 0))
+            nodes[0].stream_ended("t")
+    counts = per_second(admitted, 10)
+    # Until the others have spoken (an interval after its requests began) g0 takes an even slice: they might have
+    # been getting requests too. Then, hearing no demand from them, the whole pace.
+    assert counts[0] < 10 and counts[2:] == [10] * 8, counts

@@ -77,6 +77,9 @@ def test_roles_ports_and_routable_states():
     with pytest.raises(ValueError, match="role must be one of"):
         role_number("router")
     assert gossip_port_for(50051) == 50051 + GOSSIP_PORT_OFFSET == DEFAULT_PORTS["gateway"]["gossip"]
+    assert gossip_port_for(55535) == 65535
+    with pytest.raises(ValueError, match="no default gossip port for gRPC port 56731"):
+        gossip_port_for(56731)  # an ephemeral gRPC port: 66731 is no port (found by a flaky process test)
     assert [s for s in ("alive", "suspect", "dead", "left", "ALIVE") if is_routable(s)] == ["alive", "suspect", "ALIVE"]
     replica = Member("r", "h:10001", "h:1", ROLE_REPLICA, MemberState.SUSPECT, 1, "", 0, 0, 1.0, False)
     assert is_replica(replica) and is_routable_replica(replica)

@@ -140,6 +140,12 @@ class Admission(Generic[W]):
                 fut.set_exception(QueueFull(f"admission queue full ({self.queue.max_waiters} waiting): pushed out "
                                             "by a tenant with a smaller share of the queue"))
 
+    def give_back(self, waiter: W) -> None:
+        """Return what `try_acquire` took for `waiter` (nothing when it holds nothing), and offer it to the head
+        of the queue: every holder of capacity gives it back through here."""
+        if self._release(waiter) and self.queue:
+            self.capacity_changed()
+
     def capacity_changed(self) -> None:
         """Call whenever capacity may have become available (a release, a membership or load change)."""
         for waiter in self.queue.pump(self._try_acquire):

@@ -213,6 +213,9 @@ def serve(config: GatewayConfig, *, tls: TlsSettings | None = None, http: HttpSe
     from llmgw import eventloop
     from llmgw.signals import serve_until_signalled
 
+    # SIGHUP's default action ends the process: a reload signal that arrives before the loop's handler exists (a
+    # worker just started, or an operator's `kill -HUP` on a gateway without keys) must not stop a gateway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     tenancy = None
     if key_file:
         from llmgw.gateway.tenancy_gate import TenancyGate
@@ -240,16 +243,20 @@ def serve(config: GatewayConfig, *, tls: TlsSettings | None = None, http: HttpSe
             await stop_gateway(server, front, shutdown_grace_s)
 
         loop = asyncio.get_running_loop()
-        if tenancy is not None:  # SIGHUP: reload the key file (a bad file keeps the keys in use; logged)
-            loop.add_signal_handler(signal.SIGHUP, tenancy.reload)
+        # SIGHUP: reload the key file (a bad file keeps the keys in use; logged); without one there is nothing to
+        # reload, and the signal is logged rather than ending the process.
+        loop.add_signal_handler(signal.SIGHUP, tenancy.reload if tenancy is not None else _no_key_file)
         try:
             await serve_until_signalled(stop, stop_timeout_s=shutdown_grace_s + STOP_MARGIN_S)
         finally:
-            if tenancy is not None:
-                loop.remove_signal_handler(signal.SIGHUP)
+            loop.remove_signal_handler(signal.SIGHUP)
         return 0
 
     return eventloop.run(main(), event_loop)
+
+
+def _no_key_file() -> None:
+    log.warning("SIGHUP: this gateway has no key file (--keys) to reload")
 
 
 def run_workers(argv: list[str], workers: int, shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S) -> int:
@@ -263,9 +270,7 @@ def run_workers(argv: list[str], workers: int, shutdown_grace_s: float = DEFAULT
 
 
 def _supervise(argv: list[str], workers: int, group, shutdown_grace_s: float) -> int:
-    procs = [subprocess.Popen([sys.executable, "-m", "llmgw", "gateway", *argv, "--worker-index", str(i)],
-                              env={**os.environ, **group.env(i)})
-             for i in range(workers)]
+    procs: list[subprocess.Popen] = []
     stopping = False
 
     def on_signal(signum, frame) -> None:
@@ -277,8 +282,15 @@ def _supervise(argv: list[str], workers: int, group, shutdown_grace_s: float) ->
             if p.poll() is None:
                 p.send_signal(signal.SIGHUP)
 
+    # Handlers first: a signal while the workers start is handled, not the default (which ends the supervisor).
+    # SIGHUP is ignored while they are spawned: an ignored signal stays ignored across exec, so a worker cannot be
+    # killed by a reload forwarded before its own handler exists (serve() keeps ignoring it until then).
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    for i in range(workers):
+        procs.append(subprocess.Popen([sys.executable, "-m", "llmgw", "gateway", *argv, "--worker-index", str(i)],
+                                      env={**os.environ, **group.env(i)}))
     signal.signal(signal.SIGHUP, reload_keys)
     try:
         while not stopping and all(p.poll() is None for p in procs):

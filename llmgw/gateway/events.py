@@ -8,10 +8,13 @@ attempts (adaptive deadlines, say) is another. A listener that raises is logged 
 from __future__ import annotations
 
 import enum
+import logging
 
 from llmgw.gateway.api import ErrorKind, TokenEvent
 from llmgw.gateway.replica_stream import ReportedUsage
 from llmgw.tracing import NOOP_SPAN, Span
+
+log = logging.getLogger("llmgw.gateway")
 
 
 class AttemptOutcome(enum.Enum):
@@ -108,6 +111,20 @@ class RequestRecord:
     @property
     def duration_s(self) -> float:
         return self.finished - self.started
+
+
+class Listeners(list):
+    """The registered RequestListeners, and the one fan-out of attempt events to them (the request path and the
+    stall guard both report through it; neither calls back into the other)."""
+
+    def attempt_event(self, replica_id: str | None, outcome: AttemptOutcome, ttft_s: float | None) -> None:
+        if replica_id is None:
+            return
+        for listener in self:
+            try:
+                listener.attempt_event(replica_id, outcome, ttft_s)
+            except Exception:  # a faulty policy must not break the request path
+                log.exception("request listener failed")
 
 
 class RequestListener:

@@ -415,13 +415,14 @@ def _note_usage(job: StreamJob, data: dict[str, Any]) -> None:
     usage = data.get("usage")
     if not isinstance(usage, dict):
         return
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if _count(prompt) and _count(completion):
+    prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+    if prompt is not None and completion is not None:
         job.usage = ReportedUsage(prompt, completion)
 
 
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _count(value: Any) -> int | None:
+    """A token count as the server wrote it, or None (absent, null as llama.cpp-style usage has, or not a count)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _choices_of(data: dict[str, Any]) -> list[dict[str, Any]]:

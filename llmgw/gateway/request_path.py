@@ -30,7 +30,7 @@ from llmgw.gateway.api import (
 )
 from llmgw.gateway.attempt import Attempt, Job, Limits
 from llmgw.gateway.capacity import Capacity, Ticket
-from llmgw.gateway.events import AttemptOutcome, RequestListener, RequestOutcome, RequestRecord
+from llmgw.gateway.events import AttemptOutcome, Listeners, RequestOutcome, RequestRecord
 from llmgw.gateway.hedging import Leg, RaceFailed, race_first_token
 from llmgw.gateway.replica_stream import AttemptError, AttemptErrorKind, Transport
 from llmgw.gateway.stall_race import StallGuard
@@ -107,7 +107,7 @@ class RequestPath:
         self.transport = transport
         self.limits = limits
         self.hedger = hedger
-        self.listeners: list[RequestListener] = []
+        self.listeners = Listeners()
         # Replicas a request must not go to, given the request (the upstream table's model routing); None = any.
         self.route_filter: Callable[[InferenceRequest], set[str]] | None = None
         # API keys and per-tenant limits (llmgw.gateway.tenancy_gate); the Gateway sets it, None = open.
@@ -412,8 +412,7 @@ class RequestPath:
                  _reason(failure))
 
     def _give_back(self, ticket: Ticket) -> None:
-        if self.capacity.give_back(ticket) and self.admission.queue:
-            self.admission.capacity_changed()
+        self.admission.give_back(ticket)
 
     # ---- the hedge race -------------------------------------------------------------------------------------
     async def _race(self, req: _Request, ticket: Ticket, delay_s: float, *, explicit: bool
@@ -515,13 +514,7 @@ class RequestPath:
 
     # ---- reporting ------------------------------------------------------------------------------------------
     def _attempt_event(self, replica_id: str | None, outcome: AttemptOutcome, ttft_s: float | None) -> None:
-        if replica_id is None:
-            return
-        for listener in self.listeners:
-            try:
-                listener.attempt_event(replica_id, outcome, ttft_s)
-            except Exception:  # a faulty policy must not break the request path
-                log.exception("request listener failed")
+        self.listeners.attempt_event(replica_id, outcome, ttft_s)
 
 
 def _failure_outcome(failure: AttemptError) -> str:

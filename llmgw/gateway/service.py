@@ -79,8 +79,8 @@ class Gateway:
         self.stall_guard: StallGuard | None = None
         if config.adaptive_deadlines:
             self.stall_guard = StallGuard(StallDeadlines(config.deadline_config()), self.capacity, transport,
-                                          self.limits, give_back=self.path._give_back,
-                                          attempt_event=self.path._attempt_event)
+                                          self.limits, admission=self.admission,
+                                          listeners=self.path.listeners)
             self.capacity.exclusion_sources.append(self.stall_guard.excluded)
             self.path.stall_guard = self.stall_guard
         self._unsubscribe: Callable[[], None] | None = None

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from llmgw.gateway.admission import Admission
 from llmgw.gateway.capacity import Capacity, Ticket
-from llmgw.gateway.events import AttemptOutcome
+from llmgw.gateway.events import AttemptOutcome, Listeners
 from llmgw.gateway.replica_stream import AttemptError, AttemptErrorKind, ReplicaChunk, Transport
 from llmgw.policy.breaker import FAILURE_ERROR, FAILURE_TIMEOUT, FAILURE_UNAVAILABLE
 from llmgw.policy.deadlines import FORWARD, START_CONTINUATION, StallDeadlines, StallRace
@@ -68,19 +68,18 @@ STALL_EVENTS = (SUSPECTED, CONTINUATION_STARTED, CONTINUATION_WON, ORIGINAL_WON,
 class StallGuard:
     """One gateway's adaptive stall deadlines and stall races. `deadlines` learns per replica; `capacity` gives
     continuations their slots (never through the admission queue: a continuation replaces a slot the request
-    already holds); `give_back(ticket)` returns one and tells admission; `attempt_event(replica, outcome, ttft)`
-    reports to the request path's listeners; `limits` are the hard limits the attempts enforce (the configured
-    timeouts, also the deadlines' ceilings)."""
+    already holds) and `admission` takes them back (Admission.give_back: the head waiter gets a freed slot);
+    `listeners` are the request path's (events.Listeners), told of every attempt step; `limits` are the hard
+    limits the attempts enforce (the configured timeouts, also the deadlines' ceilings)."""
 
     def __init__(self, deadlines: StallDeadlines, capacity: Capacity, transport: Transport, limits: Limits, *,
-                 give_back: Callable[[Ticket], None],
-                 attempt_event: Callable[[str | None, AttemptOutcome, float | None], None]) -> None:
+                 admission: Admission[Ticket], listeners: Listeners) -> None:
         self.deadlines = deadlines
         self.capacity = capacity
         self.transport = transport
         self.limits = limits
-        self._give_back = give_back
-        self._attempt_event = attempt_event
+        self._give_back = admission.give_back
+        self._attempt_event = listeners.attempt_event
         self.counts = dict.fromkeys(STALL_EVENTS, 0)
         self._suspected_at: dict[str, float] = {}  # replica -> event-loop time of its latest suspicion
         self._last_message: dict[str, float] = {}  # replica -> event-loop time its latest message was read

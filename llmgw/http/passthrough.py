@@ -65,6 +65,12 @@ class _Answer:
             self.response_id = given if isinstance(given, str) else ""
         if data.get("usage") is not None:
             self.usage_seen = True
+        raw = chunk.raw
+        # The usual event: the server's own id and the model name the client used -- its bytes go out as they
+        # came, without a call into the rewriting rules (the same test rewrite_chunk makes, per streamed event).
+        if raw and not self.drop_usage and data.get("id", self.response_id) == self.response_id \
+                and data.get("model", self.model) == self.model:
+            return raw
         out = rewrite_chunk(data, response_id=self.response_id, client_model=self.model, drop_usage=self.drop_usage)
         if out is None:
             return None

@@ -11,19 +11,19 @@ Decisions (`check`, or `try_admit` which also records the admission):
   pro-rata budget of the recent (pacing) window: limit * recent_window_s / 60. Without pacing a 60 s window lets a
   tenant spend the whole minute in its first seconds and then echoes that burst every minute; with it the
   admitted rate stays near limit / 60 per second after the first seconds; and refused when this gateway's own
-  requests of the last s buckets (2 <= s <= the pacing window) would exceed its pace over them (below);
+  requests of the last s buckets (1 <= s <= the pacing window) would exceed its pace over them (below);
 - tokens_per_minute: refused while the window's (or the recent window's) tokens are at or over the budget. Tokens
   are counted after the fact (`record_tokens`): a running stream is never cut, the next request is refused.
 Pace (requests per minute, with pacing on): the pacing window alone still admits in lumps -- whatever a bucket
 took frees up at once when that bucket leaves the window, so a burst comes back every window (per second 24, 21,
 0, 0, 6, ... against 600/min). So each gateway also spreads its requests over the buckets: its pace is its part
-of limit / 60 per second (its share when alone, times its slice of the cluster's recent demand), and any s
-consecutive buckets may hold at most the pace of s buckets (2 <= s <= the pacing window). Fractions of a request
-are spread Bresenham-style, each gateway offset by its rank among the gateways it hears from, so with equal
-slices the gateways' whole requests add up to the cluster's pace in every bucket. A bucket after a quiet one may
-take up to two buckets' pace; after a quiet spell (nothing in the pacing window), at least `burst` requests, for
-tenants whose pace is lower (the burst allowance). The buckets after a burst take only what is left of their
-pace, so one bucket after a burst of two buckets' pace the rate is back at the pace and nothing echoes.
+of limit / 60 per second (its share when alone, times its slice of the cluster's recent demand; an even slice
+while requests have just begun to arrive and some peer has not spoken since), and any s consecutive buckets may
+hold at most the pace of s buckets (1 <= s <= the pacing window). Fractions of a request are spread
+Bresenham-style, each gateway offset by its rank among the gateways it hears from, so with equal slices the
+gateways' whole requests add up to the cluster's pace in every bucket. The burst allowance: after a quiet spell
+(nothing in the pacing window) a bucket may take `burst` requests (cluster-wide, each gateway its slice) when its
+pace is lower; the buckets after it take only what is left of their pace, so nothing echoes.
 `retry_after_s` is the time until the first bucket boundary at which the request would pass, given the local
 buckets (exact) and the peers' counts assumed spread evenly over their window (they only send sums).
 
@@ -137,19 +137,19 @@ class _Pace:
         return math.floor(self.rate * bucket + self.phase)
 
     def allowance(self, head: int, span: int, quiet: bool) -> float:
-        """What the `span` (>= 2) buckets ending with bucket `head` may hold together: their allocation; after a
-        quiet spell (`quiet`: nothing in the pacing window before `head`) also what lifts it to the burst allowance
-        when two buckets' allocation is below it."""
+        """What the `span` buckets ending with bucket `head` may hold together: their allocation; after a quiet
+        spell (`quiet`: nothing in the pacing window before `head`) also what lifts bucket `head`'s allocation to
+        the burst allowance when it is below it."""
         end = self._allocated(head + 1)
-        lift = max(0.0, self.burst - (end - self._allocated(head - 1))) if quiet else 0.0
+        lift = max(0.0, self.burst - (end - self._allocated(head))) if quiet else 0.0
         return end - self._allocated(head + 1 - span) + lift
 
     def fits(self, newest: list[int], head: int, spans: int, ahead: int = 0) -> bool:
-        """Whether one more request fits in bucket `head + ahead`, for every span 2..`spans` ending with it, given
+        """Whether one more request fits in bucket `head + ahead`, for every span 1..`spans` ending with it, given
         this gateway's counts newest first (newest[k] = bucket `head - k`; later buckets are empty)."""
         older = newest[1:spans] if ahead == 0 else newest[:max(0, spans - ahead)]
         quiet = not any(older)
-        for span in range(2, spans + 1):
+        for span in range(1, spans + 1):
             if sum(newest[:max(0, span - ahead)]) + 1 > self.allowance(head + ahead, span, quiet):
                 return False
         return True
@@ -163,6 +163,7 @@ class _Own:
     tokens: WindowCounter
     demand: WindowCounter  # requests that arrived (checked), over the recent window only
     in_flight: int = 0
+    busy_since: float = -math.inf  # when requests began to arrive after a quiet pacing window
     demand_sent: int | None = None  # recent demand in the last digest sent: as stale as the peers' figures
     last_sent: float = -math.inf
     sent_nonzero: bool = False  # peers hold a non-zero value from us: send the zero once it drops to zero
@@ -267,6 +268,8 @@ class UsageLimiter:
         if limits is None or own is None or limits.unlimited:
             return ALLOWED
         cfg = self.config
+        if not own.demand.total(now):
+            own.busy_since = now
         own.demand.add(now, 1)
         share, fresh = self._share(now)
         seen = self._seen(tenant, fresh, now)
@@ -287,7 +290,13 @@ class UsageLimiter:
             if kind is Limit.REQUESTS and recent_cap is not None:
                 gateways = self._gateways_heard(now)
                 fraction = 1.0  # of the cluster's recent demand that arrives here
-                if seen.recent_demand:
+                if not seen.recent_demand and any(peer.last_heard < own.busy_since + self._interval_s
+                                                  for peer in fresh):
+                    # Requests just began to arrive here and a peer has not spoken since (a digest heard within an
+                    # interval may have been built before its own requests began): it may be getting them too.
+                    # Until each has, this gateway takes an even slice rather than the whole pace.
+                    fraction = 1.0 / len(gateways)
+                elif seen.recent_demand:
                     # Peers' counts arrive late: after a bucket boundary every gateway would see the same freed
                     # room and fill it. Each takes at most its slice of the recent budget, in proportion to the
                     # requests arriving at it, so the gateways do not claim the same room twice.

@@ -478,13 +478,15 @@ class UpstreamStream:
     async def _drain(self) -> None:
         """Read the stream's last bytes after [DONE] so the keep-alive connection returns to the pool."""
         content = self._response.content
-        try:
-            async with asyncio.timeout(min(_DRAIN_AFTER_DONE_SECONDS, self._timeouts.idle)):
-                while await content.readany():
-                    pass
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            self._close()  # a connection in an unknown state is not reused
-            return
+        # Usually the end of the body came with [DONE]: nothing to wait for (and no timer to set up per request).
+        if not content.at_eof():
+            try:
+                async with asyncio.timeout(min(_DRAIN_AFTER_DONE_SECONDS, self._timeouts.idle)):
+                    while await content.readany():
+                        pass
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                self._close()  # a connection in an unknown state is not reused
+                return
         self._stop_watch()
         if not self._closed:
             self._closed = True

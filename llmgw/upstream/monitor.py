@@ -65,6 +65,7 @@ class BackendMonitor:
         """One round; returns the Backend as it now stands (and reports it to on_change if it changed)."""
         loop = asyncio.get_running_loop()
         result = await self._prober.health()
+        learnt = False
         updated = self._backend
         if result.ok:
             updated = updated.with_health(self.tracker.success())
@@ -83,7 +84,7 @@ class BackendMonitor:
                     # /health says yes, /v1/models no: ask again later, not every round.
                     self._models_due = loop.time() + min(self._backoff * 2, self.settings.models_retry_max_s)
             if models is not None:
-                self._models_known = True
+                learnt = True
                 self._backoff = self.settings.interval_s
                 self._models_due = loop.time() + self.settings.models_refresh_s
                 if models != updated.models:
@@ -95,6 +96,10 @@ class BackendMonitor:
         elif result.ok and self._prober.metrics_path is not None:
             measured = await self._prober.load()
             updated = updated.with_load(None if measured is None else measured.total)
+        # Known models and the Backend carrying them change together (after the last await of the round), so a
+        # reader never sees "models known" beside a Backend without them.
+        if learnt:
+            self._models_known = True
         if updated != self._backend:
             self._backend = updated
             self._on_change(updated)

@@ -16,6 +16,7 @@ import codecs
 import dataclasses
 import json
 import re
+from collections.abc import Callable
 from typing import Any, Final
 
 DONE: Final = "[DONE]"
@@ -90,6 +91,8 @@ class SSEParser:
             self._skip_lf = False
             if text[0] == "\n":
                 text = text[1:]
+        if not self._line_parts and not self._data and text.endswith("\n\n") and "\r" not in text:
+            return self._whole_events(text)
         # Most chunks use LF only: str.split is the fast path; the regex handles CR and CRLF.
         if "\r" in text:
             lines = _LINE_END.split(text)
@@ -114,6 +117,31 @@ class SSEParser:
             if self._line_chars > self._max_event_chars:
                 self._fail(f"a line of the event stream is longer than {self._max_event_chars} characters")
             self._line_parts.append(rest)
+        return events
+
+    def _whole_events(self, text: str) -> list[ServerSentEvent]:
+        """The fast path of feed(): `text` starts at a line start with nothing pending and ends at the end of an
+        event (LF line ends only) -- what a model server sends per network read. An event that is one `data:`
+        line is dispatched directly; any other block goes through the line rules, followed by the blank line
+        that ended it, so the events are the ones the general path makes (the blocks are split at each
+        "\\n\\n", and a block holding a line end is exactly a run of lines before that blank line)."""
+        events: list[ServerSentEvent] = []
+        blocks = text.split("\n\n")
+        blocks.pop()  # "": the text ends with the blank line that dispatches the last block
+        for block in blocks:
+            if block.startswith("data:") and "\n" not in block and not self._event_type:
+                value = block[6:] if block.startswith(" ", 5) else block[5:]
+                if len(value) + 1 > self._max_event_chars:
+                    self._fail(f"an event of the event stream is longer than {self._max_event_chars} characters")
+                events.append(ServerSentEvent(data=value, event="message", id=self._last_id, retry=self._retry))
+                continue
+            for line in block.split("\n"):
+                event = self._process_line(line)
+                if event is not None:
+                    events.append(event)
+            event = self._dispatch()
+            if event is not None:
+                events.append(event)
         return events
 
     def _fail(self, message: str) -> None:
@@ -167,12 +195,29 @@ def decode_openai_event(event: ServerSentEvent) -> dict[str, Any] | None:
     if data == DONE:
         return None
     try:
-        value = json.loads(data)
+        value = _loads_object(data)
     except ValueError as exc:
         raise MalformedOpenAIStream(f"stream event data is not JSON ({exc}): {_excerpt(data)}") from exc
     if not isinstance(value, dict):
         raise MalformedOpenAIStream(f"stream event data is JSON but not an object: {_excerpt(data)}")
     return value
+
+
+# json.loads' own scanner, called directly: for data that is one JSON object and nothing else (every event of an
+# OpenAI stream) it gives what json.loads gives, without the two whitespace matches and two Python frames around
+# it -- once per streamed event. Anything else goes through json.loads, which makes the same value or error.
+_scan_once: Callable[[str, int], tuple[Any, int]] = vars(json.JSONDecoder())["scan_once"]  # set in its __init__
+
+
+def _loads_object(data: str) -> Any:
+    if data[:1] == "{":
+        try:
+            value, end = _scan_once(data, 0)
+        except StopIteration:
+            return json.loads(data)
+        if end == len(data):
+            return value
+    return json.loads(data)
 
 
 def _excerpt(text: str, limit: int = 200) -> str:
