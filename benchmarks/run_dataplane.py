@@ -192,7 +192,7 @@ def scenario_relay(lg, workdir, rounds, repeats=3, otel=False):
     talking to the replica directly (one token per message to the client in both cases). Direct and gateway runs
     alternate `repeats` times and the ratio is the median of the per-pair ratios, so one noisy stretch of a shared
     machine cannot decide it. `otel`: the gateway traces every request, exporting over OTLP to a local sink."""
-    from otlp_sink import traced_gateways
+    from benchmarks.otlp_sink import traced_gateways
 
     out = {}
     for label, upstream in (("batched", "64"), ("per_token", "1")):

@@ -47,8 +47,12 @@ def free_udp_port() -> int:
     return free_port("127.0.0.1", SOCK_DGRAM)
 
 
-def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.1, what: str = "condition"):
-    """Poll `predicate` until it returns something truthy (returned) or `timeout` passes (AssertionError)."""
+def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.1, what: str = "condition",
+               retry_on: tuple[type[BaseException], ...] = (grpc.RpcError, OSError)):
+    """Poll `predicate` until it returns something truthy (returned) or `timeout` passes (AssertionError).
+
+    An exception of a `retry_on` type counts as "not yet" (by default: a node still starting or just killed);
+    `retry_on=()` lets every exception of `predicate` end the wait at once."""
     deadline = time.monotonic() + timeout
     last_exc = None
     while True:
@@ -56,7 +60,7 @@ def wait_until(predicate: Callable[[], object], timeout: float, interval: float 
             value = predicate()
             if value:
                 return value
-        except (grpc.RpcError, OSError) as exc:  # a node still starting or just killed
+        except retry_on as exc:
             last_exc = exc
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}"

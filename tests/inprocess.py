@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from typing import Any
 
+import aiohttp
+import grpc
+
+from harness import free_tcp_port
+from llmgw.gateway import GatewayConfig
+from llmgw.gateway.app import HttpSettings, build_server, start_gateway, stop_gateway
 from llmgw.replica import Replica, ReplicaConfig
 
 
@@ -80,6 +87,41 @@ class ReplicaPool:
             await rep.stop(0.1)
 
 
+class ComposedStack(ReplicaPool):
+    """Replicas + the gateway as the composition root wires it (llmgw.gateway.app.build_server and start_gateway:
+    gRPC front, Gateway with its metrics listener, HTTP front), an aiohttp session on the HTTP front and a gRPC
+    channel to the gRPC front. `build` then `start_fronts`, so a test can add listeners to the Gateway between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.server: Any = None
+        self.front: Any = None
+        self.session: aiohttp.ClientSession | None = None
+        self.channel: grpc.aio.Channel | None = None
+
+    def build(self, config: GatewayConfig, *, tenancy: Any = None) -> Any:
+        self.server = build_server(config, tenancy=tenancy, membership=self.membership)
+        return self.server
+
+    async def start_fronts(self, *, host: str = "127.0.0.1", admin_token: str | None = None,
+                           session_timeout_s: float = 30.0) -> None:
+        """Start the built server and its HTTP front on a free port (`host` "": the gRPC front's host)."""
+        self.front = await start_gateway(self.server, HttpSettings(port=free_tcp_port(), host=host,
+                                                                     admin_token=admin_token))
+        self.session = aiohttp.ClientSession(base_url=self.front.url,
+                                             timeout=aiohttp.ClientTimeout(total=session_timeout_s))
+        self.channel = grpc.aio.insecure_channel(self.server.grpc_address)
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+        if self.session is not None:
+            await self.session.close()
+        if self.server is not None:
+            await stop_gateway(self.server, self.front)
+        await super().close()
+
+
 def run_with(make_stack, scenario, timeout: float, close_timeout: float = 15.0):
     """Run `scenario(stack)` on a fresh event loop with `make_stack()`, whose close() always runs afterwards."""
 
@@ -93,11 +135,21 @@ def run_with(make_stack, scenario, timeout: float, close_timeout: float = 15.0):
     return asyncio.run(wrapper())
 
 
-async def wait_for(predicate, timeout=5.0, what="condition"):
-    """Poll `predicate` every 10 ms until it is truthy; AssertionError after `timeout` seconds."""
+def run_bounded(coro, timeout: float = 30.0):
+    """Run `coro` on a fresh event loop; asyncio.TimeoutError if it takes longer than `timeout` seconds."""
+
+    async def bounded():
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(bounded())
+
+
+async def wait_for(predicate, timeout=5.0, what="condition", interval: float = 0.01):
+    """Poll `predicate` every `interval` seconds until it is truthy (returned); AssertionError after `timeout`."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not predicate():
+    while not (value := predicate()):
         if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(interval)
+    return value

@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 
+from inprocess import run_bounded as run
 from llmgw.agent import Agent
 from llmgw.cluster import free_port
 from llmgw.testing.mock_openai import MockOpenAIServer
@@ -11,12 +12,6 @@ from llmgw.upstream.backends import HealthState, ServerLoad
 from llmgw.upstream.capabilities import BackendKind
 from llmgw.upstream.client import Endpoint, UpstreamClient
 from llmgw.upstream.metadata import MetadataTooLarge, decode_backend
-
-
-def run(coro, timeout=30):
-    async def bounded():
-        return await asyncio.wait_for(coro, timeout)
-    return asyncio.run(bounded())
 
 
 class Recorder:

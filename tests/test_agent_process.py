@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import wait_until
 from llmgw.cluster import MemberProcess, free_port
 from llmgw.gossip import GossipConfig, GossipNode
 from llmgw.topology import ROLE_UPSTREAM
@@ -151,17 +152,6 @@ def complete(gateway_url: str, prompt: str) -> tuple[int, str]:
                                          {"model": MODEL, "prompt": prompt, "max_tokens": 3})
     assert status != 200 or json.loads(body)["choices"][0]["text"], body
     return status, headers.get("X-LLMGW-Replica", "")
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 def ready_field(line: str, name: str) -> str:
@@ -328,7 +318,8 @@ def test_gateway_stops_routing_to_a_killed_server_within_2_s_and_routes_to_it_ag
     id_a, id_b = canonical_id(mock_a.url), canonical_id(mock_b.url)
     http_port = free_port("127.0.0.1")
     gateway = processes("gateway", "--id", "gateway-1", "--port", str(free_port("127.0.0.1")),
-                        "--gossip-port", str(free_port("127.0.0.1", socket.SOCK_DGRAM)), "--gossip-config", "local", "--http-port", str(http_port),
+                        "--gossip-port", str(free_port("127.0.0.1", socket.SOCK_DGRAM)), "--gossip-config", "local",
+                        "--http-port", str(http_port),
                         "--seeds", f"{gossip_a},{gossip_b}", "--log-level", "INFO", name="gateway")
     gateway_url = f"http://127.0.0.1:{http_port}"
     prompts = (f"prompt number {i}" for i in range(1_000_000))
@@ -343,11 +334,12 @@ def test_gateway_stops_routing_to_a_killed_server_within_2_s_and_routes_to_it_ag
             status, replica = complete(gateway_url, next(prompts))
             assert status == 200, (status, replica)
             return replica == server_id
-        wait_until(one, timeout, what, interval=0)
+        wait_until(one, timeout, interval=0, what=what, retry_on=())
         return sent
 
     # Both servers are learnt from their agents (the gateway has no --upstream) and both serve.
-    wait_until(lambda: complete(gateway_url, "warm up")[0] == 200, 20.0, "the gateway to route to an agent's server")
+    wait_until(lambda: complete(gateway_url, "warm up")[0] == 200, 20.0, interval=0.02,
+               what="the gateway to route to an agent's server", retry_on=())
     served_by(id_a, 10.0, "a request served by A")
     served_by(id_b, 10.0, "a request served by B")
     answered_a = sum(1 for _ in range(40) if complete(gateway_url, next(prompts)) == (200, id_a))
@@ -364,8 +356,8 @@ def test_gateway_stops_routing_to_a_killed_server_within_2_s_and_routes_to_it_ag
     try:
         answers = [complete(gateway_url, next(prompts)) for _ in range(60)]
         assert answers == [(200, id_b)] * 60
-        wait_until(lambda: any(line.startswith("GET /health ") for line in trap.lines()), 3.0,
-                   "the agent's probe to reach the listener")
+        wait_until(lambda: any(line.startswith("GET /health ") for line in trap.lines()), 3.0, interval=0.02,
+                   what="the agent's probe to reach the listener", retry_on=())
         assert not [line for line in trap.lines() if not line.startswith("GET ")], trap.lines()
     finally:
         trap.close()

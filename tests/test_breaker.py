@@ -8,6 +8,7 @@ import pytest
 from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support_clock import FakeClock
 
 from llmgw.policy.breaker import (
     CLOSED,
@@ -27,19 +28,8 @@ from llmgw.policy.breaker import (
 from llmgw.policy.outliers import LatencyOutliers, OutlierConfig
 
 
-class FakeClock:
-    def __init__(self, t: float = 100.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, dt: float) -> None:
-        self.t += dt
-
-
 def make_board(replicas=("a", "b", "c"), config: BreakerConfig | None = None):
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     changes: list[tuple[str, str, str, str]] = []
     board = BreakerBoard(config or BreakerConfig(), clock, on_change=lambda *c: changes.append(c))
     board.set_replicas(replicas)
@@ -351,7 +341,7 @@ def test_faulty_change_callback_does_not_break_the_board(caplog):
     def boom(*_):
         raise RuntimeError("observer bug")
 
-    board = BreakerBoard(BreakerConfig(), FakeClock(), on_change=boom)
+    board = BreakerBoard(BreakerConfig(), FakeClock(100.0), on_change=boom)
     board.set_replicas(["a", "b"])
     trip_by_failures(board, "a")
     assert board.state("a") == OPEN

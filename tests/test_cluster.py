@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from harness import wait_until
 from llmgw import client
 from llmgw.cluster import ClusterConfig, ClusterError, LocalCluster, request_restart
 from llmgw.rollout import CommandTemplateRestart, RestartCommandError
@@ -35,17 +36,6 @@ def process_gone(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except (FileNotFoundError, ProcessLookupError):
         return True
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 class Supervisor:
@@ -167,7 +157,7 @@ def test_cluster_command_serves_restarts_and_stops_cleanly(supervisor):
         m = members(target).get(victim)
         return m is not None and m["state"] == "alive" and m["incarnation"] > old_incarnation
 
-    wait_for(rejoined, 20, f"{victim} to rejoin with a newer incarnation", interval=0.3)
+    wait_until(rejoined, 20, interval=0.3, what=f"{victim} to rejoin with a newer incarnation", retry_on=())
     result = asyncio.run(stream_one(target, "after the restart", 3))
     assert result.ok and len(result.tokens) == 3
 
@@ -179,7 +169,7 @@ def test_cluster_command_serves_restarts_and_stops_cleanly(supervisor):
     assert sup.proc.wait(timeout=30) == 0
     sup.expect(re.compile(r"^llmgw cluster stopped$"), timeout=5)
     for pid in all_pids:
-        wait_for(lambda pid=pid: process_gone(pid), 5, f"pid {pid} to be gone")
+        wait_until(lambda pid=pid: process_gone(pid), 5, interval=0.05, what=f"pid {pid} to be gone", retry_on=())
 
 
 async def _gateway_pid(target: str) -> int:
@@ -212,7 +202,7 @@ def test_demo_streams_a_sample_and_exits(supervisor):
     sup.expect(re.compile(r"^  4 tokens from replica-\d, TTFT [\d.]+ ms, total [\d.]+ ms$"), timeout=5)
     assert sup.proc.wait(timeout=30) == 0
     for pid in sup.child_pids:
-        wait_for(lambda pid=pid: process_gone(pid), 5, f"pid {pid} to be gone")
+        wait_until(lambda pid=pid: process_gone(pid), 5, interval=0.05, what=f"pid {pid} to be gone", retry_on=())
 
 
 def test_bad_arguments_are_clear_errors():
@@ -285,7 +275,7 @@ def test_restart_replica_on_a_new_version_keeps_ports_and_rejoins(tmp_path):
         with pytest.raises(ClusterError, match="cannot reach the cluster supervisor"):
             await request_restart(str(cluster.control_path), "replica-1", "v2", timeout_s=5)
         for pid in pids:
-            wait_for(lambda pid=pid: process_gone(pid), 5, f"pid {pid} to be gone")
+            wait_until(lambda pid=pid: process_gone(pid), 5, interval=0.05, what=f"pid {pid} to be gone", retry_on=())
 
     asyncio.run(asyncio.wait_for(scenario(), 90))
 

@@ -13,6 +13,7 @@ import pytest
 from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support_clock import FakeClock
 
 from llmgw.policy.deadlines import (
     DISCARD,
@@ -25,17 +26,6 @@ from llmgw.policy.deadlines import (
     StallDeadlines,
     StallRace,
 )
-
-
-class FakeClock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, dt: float) -> None:
-        self.t += dt
 
 
 def feed_gaps(deadlines: StallDeadlines, clock: FakeClock, gaps, replica: str = "r1") -> None:

@@ -8,19 +8,9 @@ import pytest
 from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support_clock import FakeClock
 
 from llmgw.policy.hedging import HEDGE_CANCELLED, HEDGE_LOST, HEDGE_WON, HedgeConfig, HedgePolicy
-
-
-class FakeClock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, dt: float) -> None:
-        self.t += dt
 
 
 def test_default_is_off_except_explicit_hedges():

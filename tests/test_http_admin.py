@@ -8,10 +8,10 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 from test_http_server import FakeMember, run_stack, wait_for
 
-from harness import free_tcp_port
-from inprocess import ReplicaPool, run_with
+from inprocess import ComposedStack, run_with
 from llmgw._proto import llmgateway_pb2 as pb
 from llmgw._proto import llmgateway_pb2_grpc as pb_grpc
+from llmgw.gateway import GatewayConfig
 from llmgw.http import start_http
 from llmgw.http.admin import AdminApi, is_loopback_host
 from llmgw.http.openai_api import ApiError
@@ -240,41 +240,18 @@ def test_rollout_needs_a_restart_hook_and_can_be_aborted():
 
 
 # ---- one rollout and one drain set per gateway, whichever front is used -------------------------------------
-class BothFronts(ReplicaPool):
+class BothFronts(ComposedStack):
     """Replicas + the gateway exactly as `python -m llmgw gateway` wires it (gateway.app.build_server and
     start_gateway: gRPC server, Gateway with its metrics listener, HTTP front), over a test-driven membership."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.server = self.front = self.session = self.channel = None
-
     async def start(self, **config):
-        import aiohttp
-        import grpc
-
-        from llmgw.gateway import GatewayConfig, app
-
-        config = GatewayConfig(port=0, gossip_port=None, **config)
-        self.server = app.build_server(config, membership=self.membership)
-        self.front = await app.start_gateway(self.server, app.HttpSettings(port=free_tcp_port()))
-        self.session = aiohttp.ClientSession(base_url=self.front.url, timeout=aiohttp.ClientTimeout(total=20))
-        self.channel = grpc.aio.insecure_channel(self.server.grpc_address)
+        self.build(GatewayConfig(port=0, gossip_port=None, **config))
+        await self.start_fronts(host="", session_timeout_s=20)
         return pb_grpc.GatewayAdminStub(self.channel)
 
     async def grpc_draining(self, stub) -> dict[str, bool]:
         members = (await stub.Members(pb.MembersRequest(), timeout=5)).members
         return {m.member_id: m.draining for m in members}
-
-    async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-        if self.channel is not None:
-            await self.channel.close()
-        if self.server is not None:
-            from llmgw.gateway.app import stop_gateway
-
-            await stop_gateway(self.server, self.front)
-        await super().close()
 
 
 def test_grpc_and_http_admin_share_one_rollout_and_one_drain_set():

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 
 import grpc
 import pytest
 
+import inprocess
 from harness import Cluster, free_udp_port
 from llmgw import client
 from llmgw._proto import llmgateway_pb2 as pb
@@ -57,15 +59,7 @@ def assert_complete(res, n: int) -> None:
     assert res.tokens[-1].is_final
 
 
-async def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-        await asyncio.sleep(interval_s)
+wait_for = functools.partial(inprocess.wait_for, interval=0.05)  # the replicas answer status RPCs: poll gently
 
 
 class RequestLoop:

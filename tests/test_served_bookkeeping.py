@@ -13,15 +13,10 @@ import asyncio
 import json
 from pathlib import Path
 
-import aiohttp
-import grpc
-
-from harness import free_tcp_port
-from inprocess import ReplicaPool, run_with, wait_for
+from inprocess import ComposedStack, run_with, wait_for
 from llmgw._proto import llmgateway_pb2 as pb
 from llmgw._proto import llmgateway_pb2_grpc as pb_grpc
 from llmgw.gateway import GatewayConfig
-from llmgw.gateway.app import HttpSettings, build_server, start_gateway, stop_gateway
 from llmgw.gateway.events import AttemptOutcome, RequestListener, RequestOutcome, RequestRecord
 from llmgw.gateway.tenancy_gate import TenancyGate
 from llmgw.tenancy.keys import hash_key
@@ -45,24 +40,16 @@ class Seen(RequestListener):
         self.records.append(record)
 
 
-class Stack(ReplicaPool):
+class Stack(ComposedStack):
     def __init__(self) -> None:
         super().__init__()
-        self.server = None
-        self.front = None
-        self.session: aiohttp.ClientSession | None = None
-        self.channel: grpc.aio.Channel | None = None
         self.seen = Seen()
 
     async def start(self, keys_path: Path) -> None:
         gate = TenancyGate.from_key_file("gateway-1", str(keys_path))
-        self.server = build_server(GatewayConfig(port=0, gossip_port=None), tenancy=gate,
-                                   membership=self.membership)
+        self.build(GatewayConfig(port=0, gossip_port=None), tenancy=gate)
         self.server.gateway.add_listener(self.seen)
-        self.front = await start_gateway(self.server, HttpSettings(port=free_tcp_port(), host="127.0.0.1",
-                                                                     admin_token=ADMIN))
-        self.session = aiohttp.ClientSession(base_url=self.front.url, timeout=aiohttp.ClientTimeout(total=30))
-        self.channel = grpc.aio.insecure_channel(self.server.grpc_address)
+        await self.start_fronts(admin_token=ADMIN)
 
     async def http_complete(self, *, stream: bool) -> str:
         body = {"model": "m", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "stream": stream}
@@ -76,15 +63,6 @@ class Stack(ReplicaPool):
         return pb_grpc.InferenceGatewayStub(self.channel).Infer(
             pb.InferRequest(prompt=PROMPT, max_tokens=MAX_TOKENS), timeout=10.0,
             metadata=(("authorization", f"Bearer {KEY}"),))
-
-    async def close(self) -> None:
-        if self.channel is not None:
-            await self.channel.close()
-        if self.session is not None:
-            await self.session.close()
-        if self.server is not None:
-            await stop_gateway(self.server, self.front)
-        await super().close()
 
 
 def test_every_front_books_a_served_request_once_however_it_lets_go(tmp_path: Path):

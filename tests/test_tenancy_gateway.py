@@ -13,16 +13,15 @@ import logging
 import tracemalloc
 from pathlib import Path
 
-import aiohttp
 import grpc
 import pytest
 
 from harness import free_tcp_port
-from inprocess import ReplicaPool, run_with
+from inprocess import ComposedStack, run_with
 from llmgw._proto import llmgateway_pb2 as pb
 from llmgw._proto import llmgateway_pb2_grpc as pb_grpc
 from llmgw.gateway import GatewayConfig
-from llmgw.gateway.app import HttpSettings, build_server, start_gateway, stop_gateway
+from llmgw.gateway.app import HttpSettings, build_server, start_gateway
 from llmgw.gateway.tenancy_gate import TenancyGate
 from llmgw.tenancy.keys import hash_key
 
@@ -55,24 +54,13 @@ def key_file() -> str:
             + entry(KEYS["single"], "single", max_concurrent=1))
 
 
-class Stack(ReplicaPool):
+class Stack(ComposedStack):
     """Replicas + the composed gateway (gRPC + HTTP fronts), optionally with a key file."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.server = None
-        self.front = None
-        self.session: aiohttp.ClientSession | None = None
-        self.channel: grpc.aio.Channel | None = None
 
     async def start(self, keys_path: Path | None, **config):
         gate = TenancyGate.from_key_file("gateway-1", str(keys_path)) if keys_path else None
-        cfg = GatewayConfig(port=0, gossip_port=None, **config)
-        self.server = build_server(cfg, tenancy=gate, membership=self.membership)
-        self.front = await start_gateway(self.server, HttpSettings(port=free_tcp_port(), host="127.0.0.1",
-                                                                     admin_token=ADMIN))
-        self.session = aiohttp.ClientSession(base_url=self.front.url, timeout=aiohttp.ClientTimeout(total=30))
-        self.channel = grpc.aio.insecure_channel(self.server.grpc_address)
+        self.build(GatewayConfig(port=0, gossip_port=None, **config), tenancy=gate)
+        await self.start_fronts(admin_token=ADMIN)
 
     @property
     def gate(self) -> TenancyGate:
@@ -106,15 +94,6 @@ class Stack(ReplicaPool):
             metadata=metadata or None)
         tokens = [msg async for msg in call]
         return tokens, call
-
-    async def close(self) -> None:
-        if self.channel is not None:
-            await self.channel.close()
-        if self.session is not None:
-            await self.session.close()
-        if self.server is not None:
-            await stop_gateway(self.server, self.front)
-        await super().close()
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from inprocess import run_bounded as run
+from inprocess import wait_for
 from llmgw.cluster import free_port
 from llmgw.testing.mock_openai import MockOpenAIServer
 from llmgw.upstream.backends import (
@@ -48,20 +50,6 @@ from llmgw.upstream.probe import ProbeSettings
 
 FAST = ProbeSettings(interval_s=0.05, timeout_s=0.5, unhealthy_after=2, models_refresh_s=5.0,
                      models_retry_max_s=0.2)
-
-
-def run(coro, timeout=30):
-    async def bounded():
-        return await asyncio.wait_for(coro, timeout)
-    return asyncio.run(bounded())
-
-
-async def wait_until(predicate, timeout=5.0, step=0.01):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(step)
 
 
 @contextlib.asynccontextmanager
@@ -371,22 +359,22 @@ def test_static_source_configured_models_at_once_url_alone_when_it_answers():
             source = StaticSource([configured, late], client, FAST)
             events = []
             async with running(source, events):
-                await wait_until(lambda: events)
+                await wait_for(lambda: events)
                 assert events[0] == UpstreamEvent(Change.ADDED, configured)  # before any probe: health unknown
-                await wait_until(lambda: source.snapshot().get(configured.id, configured).health
+                await wait_for(lambda: source.snapshot().get(configured.id, configured).health
                                  is HealthState.HEALTHY)
                 await asyncio.sleep(0.3)
                 assert late.id not in source.snapshot()  # nothing answered there yet
                 late_mock = MockOpenAIServer(models=("late-model",), port=late_port)
                 await late_mock.start()
                 try:
-                    await wait_until(lambda: late.id in source.snapshot())
+                    await wait_for(lambda: late.id in source.snapshot())
                     joined = source.snapshot()[late.id]
                     assert joined.models == ("late-model",) and joined.health is HealthState.HEALTHY
                     assert next(e.change for e in events if e.backend.id == late.id) is Change.ADDED
                 finally:
                     await late_mock.stop()
-                await wait_until(lambda: source.snapshot()[late.id].health is HealthState.UNHEALTHY)
+                await wait_for(lambda: source.snapshot()[late.id].health is HealthState.UNHEALTHY)
                 assert source.snapshot()[late.id].models == ("late-model",)  # learnt models are kept
     run(scenario())
 
@@ -414,26 +402,26 @@ def test_dns_source_follows_the_answers_of_an_injected_resolver():
             source = DnsSource(target, client, FAST, resolver=resolver)
             events = []
             async with running(source, events):
-                await wait_until(lambda: len(source.snapshot()) == 2)
+                await wait_for(lambda: len(source.snapshot()) == 2)
                 assert sorted(b.models for b in source.snapshot().values()) == [("a",), ("b",)]
                 assert all(b.kind is BackendKind.VLLM for b in source.snapshot().values())
                 answers[0] = [("127.0.0.1", one.port)]
-                await wait_until(lambda: list(source.snapshot()) == [one.base_url])
+                await wait_for(lambda: list(source.snapshot()) == [one.base_url])
                 removed = [e for e in events if e.change is Change.REMOVED]
                 assert [e.backend.base_url for e in removed] == [two.base_url]
                 # A failed lookup or one that never answers keeps the last set.
                 failed = source.failed_lookups
                 answers[0] = OSError("Name or service not known")
-                await wait_until(lambda: source.failed_lookups >= failed + 2)
+                await wait_for(lambda: source.failed_lookups >= failed + 2)
                 answers[0] = UnicodeError("encoding with 'idna' codec failed")  # what a bad name raises
-                await wait_until(lambda: source.failed_lookups >= failed + 3)
+                await wait_for(lambda: source.failed_lookups >= failed + 3)
                 answers[0] = "hang"
-                await wait_until(lambda: source.failed_lookups >= failed + 4)
+                await wait_for(lambda: source.failed_lookups >= failed + 4)
                 hang.set()
                 assert list(source.snapshot()) == [one.base_url]
                 # An empty successful answer is a real one: no servers.
                 answers[0] = []
-                await wait_until(lambda: source.snapshot() == {})
+                await wait_for(lambda: source.snapshot() == {})
     run(scenario())
 
 
@@ -445,7 +433,7 @@ def test_dns_source_resolves_localhost_with_the_loop():
             source = DnsSource(target, client, FAST)
             events = []
             async with running(source, events):
-                await wait_until(lambda: mock.base_url in source.snapshot())
+                await wait_for(lambda: mock.base_url in source.snapshot())
             assert source.snapshot()[mock.base_url].models == ("mock-model",)
             assert ("127.0.0.1", mock.port) in source.addresses
     run(scenario())
@@ -494,11 +482,11 @@ def test_registry_merges_sources_first_added_wins():
             async with registry:
                 with pytest.raises(RuntimeError):
                     registry.add(GossipSource())
-                await wait_until(lambda: configured.id in registry.backends())
+                await wait_for(lambda: configured.id in registry.backends())
                 gossip.member_changed("agent-a", encode_backend(Backend(mock.base_url, models=("x",),
                                                                         health=HealthState.HEALTHY)))
                 gossip.member_changed("agent-b", encode_backend(other))
-                await wait_until(lambda: len(registry.backends()) == 2)
+                await wait_for(lambda: len(registry.backends()) == 2)
                 assert registry.backends()[configured.id].weight == 3.0  # the static entry wins for its id
                 assert [b.id for b in registry.serving("m")] == sorted([configured.id, other.id])
                 assert [b.id for b in registry.serving("alias")] == [configured.id]

@@ -6,7 +6,7 @@ import asyncio
 import json
 
 import pytest
-from upstream_stack import UpstreamStack, start_mocks, stream
+from upstream_stack import run_against_mocks, stream
 
 from llmgw.testing.mock_openai import Fault, FaultKind, expected_text, render_chat
 from llmgw.upstream.backends import Backend
@@ -16,19 +16,9 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 MAX = 12
 
 
-def run(scenario, *, kind=BackendKind.VLLM, extra_upstreams=(), timeout=60, **config):
-    async def main():
-        servers = await start_mocks(2)
-        upstreams = [Backend(m.base_url, kind=kind) for m in servers] + list(extra_upstreams)
-        gateway = UpstreamStack(upstreams, inter_token_timeout_s=0.5, **config)
-        try:
-            await gateway.start(models_for=2)
-            return await asyncio.wait_for(scenario(gateway, servers), timeout)
-        finally:
-            await gateway.close()
-            for server in servers:
-                await server.stop()
-    return asyncio.run(main())
+def run(scenario, **options):
+    """Two mock servers behind a gateway that gives up on a silent stream after 0.5 s (the faults stall it)."""
+    return run_against_mocks(scenario, mocks=2, models_for=2, inter_token_timeout_s=0.5, **options)
 
 
 async def serving(gw, servers, path, body):

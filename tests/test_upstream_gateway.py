@@ -7,6 +7,7 @@ import json
 
 import pytest
 from upstream_stack import UpstreamStack, start_mocks, stream
+from upstream_stack import run_against_mocks as run
 
 from inprocess import FakeMember, wait_for
 from llmgw.gateway.upstreams import affinity_key
@@ -33,21 +34,6 @@ PASSTHROUGH_COMPLETIONS = [
     {"temperature": 0, "seed": 7, "stop": "x", "max_tokens": 3, "echo": False, "logprobs": 2, "suffix": None},
     {"best_of": 1, "n": 1, "repeat_penalty": 1.0, "min_tokens": 1, "ignore_eos": True, "prompt": ["one prompt"]},
 ]
-
-
-def run(scenario, mocks=2, timeout=60, **stack):
-    async def main():
-        servers = await start_mocks(mocks)
-        upstreams = stack.pop("upstreams", None) or [Backend(m.base_url, kind=BackendKind.VLLM) for m in servers]
-        gateway = UpstreamStack(upstreams, **stack)
-        try:
-            await gateway.start()
-            return await asyncio.wait_for(scenario(gateway, servers), timeout)
-        finally:
-            await gateway.close()
-            for server in servers:
-                await server.stop()
-    return asyncio.run(main())
 
 
 def recorded(servers):
@@ -226,7 +212,7 @@ def test_a_url_alone_learns_its_models_and_an_unhealthy_server_leaves_routing():
         for k in range(4):
             status, headers, _ = await gw.post("/v1/completions", {"model": "mock-model", "prompt": f"{k}"})
             assert status == 200 and headers["X-LLMGW-Replica"] == Backend(b.base_url).id
-    run(scenario, upstreams=None)
+    run(scenario)
 
 
 

@@ -8,6 +8,8 @@ import math
 import pytest
 from aiohttp import web
 
+from inprocess import run_bounded as run
+from inprocess import wait_for
 from llmgw.cluster import free_port
 from llmgw.testing.mock_openai import MockOpenAIServer
 from llmgw.upstream.backends import Backend, HealthState, ServerLoad
@@ -18,20 +20,6 @@ from llmgw.upstream.probe import HealthTracker, MetricsError, Prober, ProbeSetti
 
 FAST = ProbeSettings(interval_s=0.05, timeout_s=0.5, unhealthy_after=2, models_refresh_s=0.2,
                      models_retry_max_s=0.4)
-
-
-def run(coro, timeout=30):
-    async def bounded():
-        return await asyncio.wait_for(coro, timeout)
-    return asyncio.run(bounded())
-
-
-async def wait_until(predicate, timeout=5.0, step=0.01):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(step)
 
 
 # --- metrics parsing ---------------------------------------------------------------------------------------
@@ -252,14 +240,14 @@ def test_monitor_backs_off_until_a_url_alone_server_answers_then_learns_and_refr
             try:
                 task = asyncio.ensure_future(monitor.run())
                 try:
-                    await wait_until(lambda: monitor.models_known)
+                    await wait_for(lambda: monitor.models_known)
                     assert monitor.backend.models == ("m1",)
                     assert monitor.backend.health is HealthState.HEALTHY
                     assert monitor.backend.load == ServerLoad(0, 0, 0.0)
                     assert monitor.next_delay() == FAST.interval_s
                     # Learnt models are read again every models_refresh_s.
                     mock.models = ("m1", "m2")
-                    await wait_until(lambda: monitor.backend.models == ("m1", "m2"))
+                    await wait_for(lambda: monitor.backend.models == ("m1", "m2"))
                     assert changes[-1] == monitor.backend
                 finally:
                     task.cancel()
@@ -327,7 +315,7 @@ def test_monitor_does_not_ask_for_models_every_round_when_only_health_answers():
                 answer_models.set()
                 task = asyncio.ensure_future(monitor.run())
                 try:
-                    await wait_until(lambda: monitor.models_known)
+                    await wait_for(lambda: monitor.models_known)
                 finally:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
@@ -19,6 +20,7 @@ from llmgw.gateway.app import build_server, stop_gateway
 from llmgw.http import start_http
 from llmgw.testing.mock_openai import MockOpenAIServer
 from llmgw.upstream.backends import Backend
+from llmgw.upstream.capabilities import BackendKind
 from llmgw.upstream.probe import ProbeSettings
 
 FAST_PROBES = ProbeSettings(interval_s=0.2, timeout_s=1.0, unhealthy_after=2, models_retry_max_s=0.5)
@@ -111,3 +113,25 @@ async def start_mocks(count: int, **kw: Any) -> list[MockOpenAIServer]:
     mocks = [MockOpenAIServer(**kw) for _ in range(count)]
     await asyncio.gather(*(mock.start() for mock in mocks))
     return mocks
+
+
+def run_against_mocks(scenario: Any, *, mocks: int = 2, kind: BackendKind = BackendKind.VLLM,
+                      extra_upstreams: Sequence[Backend] = (), models_for: int | None = None,
+                      timeout: float = 60.0, **config: Any) -> Any:
+    """Run `scenario(gateway, servers)` on a fresh event loop: `mocks` mock servers, each an upstream of `kind`
+    (then `extra_upstreams`), behind an UpstreamStack built with `config` and started with `models_for`. The
+    scenario gets `timeout` seconds; the gateway and the servers are stopped whatever happens."""
+
+    async def main() -> Any:
+        servers = await start_mocks(mocks)
+        upstreams = [Backend(m.base_url, kind=kind) for m in servers] + list(extra_upstreams)
+        gateway = UpstreamStack(upstreams, **config)
+        try:
+            await gateway.start(models_for=models_for)
+            return await asyncio.wait_for(scenario(gateway, servers), timeout)
+        finally:
+            await gateway.close()
+            for server in servers:
+                await server.stop()
+
+    return asyncio.run(main())

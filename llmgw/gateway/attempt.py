@@ -32,7 +32,7 @@ from llmgw.gateway.replica_stream import (
 from llmgw.tracing import NOOP_SPAN, Span
 
 if TYPE_CHECKING:
-    from llmgw.gateway.stall_race import StallGuard
+    from llmgw.gateway.stall_race import StallGuard, WaitTimer
 
 # A transport's own deadline error this close to the request's deadline is the request's deadline.
 DEADLINE_SLACK_S = 0.005
@@ -100,6 +100,7 @@ class Attempt:
         "stream",
         "ticket",
         "ttft_s",
+        "wait_timer",
     )
 
     def __init__(self, job: Job, ticket: Ticket, transport: Transport, limits: Limits,
@@ -118,6 +119,7 @@ class Attempt:
         # above stay the hard ones. None = the limits alone.
         self.guard = guard
         self.message_at = 0.0  # event-loop time the latest message was read (the guard measures gaps from it)
+        self.wait_timer: WaitTimer | None = None  # the guard's timer of this attempt's inter-token waits
 
     async def open(self) -> Attempt:
         """Send the request and wait (bounded) for the first chunk; returns self."""
@@ -142,6 +144,9 @@ class Attempt:
 
     def cancel(self) -> None:
         """Stop the replica's stream (it frees its slot), unless it already ended."""
+        timer = self.wait_timer
+        if timer is not None:
+            timer.close()
         stream = self.stream
         if stream is not None and not self.finished and not stream.done():
             stream.cancel()

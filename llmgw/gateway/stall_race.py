@@ -156,15 +156,31 @@ class StallGuard:
             if not first:
                 watchdog.reschedule(None)  # never fire while the caller holds the event
         else:
-            # The race's state is only built if the deadline passes (rarely): the hot path pays one timer.
-            waiting: list[_Race | None] = [None]
+            # The race's state is only built if the deadline passes (rarely): the hot path pays at most one timer
+            # per wait -- and an inter-token wait usually none: its attempt's one timer (WaitTimer) is re-armed
+            # only when it would fire too late.
+            waiting: list[_Race | None]
             due = min(job.deadline, armed + soft)
-            handle = loop.call_at(due, self._deadline_passed, waiting, attempt, watchdog, armed, soft,
-                                  None if first else armed + hard, due, asyncio.current_task())
+            timer: WaitTimer | None = None
+            handle: asyncio.TimerHandle | None = None
+            if first:
+                waiting = [None]
+                handle = loop.call_at(due, self._deadline_passed, waiting, attempt, watchdog, armed, soft, None,
+                                      due, asyncio.current_task())
+            else:
+                timer = attempt.wait_timer
+                if timer is None or timer.watchdog is not watchdog:  # the watchdog's task is the waiting one
+                    if timer is not None:
+                        timer.close()
+                    timer = attempt.wait_timer = WaitTimer(self, attempt, watchdog, asyncio.current_task())
+                waiting = timer.start(loop, armed, soft, armed + hard, due)
             try:
                 chunk = await stream.read()
             except BaseException as exc:
-                handle.cancel()
+                if handle is not None:
+                    handle.cancel()
+                if timer is not None:
+                    timer.close()  # the attempt fails over, or the race goes on with the continuation's stream
                 race = waiting[0]
                 if race is None:
                     raise
@@ -173,7 +189,13 @@ class StallGuard:
                 if switched is None:
                     raise
                 return switched
-            handle.cancel()
+            if handle is not None:
+                handle.cancel()
+            if timer is not None:
+                if chunk is None or chunk.is_final:
+                    timer.close()  # no wait follows
+                else:
+                    timer.stop()
             race = waiting[0]
             if race is not None:
                 race.disarm()
@@ -227,6 +249,64 @@ class StallGuard:
         self.counts[SUSPECTED] += 1
         self.deadlines.mark_stalled(replica_id)
         self._suspected_at[replica_id] = now
+
+
+class WaitTimer:
+    """The adaptive-deadline timer of one attempt's inter-token waits. Scheduling and cancelling a timer per
+    streamed message was a visible share of the gateway's CPU per chunk, so one timer serves every wait: a wait
+    sets its due time (`start`) and re-arms the timer only when it would fire too late; a timer firing before the
+    pending wait's due time (it was armed for an earlier wait) re-arms for that due time; one firing with no wait
+    pending does nothing. Past the due time the wait becomes a possible stall race (StallGuard._deadline_passed),
+    exactly as with a timer of its own."""
+
+    __slots__ = ("armed", "attempt", "due", "guard", "handle", "hard_at", "soft", "waiter", "waiting", "watchdog")
+
+    def __init__(self, guard: StallGuard, attempt: Attempt, watchdog: asyncio.Timeout,
+                 waiter: asyncio.Task | None) -> None:
+        self.guard = guard
+        self.attempt = attempt
+        self.watchdog = watchdog
+        self.waiter = waiter  # the task the watchdog belongs to: the one waiting for the reads
+        self.handle: asyncio.TimerHandle | None = None
+        self.waiting: list[_Race | None] | None = None  # the pending wait's race, if it becomes one; None: no wait
+        self.armed = self.soft = self.hard_at = self.due = 0.0
+
+    def start(self, loop: asyncio.AbstractEventLoop, armed: float, soft: float, hard_at: float,
+              due: float) -> list[_Race | None]:
+        """A wait begins: the returned holder gets its _Race if `due` passes before stop() or close()."""
+        waiting: list[_Race | None] = [None]
+        self.waiting = waiting
+        self.armed, self.soft, self.hard_at, self.due = armed, soft, hard_at, due
+        handle = self.handle
+        if handle is None or handle.when() > due:
+            if handle is not None:
+                handle.cancel()
+            self.handle = loop.call_at(due, self._fired)
+        return waiting
+
+    def stop(self) -> None:
+        """The wait ended; the timer stays armed for the next one."""
+        self.waiting = None
+
+    def close(self) -> None:
+        """No wait follows (the stream ended or failed, or the attempt is dropped)."""
+        self.waiting = None
+        handle, self.handle = self.handle, None
+        if handle is not None:
+            handle.cancel()
+
+    def _fired(self) -> None:
+        self.handle = None
+        waiting = self.waiting
+        if waiting is None:
+            return  # no wait pending: the next one arms the timer again
+        loop = asyncio.get_running_loop()
+        if loop.time() < self.due:
+            self.handle = loop.call_at(self.due, self._fired)
+            return
+        self.waiting = None  # from here on the wait's _Race keeps its own timers
+        self.guard._deadline_passed(waiting, self.attempt, self.watchdog, self.armed, self.soft, self.hard_at,
+                                    self.due, self.waiter)
 
 
 class _Race:

@@ -382,29 +382,23 @@ class GossipNode:
     def subscribe_user(self, callback: UserCallback) -> Callable[[], None]:
         """Call callback(sender_id, payload) for every user message from a live member; returns a function that
         unsubscribes. Runs where member events run (the gossip thread when threaded)."""
-        if not callable(callback):
-            raise TypeError("callback must be callable")
-        with self._lock:
-            self._user_subscribers.append(callback)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                if callback in self._user_subscribers:
-                    self._user_subscribers.remove(callback)
-
-        return unsubscribe
+        return self._add_subscriber(self._user_subscribers, callback)
 
     def subscribe(self, callback: Callable[[MemberEvent], None]) -> Callable[[], None]:
         """Call callback(MemberEvent) on every membership change; returns a function that unsubscribes."""
+        return self._add_subscriber(self._subscribers, callback)
+
+    def _add_subscriber(self, subscribers: list[Any], callback: Any) -> Callable[[], None]:
+        """Append `callback` to `subscribers` under the lock; the returned function removes it (once, idempotent)."""
         if not callable(callback):
             raise TypeError("callback must be callable")
         with self._lock:
-            self._subscribers.append(callback)
+            subscribers.append(callback)
 
         def unsubscribe() -> None:
             with self._lock:
-                if callback in self._subscribers:
-                    self._subscribers.remove(callback)
+                if callback in subscribers:
+                    subscribers.remove(callback)
 
         return unsubscribe
 

@@ -465,8 +465,11 @@ class OpenAIApi:
         try:
             caller = self._authenticate(request)  # before the body is read: a stranger's body is not worth reading
             try:
-                async with asyncio.timeout(self.body_timeout_s):
+                if request.content.is_eof():  # the whole body came with the headers: nothing to wait for
                     raw = await request.read()
+                else:
+                    async with asyncio.timeout(self.body_timeout_s):
+                        raw = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 raise bad_request(f"the request body is larger than {request.client_max_size} bytes",
                                   code="body_too_large") from None
@@ -628,18 +631,26 @@ class OpenAIApi:
             await batches.aclose()
 
     def _token(self, event, result: _Outcome, started: float) -> None:
+        self._tokens((event,), result, started)
+
+    def _tokens(self, batch, result: _Outcome, started: float) -> None:
+        """Counts events that reached the client together: one clock read per batch (per streamed write), so
+        the gaps between them are 0, as the client sees them."""
         now = asyncio.get_running_loop().time()
-        if result.ttft_s is None:
-            result.ttft_s = now - started
-            if self.metrics is not None:
-                self.metrics.ttft.observe(result.ttft_s)
-        elif self.metrics is not None:
-            self.metrics.inter_token.observe(now - result.last_token_at)
-        result.last_token_at = now
-        if event.token or not event.is_final:
-            result.tokens += 1
-        if not result.replicas or result.replicas[-1] != event.replica_id:
-            result.replicas.append(event.replica_id)
+        metrics = self.metrics
+        replicas = result.replicas
+        for event in batch:
+            if result.ttft_s is None:
+                result.ttft_s = now - started
+                if metrics is not None:
+                    metrics.ttft.observe(result.ttft_s)
+            elif metrics is not None:
+                metrics.inter_token.observe(now - result.last_token_at)
+            result.last_token_at = now
+            if event.token or not event.is_final:
+                result.tokens += 1
+            if not replicas or replicas[-1] != event.replica_id:
+                replicas.append(event.replica_id)
 
     def _finished(self, request_id: str, api: str, result: _Outcome, prompt_chars: int) -> None:
         fields = dict(id=request_id, api=api, replicas=result.replicas, outcome=result.outcome,

@@ -40,8 +40,11 @@ class FrontErrors:
     replica_header: str
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # built once, not per json.dumps call
+
+
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return _ENCODER.encode(obj).encode("utf-8")
 
 
 class _Answer:
@@ -184,8 +187,7 @@ async def _stream(front: Any, request: web.Request, gateway: Any, infer_request:
             oa.replica_header: batch[0].replica_id, **id_header})
         await response.prepare(request)
         while True:
-            for event in batch:
-                front._token(event, result, started)
+            front._tokens(batch, result, started)
             # Events that arrived together leave in one write.
             out = answer.sse(batch)
             if batch[-1].is_final:

@@ -105,11 +105,15 @@ def validate_base_url(base_url: str) -> str:
     return base_url
 
 
+# Compact and UTF-8 as is: the server reads the same JSON values the client sent. Built once: json.dumps with any
+# option builds a new encoder per call (once per upstream request here).
+_BODY_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def _encode_body(body: Mapping[str, Any] | bytes) -> bytes:
     if isinstance(body, bytes):
         return body
-    # Compact and UTF-8 as is: the server reads the same JSON values the client sent.
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return _BODY_ENCODER.encode(body).encode("utf-8")
 
 
 class UpstreamClient:
