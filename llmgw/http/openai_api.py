@@ -36,6 +36,7 @@ from aiohttp import web
 
 from llmgw.gateway.api import ErrorKind, GatewayError, InferenceRequest
 from llmgw.http import passthrough
+from llmgw.http.sse_stream import SSE_DONE, end_with_error_event
 from llmgw.logs import request_log
 from llmgw.topology import is_routable_replica
 
@@ -337,7 +338,6 @@ def sse(obj: Any) -> bytes:
     return b"data: " + compact_json(obj).encode() + b"\n\n"
 
 
-SSE_DONE = b"data: [DONE]\n\n"
 
 
 # ---- response bodies ----------------------------------------------------------------------------------------
@@ -617,11 +617,7 @@ class OpenAIApi:
             result.outcome, result.status = _outcome_name(err), err.status
             log.info("request %s: stream failed after %d tokens: %s", infer_request.request_id, result.tokens,
                      exc.message)
-            try:
-                await response.write(sse(err.body()))
-                await response.write_eof()
-            except ConnectionError:
-                pass
+            await end_with_error_event(response, sse(err.body()))
             return response
         except ConnectionError:
             # The client went away between tokens; closing `batches` below frees the replica slot.

@@ -25,10 +25,9 @@ from aiohttp import web
 from llmgw.gateway.api import GatewayError, TokenEvent
 from llmgw.gateway.http_transport import UpstreamRejected, asks_usage
 from llmgw.gateway.upstreams import passthrough_request
+from llmgw.http.sse_stream import SSE_DONE, end_with_error_event
 from llmgw.upstream.client import StreamChunk
 from llmgw.upstream.fidelity import rewrite_chunk
-
-SSE_DONE = b"data: [DONE]\n\n"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,11 +214,7 @@ async def _stream(front: Any, request: web.Request, gateway: Any, infer_request:
             raise oa.api_error(status, exc.message) from None
         # Too late for a status code: one error event, and no [DONE] so the client knows it is truncated.
         result.outcome, result.status = "unavailable" if status >= 500 else "invalid_argument", status
-        try:
-            await response.write(b"data: " + _dumps(err_body) + b"\n\n")
-            await response.write_eof()
-        except ConnectionError:
-            pass
+        await end_with_error_event(response, b"data: " + _dumps(err_body) + b"\n\n")
         return response
     except ConnectionError:
         result.outcome, result.status = "cancelled", 499
