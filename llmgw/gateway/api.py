@@ -60,7 +60,7 @@ async def one_event_each(batches: AsyncGenerator[list[TokenEvent], None]) -> Asy
 
 class ErrorKind(enum.Enum):
     """Why a request ended without a complete answer, in no transport's terms: the gRPC front maps a kind to a
-    status code (gateway/server.py), the HTTP front to a status and an OpenAI error (http/errors.py). The value is
+    status code (gateway/server.py), the HTTP front to a status and an OpenAI error (http/openai_api.py). The value is
     the outcome label of metrics and the request log."""
 
     INVALID_ARGUMENT = "invalid_argument"
