@@ -20,6 +20,7 @@ are not exported then (``llmgw_build_info`` becomes a gauge, one series per work
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import threading
@@ -27,13 +28,13 @@ import warnings
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import prometheus_client
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     GCCollector,
-    Histogram,
     Info,
     PlatformCollector,
     ProcessCollector,
@@ -71,6 +72,46 @@ log = logging.getLogger("llmgw.metrics")
 
 # 1-2-5 steps from 1 ms to 30 s: TTFT on a warm loopback is a few ms, a queued request can wait the full 30 s.
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+
+class Histogram(prometheus_client.Histogram):
+    """prometheus_client's Histogram, observed in fewer steps: the bucket found by bisection instead of a scan of
+    every bound (a gateway observes per streamed batch and several times per request). Records exactly what the
+    base class records: the amount added to the sum, one count in the first bucket whose bound holds it (none
+    for NaN); with an exemplar, the base class does it all."""
+
+    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+        if exemplar:
+            super().observe(amount, exemplar)
+            return
+        try:
+            total = self._sum
+        except AttributeError:  # a parent with labels: the base class says what is missing
+            self._raise_if_not_observable()
+            raise
+        total.inc(amount)
+        bounds = self._upper_bounds
+        index = bisect.bisect_left(bounds, amount)
+        if index < len(bounds) and amount <= bounds[index]:
+            self._buckets[index].inc(1)
+
+
+def observe_zeros(histogram: Any, count: int) -> None:
+    """`count` observations of 0 s, recorded as `count` calls of histogram.observe(0.0) record them: the sum does
+    not change and the first bucket that holds 0 counts them all -- one increment instead of two locked ones per
+    token (under load, tokens that arrived together are a large share of all tokens). A histogram without
+    prometheus_client's bucket layout gets the plain calls."""
+    buckets = getattr(histogram, "_buckets", None)
+    bounds = getattr(histogram, "_upper_bounds", None)
+    if buckets is not None and bounds is not None:
+        for index, bound in enumerate(bounds):
+            if bound >= 0.0:
+                buckets[index].inc(count)
+                return
+    for _ in range(count):
+        histogram.observe(0.0)
+
 
 # gRPC status code names, lower-cased: the outcome of a request is the status its stream ended with.
 OUTCOMES = ("ok", "cancelled", "unknown", "invalid_argument", "deadline_exceeded", "not_found", "already_exists",

@@ -48,6 +48,7 @@ TIERS = {
 TEST_TIERS: dict[str, str | tuple[str, dict[str, str]]] = {
     # ---- unit: codecs, cores, policies, configuration, source checks without tools ----
     "test_admission.py": "unit",
+    "test_gc_tuning.py": "unit",
     "test_attempt.py": "unit",
     "test_breaker.py": "unit",
     "test_capacity.py": "unit",
@@ -111,6 +112,7 @@ TEST_TIERS: dict[str, str | tuple[str, dict[str, str]]] = {
     "test_tenancy_gateway.py": "inprocess",
     "test_tenancy_upstream.py": "inprocess",
     "test_upstream_client.py": "inprocess",
+    "test_upstream_http1.py": "inprocess",
     "test_upstream_discovery.py": "inprocess",
     "test_upstream_mock.py": "inprocess",
     "test_upstream_probe.py": "inprocess",

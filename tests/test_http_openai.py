@@ -519,3 +519,68 @@ def test_a_slow_body_within_the_timeout_is_served_and_a_stalled_one_gets_408_and
             assert resp.status == 200
 
     run_stack(scenario)
+
+
+
+class SocketWrites:
+    """What aiohttp hands its transports, write by write (StreamWriter's two ways to the socket, wrapped), to
+    tell headers that left with the first events from headers that left alone."""
+
+    def __init__(self, monkeypatch):
+        from aiohttp.http_writer import StreamWriter
+
+        self.writes = []
+        write, writelines = StreamWriter._write, StreamWriter._writelines
+
+        def recorded_write(writer, chunk):
+            self.writes.append(bytes(chunk))
+            write(writer, chunk)
+
+        def recorded_writelines(writer, chunks):
+            chunks = list(chunks)
+            self.writes.append(b"".join(chunks))
+            writelines(writer, chunks)
+
+        monkeypatch.setattr(StreamWriter, "_write", recorded_write)
+        monkeypatch.setattr(StreamWriter, "_writelines", recorded_writelines)
+
+    def gateway_answers(self):
+        """The writes that carried a gateway's response headers (its replica header marks them)."""
+        return [w for w in self.writes if b"\r\nx-llmgw-replica: " in w.lower()]
+
+
+def first_recv_of_a_stream(port, body):
+    """POST `body` to the chat endpoint on a raw socket, from a thread of its own blocked in recv() before the answer
+    starts: the first recv() returns what the first write carried (or more, if the next write came quickly)."""
+    import socket
+
+    payload = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+        return sock.recv(65536)
+
+
+def assert_headers_left_with_the_first_event(first_recv, writes):
+    head, sep, rest = first_recv.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and sep and b"text/event-stream" in head.lower(), first_recv
+    assert rest, "the headers left alone, in a write of their own"
+    size, _, chunk = rest.partition(b"\r\n")
+    assert int(size, 16) > 0 and chunk.startswith(b"data: {"), first_recv
+    # Deterministically, whatever the timing of the client's recv(): the write with the headers has the events.
+    assert writes and all(b"\r\n\r\n" in w and b"data: {" in w.partition(b"\r\n\r\n")[2] for w in writes), writes
+
+
+def test_a_streamed_answer_sends_its_headers_in_one_write_with_the_first_event(monkeypatch):
+    writes = SocketWrites(monkeypatch)
+
+    async def scenario(s):
+        await s.add_replica("r1", token_delay_ms=200)  # the first token comes late: the client waits in recv()
+        await s.start()
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 2}
+        for _ in range(3):
+            first = await asyncio.wait_for(asyncio.to_thread(first_recv_of_a_stream, s.front.port, body), 30)
+            assert_headers_left_with_the_first_event(first, writes.gateway_answers())
+        assert len(writes.gateway_answers()) == 3
+
+    run_stack(scenario)

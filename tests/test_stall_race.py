@@ -415,3 +415,36 @@ def test_a_suspected_replica_is_kept_off_new_requests_only_for_a_while(monkeypat
         await gateway.stop()
 
     run(scenario())
+
+
+def test_a_finished_request_leaves_nothing_for_the_garbage_collector():
+    """Reference counting alone frees a served request's attempt and its wait timer: a cycle between them would
+    leave every request's attempt, stream and buffers for the cyclic collector, whose collections then cost the
+    gateway more CPU than much of its request path -- with a stall race on the way, too."""
+    import gc
+
+    from llmgw.gateway.attempt import Attempt
+    from llmgw.gateway.stall_race import WaitTimer
+
+    def left_over():
+        return [o for o in gc.get_objects() if isinstance(o, (Attempt, WaitTimer))]
+
+    async def scenario():
+        script = scripted(quiet_after(3, 0.5), starting_after(0.0))
+        gateway, _ = await fake_gateway({"a": script, "b": script})
+        teach(gateway, "ab")  # the adaptive deadlines are in force: the waits go through the wait timers
+        gc.collect()
+        gc.disable()
+        try:
+            raced, _ = await timed(gateway, "raced", 8)  # a stall race, won by the continuation
+            plain, _ = await timed(gateway, "plain", 8)
+            left = left_over()
+        finally:
+            gc.enable()
+        assert_exact(raced, 8)
+        assert_exact(plain, 8)
+        assert gateway.stall_guard.counts[CONTINUATION_WON] == 1
+        assert left == [], left
+        await gateway.stop()
+
+    run(scenario())

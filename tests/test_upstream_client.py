@@ -347,6 +347,11 @@ def test_stream_defects_and_connection_reuse():
         chunks = {}
         for script in ("after-done", "split", "after-done"):
             chunks[script] = [c.data for c in await read_all(await open_script(client, base, script))]
+            for _ in range(200):  # the end of the body may come just after [DONE]; then the connection is idle
+                if client.idle_connections:
+                    break
+                await asyncio.sleep(0.01)
+            assert client.idle_connections == 1
         return results, chunks
 
     (results, chunks), peers = run_scripted(scenario)

@@ -317,3 +317,31 @@ def test_events_that_arrived_together_leave_as_one_chunk():
         assert len(chunks) < 100  # ... and most of them together with others
         assert [c.index for c in chunks] == [sum(len(c.tokens) for c in chunks[:k]) for k in range(len(chunks))]
     asyncio.run(main())
+
+
+
+# ---- the status line and headers leave with the first events ---------------------------------------------------
+def test_the_headers_leave_in_one_write_with_the_first_event(monkeypatch):
+    from test_http_openai import SocketWrites, assert_headers_left_with_the_first_event, first_recv_of_a_stream
+
+    from llmgw.testing.mock_openai import MockOpenAIServer
+
+    writes = SocketWrites(monkeypatch)
+
+    async def main():
+        # The first token comes late, so the client waits in recv() when the gateway starts its answer.
+        server = MockOpenAIServer(first_token_delay=0.3)
+        await server.start()
+        gateway = UpstreamStack([Backend(server.base_url, kind=BackendKind.VLLM)])
+        try:
+            await gateway.start()
+            body = {"model": "mock-model", "messages": CHAT, "stream": True, "max_tokens": 3}
+            for _ in range(3):
+                first = await asyncio.wait_for(
+                    asyncio.to_thread(first_recv_of_a_stream, gateway.front.port, body), 30)
+                assert_headers_left_with_the_first_event(first, writes.gateway_answers())
+            assert len(writes.gateway_answers()) == 3
+        finally:
+            await gateway.close()
+            await server.stop()
+    asyncio.run(main())

@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Any
 
+from llmgw import gc_tuning
 from llmgw.gateway.api import GatewayConfig
 from llmgw.gateway.shutdown import DEFAULT_SHUTDOWN_GRACE_S
 from llmgw.topology import gossip_port_for
@@ -234,6 +235,7 @@ def serve(config: GatewayConfig, *, tls: TlsSettings | None = None, http: HttpSe
         except GatewayStartError as exc:
             print(f"gateway: {exc}", file=sys.stderr, flush=True)
             return 2
+        gc_tuning.settle_after_start()
         gossip = server.gossip
         http_part = f" http={front.url}" if front is not None else ""
         print(f"READY gateway {server.config.gateway_id} grpc={server.grpc_address} "

@@ -195,8 +195,9 @@ class Attempt:
         expected = len(forwarded)
         first_at = loop.time()
         later_tokens = 0  # tokens after the first chunk's first one: the inter-token latency's denominator
-        limit = 0.0
-        with self._failures(lambda: f"no token {expected} within {limit:g} s"):
+        limit = 0.0  # the wait's hard limit (with a guard, the guard asks for it: it is asked again only to report)
+        with self._failures(lambda: f"no token {expected} within "
+                                    f"{limit if guard is None else inter_token_s(replica_id):g} s"):
             async with asyncio.timeout(None) as watchdog:
                 while True:
                     # Reference replicas leave index unset (0): then order is the only index there is.
@@ -210,19 +211,23 @@ class Attempt:
                             raise AttemptError(AttemptErrorKind.ERROR, "replica sent more tokens than max_tokens")
                         if count == 1:
                             token = tokens[0]
-                            batch = [TokenEvent(expected, token, replica_id)]
                             forwarded.append(token)
+                            if chunk.is_final:
+                                batch = [TokenEvent(expected, token, replica_id, True, chunk.finish_reason or "length",
+                                                    chunk.raw)]
+                            else:
+                                batch = [TokenEvent(expected, token, replica_id, False, None, chunk.raw)]
                         else:
                             batch = [TokenEvent(expected + k, tok, replica_id) for k, tok in enumerate(tokens)]
                             forwarded.extend(tokens)
-                        if chunk.raw is not None:
-                            batch[-1].raw = chunk.raw
+                            last = batch[-1]
+                            last.raw = chunk.raw
+                            if chunk.is_final:
+                                last.is_final = True
+                                last.finish_reason = chunk.finish_reason or "length"
                         later_tokens += count if chunk is not first else count - 1
                         expected += count
                         if chunk.is_final:
-                            last = batch[-1]
-                            last.is_final = True
-                            last.finish_reason = chunk.finish_reason or "length"
                             self._finish(loop.time() - first_at, later_tokens)
                             yield batch
                             return
@@ -231,8 +236,8 @@ class Attempt:
                         self._finish(loop.time() - first_at, later_tokens)
                         yield [TokenEvent(expected, "", replica_id, True, chunk.finish_reason or "length", chunk.raw)]
                         return
-                    limit = inter_token_s(replica_id)
                     if guard is None:
+                        limit = inter_token_s(replica_id)
                         watchdog.reschedule(min(deadline, loop.time() + limit))
                         chunk = await stream.read()
                         watchdog.reschedule(None)  # never fire while the caller holds the event

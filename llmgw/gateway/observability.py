@@ -19,7 +19,7 @@ from typing import Any
 from llmgw.gateway.api import TokenEvent
 from llmgw.gateway.events import RequestListener, RequestRecord
 from llmgw.logs import request_log
-from llmgw.metrics import MAX_MODELS
+from llmgw.metrics import MAX_MODELS, observe_zeros
 
 log = logging.getLogger("llmgw.gateway.requests")
 
@@ -27,22 +27,6 @@ log = logging.getLogger("llmgw.gateway.requests")
 # wanted but not started: refused by the policy budget, or for want of a free replica to race against.
 _HEDGE_RESULTS = {"won": ("won",), "lost": ("lost",), "cancelled": ("cancelled",),
                   "denied": ("policy_hedges_denied", "denied_no_capacity")}
-
-
-def _observe_zeros(histogram: Any, count: int) -> None:
-    """`count` observations of 0 s, recorded as `count` calls of histogram.observe(0.0) record them: the sum does
-    not change and the first bucket that holds 0 counts them all -- one increment instead of two locked ones per
-    token (under load, tokens that arrived together are a large share of all tokens). A histogram without
-    prometheus_client's bucket layout gets the plain calls."""
-    buckets = getattr(histogram, "_buckets", None)
-    bounds = getattr(histogram, "_upper_bounds", None)
-    if buckets is not None and bounds is not None:
-        for index, bound in enumerate(bounds):
-            if bound >= 0.0:
-                buckets[index].inc(count)
-                return
-    for _ in range(count):
-        histogram.observe(0.0)
 
 
 class MetricsListener(RequestListener):
@@ -77,7 +61,7 @@ class MetricsListener(RequestListener):
         # Tokens that arrived in one message reach the client together: a 0 gap is the truth.
         together = len(batch) - 1
         if together:
-            _observe_zeros(metrics.inter_token, together)
+            observe_zeros(metrics.inter_token, together)
 
     def request_finished(self, record: RequestRecord) -> None:
         outcome = record.outcome.value
@@ -87,6 +71,8 @@ class MetricsListener(RequestListener):
                                   completion_tokens=record.tokens, e2e_s=record.duration_s, ttft_s=record.ttft_s)
         if record.tenant:
             self.metrics.tenant_request(record.tenant, outcome, tokens=record.tokens)
+        if not self._log.isEnabledFor(logging.INFO):  # (request_log's own check, before the line is put together)
+            return
         fields: dict[str, Any] = dict(id=record.request_id, front=record.front, replicas=record.replicas,
                                       outcome=outcome, tokens=record.tokens)
         if record.model:

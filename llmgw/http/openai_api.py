@@ -27,17 +27,18 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import re
 import time
-import uuid
 from typing import Any
 
 from aiohttp import web
 
 from llmgw.gateway.api import ErrorKind, GatewayError, InferenceRequest
 from llmgw.http import passthrough
-from llmgw.http.sse_stream import SSE_DONE, end_with_error_event
+from llmgw.http.sse_stream import SSE_DONE, EventStreamResponse, end_with_error_event
 from llmgw.logs import request_log
+from llmgw.metrics import observe_zeros
 from llmgw.topology import is_routable_replica
 
 log = logging.getLogger("llmgw.http.openai")
@@ -323,11 +324,23 @@ def parse_hedge_header(value: str | None) -> bool | None:
 
 
 def request_id_from(headers) -> str:
-    """The caller's X-Request-Id when it is a sane token, else a fresh one."""
+    """The caller's X-Request-Id when it is a sane token, else a fresh one (a random UUID's hex)."""
     given = headers.get(REQUEST_ID_HEADER)
     if given and _REQUEST_ID_RE.fullmatch(given):
         return given
-    return uuid.uuid4().hex
+    return _uuid4_hex()
+
+
+def _uuid4_hex() -> str:
+    """uuid.uuid4().hex without building a UUID object (it is on every request's way to its first token): the
+    same 16 random bytes, with the version (4) and variant (RFC 4122) bits set as uuid4 sets them."""
+    value = int.from_bytes(os.urandom(16), "big")
+    value = (value & _UUID4_CLEAR) | _UUID4_SET
+    return f"{value:032x}"
+
+
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
 
 
 def compact_json(obj: Any) -> str:
@@ -585,30 +598,30 @@ class OpenAIApi:
                                code="empty_stream") from None
             # Headers go out with the first token: only then is the serving replica known, and an error before
             # it can still be a proper HTTP status.
-            response = web.StreamResponse(headers={
+            # ... and they leave in the same write as the first events (EventStreamResponse).
+            response = EventStreamResponse(headers={
                 "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                 REPLICA_HEADER: batch[0].replica_id, **id_header})
             await response.prepare(request)
             while True:
                 # Tokens that arrived together leave in one write: one SSE event each, one syscall per batch.
+                self._tokens(batch, result, started)
                 out = []
                 for event in batch:
-                    self._token(event, result, started)
                     finish = (event.finish_reason or "length") if event.is_final else None
                     out.append(sse(shape.chunk(event.token, finish)))
                 if batch[-1].is_final:
                     if params.include_usage:
                         out.append(sse(shape.usage_chunk(usage(count_prompt_tokens(params.prompt), result.tokens))))
                     out.append(SSE_DONE)
-                    await response.write(b"".join(out))
-                    break
+                    # The last events, [DONE] and the end of the chunked body leave in one write.
+                    await response.write_eof(b"".join(out))
+                    return response
                 await response.write(b"".join(out))
                 try:
                     batch = await anext(batches)
                 except StopAsyncIteration:  # Gateway.infer always ends on a final event; never report OK without
                     raise GatewayError("stream ended without a final token") from None
-            await response.write_eof()
-            return response
         except GatewayError as exc:
             err = from_gateway_error(exc)
             if response is None:
@@ -634,32 +647,40 @@ class OpenAIApi:
         the gaps between them are 0, as the client sees them."""
         now = asyncio.get_running_loop().time()
         metrics = self.metrics
+        if metrics is not None:  # (the gateway's MetricsListener measures instead when record_requests is off)
+            if result.ttft_s is None:
+                metrics.ttft.observe(now - started)
+            else:
+                metrics.inter_token.observe(now - result.last_token_at)
+            if len(batch) > 1:  # the others came with it: gaps of 0
+                observe_zeros(metrics.inter_token, len(batch) - 1)
+        if result.ttft_s is None:
+            result.ttft_s = now - started
+        result.last_token_at = now
+        tokens = len(batch)
         replicas = result.replicas
         for event in batch:
-            if result.ttft_s is None:
-                result.ttft_s = now - started
-                if metrics is not None:
-                    metrics.ttft.observe(result.ttft_s)
-            elif metrics is not None:
-                metrics.inter_token.observe(now - result.last_token_at)
-            result.last_token_at = now
-            if event.token or not event.is_final:
-                result.tokens += 1
+            if event.is_final and not event.token:  # a final event without a token is no token
+                tokens -= 1
             if not replicas or replicas[-1] != event.replica_id:
                 replicas.append(event.replica_id)
+        result.tokens += tokens
 
     def _finished(self, request_id: str, api: str, result: _Outcome, prompt_chars: int) -> None:
+        counted = self.record_requests or not result.reached_gateway
+        if counted and self.request_metrics is not None:
+            self.request_metrics.request_finished(result.outcome, tokens=result.tokens)
+        # The request's line (or, when the gateway wrote it, its HTTP details at debug), if anyone reads it.
+        if not log.isEnabledFor(logging.INFO if counted else logging.DEBUG):
+            return
         fields = dict(id=request_id, api=api, replicas=result.replicas, outcome=result.outcome,
                       status=result.status, tokens=result.tokens, prompt_chars=prompt_chars,
                       ttft_ms=round(result.ttft_s * 1000, 3) if result.ttft_s is not None else None)
         if result.tenant:
             fields["tenant"] = result.tenant
-        if self.record_requests or not result.reached_gateway:
-            if self.request_metrics is not None:
-                self.request_metrics.request_finished(result.outcome, tokens=result.tokens)
+        if counted:
             request_log(log, **fields)
-        elif log.isEnabledFor(logging.DEBUG):
-            # The gateway wrote this request's info line; the HTTP details (status, api) stay available at debug.
+        else:  # the gateway wrote this request's info line; the HTTP details (status, api) stay available at debug
             log.debug("http request", extra=fields)
 
 

@@ -25,7 +25,7 @@ from aiohttp import web
 from llmgw.gateway.api import GatewayError, TokenEvent
 from llmgw.gateway.http_transport import UpstreamRejected, asks_usage
 from llmgw.gateway.upstreams import passthrough_request
-from llmgw.http.sse_stream import SSE_DONE, end_with_error_event
+from llmgw.http.sse_stream import SSE_DONE, EventStreamResponse, end_with_error_event
 from llmgw.upstream.client import StreamChunk
 from llmgw.upstream.fidelity import rewrite_chunk
 
@@ -181,10 +181,12 @@ async def _stream(front: Any, request: web.Request, gateway: Any, infer_request:
         except StopAsyncIteration:
             raise oa.api_error(502, "the gateway ended the stream without a token", type="server_error",
                               code="empty_stream") from None
-        response = web.StreamResponse(headers={
+        # The status line and headers leave with the first events, in one write (EventStreamResponse).
+        response = EventStreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
             oa.replica_header: batch[0].replica_id, **id_header})
         await response.prepare(request)
+        first = True
         while True:
             front._tokens(batch, result, started)
             # Events that arrived together leave in one write.
@@ -195,8 +197,9 @@ async def _stream(front: Any, request: web.Request, gateway: Any, infer_request:
                 # The last events, [DONE] and the end of the chunked body leave in one write.
                 await response.write_eof(out + SSE_DONE)
                 return response
-            if out:
+            if out or first:  # the headers go out now even when the first events are all held back
                 await response.write(out)
+                first = False
             try:
                 batch = await anext(batches)
             except StopAsyncIteration:

@@ -18,6 +18,10 @@ log = logging.getLogger("llmgw.http")
 # room for the other fields: a body this size always fits a prompt of the gateway's cap.
 BODY_OVERHEAD = 64 * 1024
 
+# Connections waiting to be accepted. aiohttp's default (128) refuses part of a burst of new clients -- 256 opened
+# at once by a load test, or a fleet reconnecting after a restart; the kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
+
 
 class HttpFront:
     """A running HTTP front; `port` is the bound port, `await close()` stops it (idempotent)."""
@@ -120,7 +124,8 @@ async def start_http(gateway, *, host: str = "127.0.0.1", port: int = 0, admin_t
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout_s)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, ssl_context=ssl_context)
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None, ssl_context=ssl_context,
+                           backlog=LISTEN_BACKLOG)
         await site.start()
         bound = runner.addresses[0][1]
     except BaseException:

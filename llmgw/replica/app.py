@@ -12,7 +12,7 @@ import dataclasses
 import os
 from collections.abc import Callable
 
-from llmgw import eventloop
+from llmgw import eventloop, gc_tuning
 from llmgw.metrics import MetricsServer, ReplicaMetrics, start_metrics_server
 from llmgw.replica.server import Replica, ReplicaConfig
 from llmgw.signals import serve_until_signalled
@@ -75,6 +75,7 @@ async def serve(config: ReplicaConfig, *, metrics_port: int | None = None,
                 announce: Callable[[str], None] = lambda line: print(line, flush=True)) -> None:
     """One replica process: start, announce the READY line, run until SIGTERM/SIGINT, stop (bounded)."""
     running = await start_replica(config, metrics_port=metrics_port)
+    gc_tuning.settle_after_start()
     announce(running.ready_line())
     await serve_until_signalled(running.stop)
 

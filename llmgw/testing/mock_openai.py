@@ -190,7 +190,7 @@ class MockOpenAIServer:
         app.router.add_post("/mock/reset", self._reset)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=1024)  # a benchmark opens 256 at once
         await site.start()
         self.port = self._runner.addresses[0][1]  # the port the OS chose for port 0
         return self.base_url

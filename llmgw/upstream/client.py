@@ -1,4 +1,5 @@
-"""An OpenAI-compatible HTTP client for model servers: one pooled keep-alive aiohttp session per process.
+"""An OpenAI-compatible HTTP client for model servers: one pool of keep-alive connections per process
+(llmgw.upstream.http1, which says why it is not aiohttp's client).
 
 Three timeouts, each answering a different question (all seconds):
 - connect: can a TCP (and TLS) connection be made at all? Failing it means nothing reached the server.
@@ -7,7 +8,7 @@ Three timeouts, each answering a different question (all seconds):
   for a non-streamed call, until the response headers (which a server sends when the answer is complete).
 - idle: once the response has started, the longest silence between two network reads.
 
-Every failure leaves as one UpstreamError with a FailureKind (see errors.py); aiohttp's own exceptions never
+Every failure leaves as one UpstreamError with a FailureKind (see errors.py); connection-level exceptions never
 escape. A stream is read with `UpstreamStream.read()` (a StreamChunk per event: the parsed JSON object and the
 exact bytes the server sent as its data, for pass-through) until it returns None after `data: [DONE]`;
 `cancel()` closes the connection, which is how a server learns the client went away. The shape (open, read,
@@ -24,19 +25,33 @@ import logging
 from collections import deque
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, NoReturn
+from typing import Any
 
-import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from llmgw.upstream.errors import FailureKind, UpstreamError, classify_status, parse_retry_after
-from llmgw.upstream.sse import DEFAULT_MAX_EVENT_CHARS, SSEError, SSEParser, decode_openai_event
+from llmgw.upstream.http1 import (
+    BadResponse,
+    ConnectionBroken,
+    ConnectionFailed,
+    ConnectionPool,
+    ConnectTimedOut,
+    Exchange,
+    PoolLimits,
+    check_header,
+    encode_request,
+    header_pairs,
+    split_url,
+)
+from llmgw.upstream.sse import DEFAULT_MAX_EVENT_CHARS, SSEError, SSEParser, decode_openai_data
 
 log = logging.getLogger("llmgw.upstream.client")
 
 # Error bodies are kept verbatim for the client, up to this much (a 4xx body is a short JSON message).
 MAX_ERROR_BODY_BYTES = 1024 * 1024
-# Drain after [DONE] so the connection can go back to the pool, but never wait long for a server's last bytes.
-_DRAIN_AFTER_DONE_SECONDS = 1.0
+# A stream holding this many parsed events nobody has read yet stops reading from its server until half are read
+# (the server then waits on TCP, as it would for a slow client).
+_MAX_BUFFERED_EVENTS = 1024
 
 
 class Endpoint(enum.Enum):
@@ -118,38 +133,36 @@ def _encode_body(body: Mapping[str, Any] | bytes) -> bytes:
 
 class UpstreamClient:
     """One per process: owns the connection pool every upstream call shares. Use as an async context manager or
-    call `close()`; the session is made on first use, inside the running event loop."""
+    call `close()`."""
 
     def __init__(self, *, limits: UpstreamLimits | None = None, timeouts: UpstreamTimeouts | None = None,
                  headers: Mapping[str, str] | None = None) -> None:
         self.limits = limits or UpstreamLimits()
         self.timeouts = timeouts or UpstreamTimeouts()
         self._headers = dict(headers or {})
-        self._session: aiohttp.ClientSession | None = None
+        for name, value in self._headers.items():
+            check_header(name, value)
+        self._pool = ConnectionPool(PoolLimits(self.limits.max_connections, self.limits.max_connections_per_server,
+                                               self.limits.keepalive_seconds))
         self._closed = False
-        # Built once, not per request: the per-call aiohttp timeout of each connect limit in use.
-        self._client_timeouts: dict[float, aiohttp.ClientTimeout] = {}
+        # The headers of the usual request, merged once: per-request headers (a trace context) are the exception.
+        self._stream_headers = header_pairs(self._headers, _STREAM_HEADERS)
+        self._json_headers = header_pairs(self._headers, _JSON_HEADERS)
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._closed:
-            raise RuntimeError("UpstreamClient is closed")
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self.limits.max_connections,
-                                             limit_per_host=self.limits.max_connections_per_server,
-                                             keepalive_timeout=self.limits.keepalive_seconds)
-            # No session-wide timeout: each call applies its own three (see the module docstring). aiohttp's own
-            # "connect" timeout would include waiting for a free pooled connection; sock_connect is the TCP
-            # connect alone.
-            self._session = aiohttp.ClientSession(connector=connector, headers=self._headers,
-                                                  timeout=aiohttp.ClientTimeout(total=None),
-                                                  raise_for_status=False)
-        return self._session
+    @property
+    def open_connections(self) -> int:
+        """Connections open to servers (busy, idle in the pool, or connecting)."""
+        return self._pool.open_connections
+
+    @property
+    def idle_connections(self) -> int:
+        """Connections in the pool, ready for the next request. A stream that read `data: [DONE]` gives its
+        connection back when the rest of its body has arrived (usually with it), without its reader waiting."""
+        return self._pool.idle_connections
 
     async def close(self) -> None:
         self._closed = True
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        self._pool.close()
 
     async def __aenter__(self) -> UpstreamClient:
         return self
@@ -170,22 +183,23 @@ class UpstreamClient:
         url = endpoint_url(validate_base_url(base_url), endpoint.value)
         loop = asyncio.get_running_loop()
         first_byte_deadline = loop.time() + timeouts.first_byte
-        request_headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **(headers or {})}
-        response = await self._send(url, _encode_body(body), request_headers, timeouts, first_byte_deadline)
+        request_headers = self._stream_headers if not headers else header_pairs(self._headers, _STREAM_HEADERS,
+                                                                                  headers)
+        exchange = await self._send("POST", url, _encode_body(body), request_headers, timeouts, first_byte_deadline)
         try:
-            if response.status != 200:
-                raise await _http_error(response, url, timeouts.idle)
-            content_type = response.headers.get("Content-Type", "")
+            if exchange.status != 200:
+                raise await _http_error(exchange, url, timeouts.idle)
+            content_type = exchange.headers.get("content-type", "")
             if not content_type.startswith("text/event-stream"):
-                raw = await _read_body(response, timeouts.idle, MAX_ERROR_BODY_BYTES, url)
+                raw = await _read_body(exchange, timeouts.idle, MAX_ERROR_BODY_BYTES, url)
                 raise UpstreamError(FailureKind.MALFORMED,
                                     f"{url} answered a streamed request with {content_type or 'no content type'}, "
-                                    "not text/event-stream", status=response.status, body=raw,
+                                    "not text/event-stream", status=exchange.status, body=raw,
                                     content_type=content_type or None)
         except BaseException:
-            response.close()
+            exchange.finish(reusable=False)
             raise
-        return UpstreamStream(response, url, timeouts, first_byte_deadline, self.limits.max_event_chars,
+        return UpstreamStream(exchange, url, timeouts, first_byte_deadline, self.limits.max_event_chars,
                               require_finish_reason=require_finish_reason)
 
     async def complete(self, base_url: str, endpoint: Endpoint, body: Mapping[str, Any] | bytes, *,
@@ -194,7 +208,7 @@ class UpstreamClient:
         """POST a non-streamed request and return the server's JSON answer (parsed and as raw bytes)."""
         timeouts = timeouts or self.timeouts
         url = endpoint_url(validate_base_url(base_url), endpoint.value)
-        request_headers = {"Content-Type": "application/json", "Accept": "application/json", **(headers or {})}
+        request_headers = self._json_headers if not headers else header_pairs(self._headers, _JSON_HEADERS, headers)
         return await self._json_call("POST", url, _encode_body(body), request_headers, timeouts)
 
     async def list_models(self, base_url: str, *, timeouts: UpstreamTimeouts | None = None,
@@ -202,7 +216,7 @@ class UpstreamClient:
         """GET /v1/models. The answer's `data` is checked to be a list of objects with a string `id`."""
         timeouts = timeouts or self.timeouts
         url = endpoint_url(validate_base_url(base_url), "/v1/models")
-        answer = await self._json_call("GET", url, None, {"Accept": "application/json", **(headers or {})},
+        answer = await self._json_call("GET", url, None, header_pairs(self._headers, _ACCEPT_JSON, headers),
                                        timeouts)
         models = answer.data.get("data")
         if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str)
@@ -218,76 +232,96 @@ class UpstreamClient:
         timeouts = timeouts or self.timeouts
         url = endpoint_url(validate_base_url(base_url), path)
         deadline = asyncio.get_running_loop().time() + timeouts.first_byte
-        response = await self._send(url, None, dict(headers or {}), timeouts, deadline, method="GET")
-        try:
-            return response.status, await _read_body(response, timeouts.idle, self.limits.max_response_bytes, url)
-        finally:
-            response.release()
+        exchange = await self._send("GET", url, None, header_pairs(self._headers, headers), timeouts, deadline)
+        return exchange.status, await _read_body(exchange, timeouts.idle, self.limits.max_response_bytes, url)
 
-    async def _json_call(self, method: str, url: str, payload: bytes | None, headers: dict[str, str],
+    async def _json_call(self, method: str, url: str, payload: bytes | None, headers: list[tuple[str, str]],
                          timeouts: UpstreamTimeouts) -> UpstreamResponse:
         deadline = asyncio.get_running_loop().time() + timeouts.first_byte
-        response = await self._send(url, payload, headers, timeouts, deadline, method=method)
-        try:
-            if not 200 <= response.status < 300:
-                raise await _http_error(response, url, timeouts.idle)
-            raw = await _read_body(response, timeouts.idle, self.limits.max_response_bytes, url)
-        finally:
-            response.release()
+        exchange = await self._send(method, url, payload, headers, timeouts, deadline)
+        if not 200 <= exchange.status < 300:
+            raise await _http_error(exchange, url, timeouts.idle)
+        raw = await _read_body(exchange, timeouts.idle, self.limits.max_response_bytes, url)
         try:
             data = json.loads(raw)
         except ValueError as exc:
             raise UpstreamError(FailureKind.MALFORMED, f"{url} answered with a body that is not JSON ({exc})",
-                                status=response.status, body=raw[:MAX_ERROR_BODY_BYTES]) from exc
+                                status=exchange.status, body=raw[:MAX_ERROR_BODY_BYTES]) from exc
         if not isinstance(data, dict):
             raise UpstreamError(FailureKind.MALFORMED, f"{url} answered with JSON that is not an object",
-                                status=response.status, body=raw[:MAX_ERROR_BODY_BYTES])
-        return UpstreamResponse(response.status, data, raw, dict(response.headers))
+                                status=exchange.status, body=raw[:MAX_ERROR_BODY_BYTES])
+        return UpstreamResponse(exchange.status, data, raw, _header_view(exchange))
 
-    async def _send(self, url: str, payload: bytes | None, headers: dict[str, str], timeouts: UpstreamTimeouts,
-                    deadline: float, *, method: str = "POST") -> aiohttp.ClientResponse:
-        """Send the request and wait for the response headers, by `deadline` (the first-byte deadline)."""
-        session = self._client()
-        remaining = deadline - asyncio.get_running_loop().time()
-        client_timeout = self._client_timeouts.get(timeouts.connect)
-        if client_timeout is None:
-            if len(self._client_timeouts) >= 64:  # connect limits cut to a request's remaining time vary
-                self._client_timeouts.clear()
-            client_timeout = self._client_timeouts[timeouts.connect] = aiohttp.ClientTimeout(
-                total=None, sock_connect=timeouts.connect)
+    async def _send(self, method: str, url: str, payload: bytes | None, headers: list[tuple[str, str]],
+                    timeouts: UpstreamTimeouts, deadline: float) -> Exchange:
+        """Send the request and wait for the response's status and headers, by `deadline` (the first-byte
+        deadline; waiting for a free connection counts towards it, connecting has its own limit too)."""
+        if self._closed:
+            raise RuntimeError("UpstreamClient is closed")
         try:
-            async with asyncio.timeout(remaining):
-                return await session.request(method, url, data=payload, headers=headers, timeout=client_timeout)
-        except aiohttp.ServerTimeoutError as exc:
-            # The only aiohttp timeout set here is sock_connect (aiohttp >= 3.10 names it ConnectionTimeoutError).
+            origin, target = split_url(url)
+        except ValueError as exc:
+            raise UpstreamError(FailureKind.CONNECT, f"{url}: {exc}") from exc
+        for name, value in headers:
+            check_header(name, value)
+        request = encode_request(method, origin, target, headers, payload)
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            # A connect is bounded by its own limit and by the first-byte deadline, whichever comes first.
+            conn = await self._pool.acquire(origin, connect_timeout=min(timeouts.connect, remaining),
+                                            deadline=deadline)
+        except ConnectTimedOut as exc:
             raise UpstreamError(FailureKind.CONNECT, f"{url}: connect timed out after {timeouts.connect}s") from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamError(FailureKind.CONNECT, f"{url}: cannot connect: {exc.os_error or exc}") from exc
+        except ConnectionFailed as exc:
+            raise UpstreamError(FailureKind.CONNECT, f"{url}: {exc}") from exc
         except TimeoutError as exc:
+            raise UpstreamError(FailureKind.TIMEOUT_FIRST_BYTE, f"{url}: no free connection within "
+                                f"{timeouts.first_byte}s") from exc
+        exchange = conn.send(request)
+        try:
+            await exchange.head(deadline)
+        except TimeoutError as exc:
+            exchange.finish(reusable=False)
             raise UpstreamError(FailureKind.TIMEOUT_FIRST_BYTE,
                                 f"{url}: no response within {timeouts.first_byte}s") from exc
-        except aiohttp.ClientError as exc:
+        except BadResponse as exc:
+            exchange.finish(reusable=False)
+            raise UpstreamError(FailureKind.MALFORMED, f"{url}: {exc}") from exc
+        except (ConnectionBroken, OSError) as exc:
+            exchange.finish(reusable=False)
             raise UpstreamError(FailureKind.RESET, f"{url}: connection failed before the response: "
                                 f"{type(exc).__name__}: {exc}") from exc
-        except OSError as exc:
-            raise UpstreamError(FailureKind.RESET, f"{url}: {type(exc).__name__}: {exc}") from exc
+        except BaseException:
+            exchange.finish(reusable=False)
+            raise
+        return exchange
 
 
-class _ReadTimedOut(Exception):
-    """The read watchdog's verdict, delivered into a pending network read (never leaves this module)."""
+_STREAM_HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+_JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+_ACCEPT_JSON = {"Accept": "application/json"}
+
+
+def _header_view(exchange: Exchange) -> CIMultiDictProxy[str]:
+    return CIMultiDictProxy(CIMultiDict(exchange.header_items()))
 
 
 class UpstreamStream:
     """One streamed response. `read()` returns the next chunk, or None once `data: [DONE]` arrived (and every call
     after that); it raises UpstreamError for every failure and closes the connection when it does. `cancel()`
-    closes the connection at once (idempotent). Not safe for concurrent `read()` calls: one reader per stream."""
+    closes the connection at once (idempotent). Not safe for concurrent `read()` calls: one reader per stream.
 
-    def __init__(self, response: aiohttp.ClientResponse, url: str, timeouts: UpstreamTimeouts,
-                 first_byte_deadline: float, max_event_chars: int, *, require_finish_reason: bool = True) -> None:
-        self._response = response
+    The server's bytes are parsed as they arrive (in the connection's data_received): a reader that finds events
+    queued takes them without waiting."""
+
+    def __init__(self, exchange: Exchange, url: str, timeouts: UpstreamTimeouts, first_byte_deadline: float,
+                 max_event_chars: int, *, require_finish_reason: bool = True) -> None:
+        self._exchange = exchange
+        self._loop = asyncio.get_running_loop()
         self.url = url
-        self.status = response.status
-        self.headers: Mapping[str, str] = dict(response.headers)
+        self.status = exchange.status
         self._timeouts = timeouts
         self._first_byte_deadline = first_byte_deadline
         self._parser = SSEParser(max_event_chars=max_event_chars)
@@ -296,14 +330,25 @@ class UpstreamStream:
         self._done_seen = False  # [DONE] arrived (chunks before it may still be queued)
         self._closed = False
         self._cancelled = False
+        self._paused = False
         self._failure: UpstreamError | None = None
         self._require_finish_reason = require_finish_reason
         self._choices_seen: set[object] = set()
         self._choices_finished: set[object] = set()
-        # The read watchdog (see _read_network): when the pending network read must give up (event-loop time;
-        # None: no read pending), and the one timer that checks it.
+        self._waiter: asyncio.Future[None] | None = None  # a read() waiting for the network
+        # The read watchdog (see _wait): when the pending read must give up (event-loop time; None: no read
+        # pending), the last time bytes arrived, and the one timer that checks them.
         self._read_due: float | None = None
+        self._data_at = self._loop.time()
         self._watch: asyncio.TimerHandle | None = None
+        for part in exchange.attach(self._on_body, self._on_end):
+            self._on_body(part)
+        if exchange.ended or exchange.error is not None:
+            self._on_end()
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        return _header_view(self._exchange)
 
     def done(self) -> bool:
         """True once the stream can yield nothing more: [DONE] read, failed, or cancelled."""
@@ -332,13 +377,14 @@ class UpstreamStream:
             self._cancelled = True
             self._ready.clear()
         self._close()
+        self._wake()
         return stopped
 
     def _close(self) -> None:
         self._stop_watch()
         if not self._closed:
             self._closed = True
-            self._response.close()
+            self._exchange.finish(reusable=False)
 
     def __aiter__(self) -> UpstreamStream:
         return self
@@ -360,93 +406,117 @@ class UpstreamStream:
         while True:
             if self._cancelled:
                 return None
-            if self._ready:
-                return self._ready.popleft()
+            ready = self._ready
+            if ready:
+                if self._paused and len(ready) <= _MAX_BUFFERED_EVENTS // 2:
+                    self._paused = False
+                    self._exchange.resume_reading()
+                return ready.popleft()
             if self._failure is not None:
                 raise self._failure
             if self._done_seen:
                 return None
-            data = await self._read_network()
-            if not data:
-                self._fail(FailureKind.INCOMPLETE,
-                           f"{self.url}: stream ended without data: [DONE] after {self._events_seen} events"
-                           + ("" if self._parser.at_event_boundary else ", inside an event"))
-            self._take(data)
-            if self._done_seen and self._failure is None:
-                await self._drain()
+            await self._wait()
 
-    async def _read_network(self) -> bytes:
+    async def _wait(self) -> None:
         # One timer per stream, not one per read: a read sets when it must give up (`_read_due`) and the timer is
         # re-armed only when it would fire too late; when it fires early (data came meanwhile) it re-arms at the
-        # pending read's own due time. A read per server event made a timeout context per event (a timer
-        # scheduled and cancelled each time), a visible share of the gateway's CPU per streamed chunk.
-        loop = asyncio.get_running_loop()
-        first = self._events_seen == 0
-        due = self._first_byte_deadline if first else loop.time() + self._timeouts.idle
+        # pending read's own due time. A timeout context per read was a visible share of the gateway's CPU.
+        loop = self._loop
+        due = self._first_byte_deadline if self._events_seen == 0 else loop.time() + self._timeouts.idle
         self._read_due = due
         watch = self._watch
         if watch is None or watch.when() > due:
             if watch is not None:
                 watch.cancel()
             self._watch = loop.call_at(due, self._watch_fired)
+        waiter = self._waiter = loop.create_future()
         try:
-            return await self._response.content.readany()
+            await waiter
         except asyncio.CancelledError:
             self._close()  # a read abandoned halfway leaves the stream in no known state
             raise
-        except _ReadTimedOut:
-            if first:
-                self._fail(FailureKind.TIMEOUT_FIRST_BYTE,
-                           f"{self.url}: no stream event within {self._timeouts.first_byte}s")
-            self._fail(FailureKind.TIMEOUT_IDLE, f"{self.url}: stream silent for {self._timeouts.idle}s after "
-                       f"{self._events_seen} events")
-        except (aiohttp.ClientError, OSError) as exc:
-            self._fail(FailureKind.RESET, f"{self.url}: connection broke after {self._events_seen} events: "
-                       f"{type(exc).__name__}: {exc}")
         finally:
+            self._waiter = None
             self._read_due = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _watch_fired(self) -> None:
         self._watch = None
         due = self._read_due
         if due is None or self._closed:
             return  # no read pending: the next one arms the timer again
-        loop = asyncio.get_running_loop()
-        if loop.time() < due:
-            self._watch = loop.call_at(due, self._watch_fired)
+        first = self._events_seen == 0
+        if not first:
+            due = max(due, self._data_at + self._timeouts.idle)  # idle: the silence since the last bytes
+        if self._loop.time() < due:
+            self._watch = self._loop.call_at(due, self._watch_fired)
             return
-        # Wakes the pending readany() with this exception; the stream fails and closes in _read_network.
-        self._response.content.set_exception(_ReadTimedOut())
+        if first:
+            self._stop(FailureKind.TIMEOUT_FIRST_BYTE, f"{self.url}: no stream event within "
+                       f"{self._timeouts.first_byte}s")
+        else:
+            self._stop(FailureKind.TIMEOUT_IDLE, f"{self.url}: stream silent for {self._timeouts.idle}s after "
+                       f"{self._events_seen} events")
 
     def _stop_watch(self) -> None:
         watch, self._watch = self._watch, None
         if watch is not None:
             watch.cancel()
 
+    # ---- the connection's side: bytes and the end of the body arrive here ----------------------------------
+    def _on_body(self, data: bytes) -> None:
+        if self._closed or self._done_seen:
+            return  # anything after [DONE] is not part of the answer
+        self._data_at = self._loop.time()
+        self._take(data)
+        if self._ready or self._done_seen or self._failure is not None:
+            self._wake()
+        if len(self._ready) >= _MAX_BUFFERED_EVENTS and not self._paused and not self._closed:
+            self._paused = True
+            self._exchange.pause_reading()
+
+    def _on_end(self) -> None:
+        if self._closed or self._done_seen or self._failure is not None:
+            return
+        error = self._exchange.error
+        if error is not None:
+            kind = FailureKind.MALFORMED if isinstance(error, BadResponse) else FailureKind.RESET
+            self._stop(kind, f"{self.url}: connection broke after {self._events_seen} events: "
+                       f"{type(error).__name__}: {error}")
+        else:
+            self._stop(FailureKind.INCOMPLETE,
+                       f"{self.url}: stream ended without data: [DONE] after {self._events_seen} events"
+                       + ("" if self._parser.at_event_boundary else ", inside an event"))
+        self._wake()
+
     def _take(self, data: bytes) -> None:
         """Queue the chunks `data` completes. A defect found after good chunks is recorded, not raised: read()
         hands out the chunks that arrived before it first, in order, then raises."""
         try:
-            events = self._parser.feed(data)
+            events = self._parser.feed_data(data)
         except SSEError as exc:
             self._stop(FailureKind.MALFORMED, f"{self.url}: {exc}")
             return
-        for event in events:
-            if self._done_seen:
-                break  # anything after [DONE] is not part of the answer
+        for raw in events:
             self._events_seen += 1
             try:
-                chunk = decode_openai_event(event)
+                chunk = decode_openai_data(raw)
             except SSEError as exc:
                 self._stop(FailureKind.MALFORMED, f"{self.url}: {exc}")
                 return
             if chunk is None:
                 self._done_seen = True
                 self._check_finished()
-                continue
+                if self._failure is None:
+                    self._finished_cleanly()
+                return  # anything after [DONE] is not part of the answer
             if "error" in chunk or chunk.get("object") == "error":
                 # OpenAI and newer vLLM: {"error": {...}}; older vLLM: {"object": "error", "message": ...}.
-                raw = event.data.encode("utf-8")
                 status = _error_code(chunk.get("error", chunk))
                 kind = FailureKind.SERVER_ERROR if status is None else classify_status(status)
                 self._stop(kind, f"{self.url}: error event in the stream after {self._events_seen - 1} events",
@@ -454,7 +524,17 @@ class UpstreamStream:
                 return
             if self._require_finish_reason:
                 self._note_choices(chunk)
-            self._ready.append(StreamChunk(chunk, event.data.encode("utf-8")))
+            self._ready.append(StreamChunk(chunk, raw))
+
+    def _finished_cleanly(self) -> None:
+        """[DONE] read: the connection goes back to the pool (once the rest of the body, if any, has come)."""
+        self._stop_watch()
+        if not self._closed:
+            self._closed = True
+            if self._paused:
+                self._paused = False
+                self._exchange.resume_reading()
+            self._exchange.finish(reusable=True)
 
     def _note_choices(self, chunk: dict[str, Any]) -> None:
         choices = chunk.get("choices")
@@ -479,31 +559,11 @@ class UpstreamStream:
             self._stop(FailureKind.INCOMPLETE, f"{self.url}: stream ended with data: [DONE] but {which} "
                        "never got a finish_reason")
 
-    async def _drain(self) -> None:
-        """Read the stream's last bytes after [DONE] so the keep-alive connection returns to the pool."""
-        content = self._response.content
-        # Usually the end of the body came with [DONE]: nothing to wait for (and no timer to set up per request).
-        if not content.at_eof():
-            try:
-                async with asyncio.timeout(min(_DRAIN_AFTER_DONE_SECONDS, self._timeouts.idle)):
-                    while await content.readany():
-                        pass
-            except (TimeoutError, aiohttp.ClientError, OSError):
-                self._close()  # a connection in an unknown state is not reused
-                return
-        self._stop_watch()
-        if not self._closed:
-            self._closed = True
-            self._response.release()
-
     def _stop(self, kind: FailureKind, detail: str, **fields: Any) -> None:
         self._failure = UpstreamError(kind, detail, **fields)
         self._close()
+        self._wake()
 
-    def _fail(self, kind: FailureKind, detail: str, **fields: Any) -> NoReturn:
-        self._stop(kind, detail, **fields)
-        assert self._failure is not None
-        raise self._failure
 
 
 def _error_code(error: object) -> int | None:
@@ -514,41 +574,82 @@ def _error_code(error: object) -> int | None:
     return None
 
 
-async def _read_body(response: aiohttp.ClientResponse, idle: float, limit: int, url: str) -> bytes:
-    parts: list[bytes] = []
-    size = 0
+class _Body:
+    """Collects a whole (bounded) body from an exchange."""
+
+    __slots__ = ("limit", "over", "parts", "size", "waiter")
+
+    def __init__(self, exchange: Exchange, limit: int) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.limit = limit
+        self.over = False
+        self.waiter: asyncio.Future[None] | None = None
+        for part in exchange.attach(self.add, self.wake):
+            self.add(part)
+
+    def add(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            self.over = True
+            self.parts.clear()
+        else:
+            self.parts.append(data)
+        self.wake()
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+async def _read_body(exchange: Exchange, idle: float, limit: int, url: str) -> bytes:
+    """The whole body, each silence bounded by `idle`; the connection is reused only after a complete body."""
+    body = _Body(exchange, limit)
+    loop = asyncio.get_running_loop()
+    complete = False
     try:
         while True:
-            async with asyncio.timeout(idle):
-                part = await response.content.readany()
-            if not part:
-                return b"".join(parts)
-            size += len(part)
-            if size > limit:
+            if body.over:
                 raise UpstreamError(FailureKind.MALFORMED, f"{url}: response body larger than {limit} bytes",
-                                    status=response.status)
-            parts.append(part)
-    except TimeoutError as exc:
-        raise UpstreamError(FailureKind.TIMEOUT_IDLE, f"{url}: response body silent for {idle}s",
-                            status=response.status) from exc
-    except (aiohttp.ClientError, OSError) as exc:
-        raise UpstreamError(FailureKind.RESET, f"{url}: connection broke while reading the body: "
-                            f"{type(exc).__name__}: {exc}", status=response.status) from exc
+                                    status=exchange.status)
+            if exchange.error is not None:
+                error = exchange.error
+                raise UpstreamError(FailureKind.RESET, f"{url}: connection broke while reading the body: "
+                                    f"{type(error).__name__}: {error}", status=exchange.status)
+            if exchange.ended:
+                complete = True
+                return b"".join(body.parts)
+            waiter = body.waiter = loop.create_future()
+            timer = loop.call_at(loop.time() + idle, _expire_waiter, waiter)
+            try:
+                await waiter
+            except TimeoutError as exc:
+                raise UpstreamError(FailureKind.TIMEOUT_IDLE, f"{url}: response body silent for {idle}s",
+                                    status=exchange.status) from exc
+            finally:
+                timer.cancel()
+                body.waiter = None
+    finally:
+        exchange.finish(reusable=complete)
 
 
-async def _http_error(response: aiohttp.ClientResponse, url: str, idle: float) -> UpstreamError:
+def _expire_waiter(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+async def _http_error(exchange: Exchange, url: str, idle: float) -> UpstreamError:
     """The UpstreamError for a non-2xx answer, carrying the server's body as it sent it."""
-    kind = classify_status(response.status)
-    retry_after = parse_retry_after(response.headers.get("Retry-After"))
+    kind = classify_status(exchange.status)
+    retry_after = parse_retry_after(exchange.headers.get("retry-after"))
     try:
-        body = await _read_body(response, idle, MAX_ERROR_BODY_BYTES, url)
+        body = await _read_body(exchange, idle, MAX_ERROR_BODY_BYTES, url)
     except UpstreamError as exc:
         body = b""
         log.debug("could not read the error body of %s: %s", url, exc)
-    finally:
-        response.release()
-    return UpstreamError(kind, f"{url} answered HTTP {response.status}: {_message_of(body)}",
-                         status=response.status, body=body, content_type=response.headers.get("Content-Type"),
+    return UpstreamError(kind, f"{url} answered HTTP {exchange.status}: {_message_of(body)}",
+                         status=exchange.status, body=body, content_type=exchange.headers.get("content-type"),
                          retry_after=retry_after)
 
 
