@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from llmgw.gateway.api import ErrorKind, GatewayError, Unavailable
@@ -147,7 +147,14 @@ class HttpReplicaStream:
         self._progress = state
 
     # ---- ReplicaStream ----------------------------------------------------------------------------------------
-    async def read(self) -> ReplicaChunk | None:
+    def read(self) -> Coroutine[Any, Any, ReplicaChunk | None]:
+        # Not a coroutine itself: a streamed event is read through one coroutine (_next), not two -- one frame
+        # made, run and collected less per event, on the gateway's busiest path.
+        if self._opened and not self._cancelled and not self._ended and self._error is None:
+            return self._next()
+        return self._read_first_or_last()
+
+    async def _read_first_or_last(self) -> ReplicaChunk | None:
         if self._cancelled:
             raise asyncio.CancelledError()
         if self._ended:
@@ -156,12 +163,11 @@ class HttpReplicaStream:
             error, self._error = self._error, None
             self._ended = True
             raise error
-        if not self._opened:
-            self._opened = True
-            whole = await self._open()
-            if whole is not None:
-                self._ended = True
-                return whole
+        self._opened = True
+        whole = await self._open()
+        if whole is not None:
+            self._ended = True
+            return whole
         return await self._next()
 
     def cancel(self) -> bool:
@@ -243,7 +249,8 @@ class HttpReplicaStream:
         raws: list[StreamChunk] = []
         while True:
             try:
-                chunk = await stream.read()
+                # Events already parsed are taken without a coroutine call; only an empty buffer waits.
+                chunk = stream.take_buffered() if stream.buffered else await stream.read()
             except UpstreamError as exc:
                 if self._all_finished():
                     chunk = None  # the answer was complete; only [DONE] (or the usage after it) went missing

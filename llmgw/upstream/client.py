@@ -336,7 +336,7 @@ class UpstreamStream:
         self._choices_seen: set[object] = set()
         self._choices_finished: set[object] = set()
         self._waiter: asyncio.Future[None] | None = None  # a read() waiting for the network
-        # The read watchdog (see _wait): when the pending read must give up (event-loop time; None: no read
+        # The read watchdog (see read): when the pending read must give up (event-loop time; None: no read
         # pending), the last time bytes arrived, and the one timer that checks them.
         self._read_due: float | None = None
         self._data_at = self._loop.time()
@@ -406,39 +406,41 @@ class UpstreamStream:
         while True:
             if self._cancelled:
                 return None
-            ready = self._ready
-            if ready:
-                if self._paused and len(ready) <= _MAX_BUFFERED_EVENTS // 2:
-                    self._paused = False
-                    self._exchange.resume_reading()
-                return ready.popleft()
+            if self._ready:
+                return self.take_buffered()
             if self._failure is not None:
                 raise self._failure
             if self._done_seen:
                 return None
-            await self._wait()
+            # Wait for the network. One timer per stream, not one per wait: a wait sets when it must give up
+            # (`_read_due`) and the timer is re-armed only when it would fire too late; when it fires early (data
+            # came meanwhile) it re-arms at the pending wait's own due time. A timeout context per read was a
+            # visible share of the gateway's CPU.
+            loop = self._loop
+            due = self._first_byte_deadline if self._events_seen == 0 else loop.time() + self._timeouts.idle
+            self._read_due = due
+            watch = self._watch
+            if watch is None or watch.when() > due:
+                if watch is not None:
+                    watch.cancel()
+                self._watch = loop.call_at(due, self._watch_fired)
+            waiter = self._waiter = loop.create_future()
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                self._close()  # a read abandoned halfway leaves the stream in no known state
+                raise
+            finally:
+                self._waiter = None
+                self._read_due = None
 
-    async def _wait(self) -> None:
-        # One timer per stream, not one per read: a read sets when it must give up (`_read_due`) and the timer is
-        # re-armed only when it would fire too late; when it fires early (data came meanwhile) it re-arms at the
-        # pending read's own due time. A timeout context per read was a visible share of the gateway's CPU.
-        loop = self._loop
-        due = self._first_byte_deadline if self._events_seen == 0 else loop.time() + self._timeouts.idle
-        self._read_due = due
-        watch = self._watch
-        if watch is None or watch.when() > due:
-            if watch is not None:
-                watch.cancel()
-            self._watch = loop.call_at(due, self._watch_fired)
-        waiter = self._waiter = loop.create_future()
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            self._close()  # a read abandoned halfway leaves the stream in no known state
-            raise
-        finally:
-            self._waiter = None
-            self._read_due = None
+    def take_buffered(self) -> StreamChunk:
+        """The next chunk already received (call only while `buffered`): read() without a coroutine."""
+        ready = self._ready
+        if self._paused and len(ready) <= _MAX_BUFFERED_EVENTS // 2:
+            self._paused = False
+            self._exchange.resume_reading()
+        return ready.popleft()
 
     def _wake(self) -> None:
         waiter = self._waiter
