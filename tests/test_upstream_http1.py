@@ -290,3 +290,48 @@ def test_a_stream_nobody_reads_stops_reading_from_its_server_and_resumes_when_re
 
     paused, resumed_before, resumed, buffered = run(scenario())
     assert paused == 1 and resumed_before == 0 and resumed == 1 and buffered == 500
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory):
+    """A certificate for 127.0.0.1 that is its own CA (the openssl command, as tests/test_tls.py makes it)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.fail("the openssl command is needed for the https upstream test")
+    d = tmp_path_factory.mktemp("upstream-tls")
+    cert_file, key_file = d / "cert.pem", d / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key_file), "-out", str(cert_file), "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True, timeout=30)
+    return str(cert_file), str(key_file)
+
+
+def test_https_upstreams_are_verified_against_the_trust_store(self_signed, monkeypatch):
+    import ssl
+
+    cert_file, key_file = self_signed
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert_file, key_file)
+
+    async def scenario():
+        server = RawServer([sse_response()])
+        server.server = await asyncio.start_server(server._serve, "127.0.0.1", 0, ssl=server_context)
+        url = server.url.replace("http://", "https://")
+        try:
+            async with UpstreamClient(timeouts=FAST) as client:  # the system's trust store: not this certificate
+                with pytest.raises(UpstreamError) as untrusted:
+                    await client.open_stream(url, Endpoint.COMPLETIONS, b"{}")
+            monkeypatch.setenv("SSL_CERT_FILE", cert_file)  # how a private CA is trusted (docs/backends.md)
+            async with UpstreamClient(timeouts=FAST) as client:
+                chunks = await read_all(await client.open_stream(url, Endpoint.COMPLETIONS, b"{}"))
+            return untrusted.value, chunks, server.requests
+        finally:
+            await server.__aexit__()
+
+    untrusted, chunks, requests = run(scenario())
+    assert untrusted.kind is FailureKind.CONNECT and "CERTIFICATE_VERIFY_FAILED" in untrusted.detail
+    assert [c.data["choices"][0]["text"] for c in chunks] == ["hi"]
+    assert len(requests) == 1 and b"Host: 127.0.0.1:" in requests[0]
