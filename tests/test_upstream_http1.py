@@ -223,6 +223,9 @@ def test_idle_connections_are_closed_after_keepalive_seconds():
 def test_headers_that_could_split_a_request_are_refused():
     with pytest.raises(ValueError):
         UpstreamClient(headers={"Authorization": "Bearer x\r\nX-Evil: 1"})
+    with pytest.raises(ValueError):  # not sendable in an HTTP/1.1 header (Latin-1)
+        UpstreamClient(headers={"X-Team": "名前"})
+    UpstreamClient(headers={"X-Team": "Café"})  # Latin-1 is
 
     async def scenario():
         async with UpstreamClient(timeouts=FAST) as client:

@@ -184,7 +184,7 @@ class UpstreamClient:
         loop = asyncio.get_running_loop()
         first_byte_deadline = loop.time() + timeouts.first_byte
         request_headers = self._stream_headers if not headers else header_pairs(self._headers, _STREAM_HEADERS,
-                                                                                  headers)
+                                                                                  _checked(headers))
         exchange = await self._send("POST", url, _encode_body(body), request_headers, timeouts, first_byte_deadline)
         try:
             if exchange.status != 200:
@@ -208,7 +208,8 @@ class UpstreamClient:
         """POST a non-streamed request and return the server's JSON answer (parsed and as raw bytes)."""
         timeouts = timeouts or self.timeouts
         url = endpoint_url(validate_base_url(base_url), endpoint.value)
-        request_headers = self._json_headers if not headers else header_pairs(self._headers, _JSON_HEADERS, headers)
+        request_headers = self._json_headers if not headers else header_pairs(self._headers, _JSON_HEADERS,
+                                                                              _checked(headers))
         return await self._json_call("POST", url, _encode_body(body), request_headers, timeouts)
 
     async def list_models(self, base_url: str, *, timeouts: UpstreamTimeouts | None = None,
@@ -216,7 +217,7 @@ class UpstreamClient:
         """GET /v1/models. The answer's `data` is checked to be a list of objects with a string `id`."""
         timeouts = timeouts or self.timeouts
         url = endpoint_url(validate_base_url(base_url), "/v1/models")
-        answer = await self._json_call("GET", url, None, header_pairs(self._headers, _ACCEPT_JSON, headers),
+        answer = await self._json_call("GET", url, None, header_pairs(self._headers, _ACCEPT_JSON, _checked(headers)),
                                        timeouts)
         models = answer.data.get("data")
         if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str)
@@ -232,7 +233,8 @@ class UpstreamClient:
         timeouts = timeouts or self.timeouts
         url = endpoint_url(validate_base_url(base_url), path)
         deadline = asyncio.get_running_loop().time() + timeouts.first_byte
-        exchange = await self._send("GET", url, None, header_pairs(self._headers, headers), timeouts, deadline)
+        exchange = await self._send("GET", url, None, header_pairs(self._headers, _checked(headers)), timeouts,
+                                    deadline)
         return exchange.status, await _read_body(exchange, timeouts.idle, self.limits.max_response_bytes, url)
 
     async def _json_call(self, method: str, url: str, payload: bytes | None, headers: list[tuple[str, str]],
@@ -262,8 +264,6 @@ class UpstreamClient:
             origin, target = split_url(url)
         except ValueError as exc:
             raise UpstreamError(FailureKind.CONNECT, f"{url}: {exc}") from exc
-        for name, value in headers:
-            check_header(name, value)
         request = encode_request(method, origin, target, headers, payload)
         remaining = deadline - asyncio.get_running_loop().time()
         try:
@@ -302,6 +302,13 @@ class UpstreamClient:
 _STREAM_HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
 _JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 _ACCEPT_JSON = {"Accept": "application/json"}
+
+
+def _checked(headers: Mapping[str, str] | None) -> Mapping[str, str] | None:
+    """A call's own headers, checked (the client's defaults were checked once, when it was made)."""
+    for name, value in (headers or {}).items():
+        check_header(name, value)
+    return headers
 
 
 def _header_view(exchange: Exchange) -> CIMultiDictProxy[str]:

@@ -86,9 +86,18 @@ def split_url(url: str) -> tuple[Origin, str]:
 
 
 def check_header(name: str, value: str) -> None:
-    """A header a caller supplies must not be able to split the request."""
-    if not name or any(c in name for c in "\r\n:") or "\r" in value or "\n" in value:
+    """A header a caller supplies must not be able to split the request, and must be sendable (Latin-1)."""
+    if not name or any(c in name for c in "\r\n:") or "\r" in value or "\n" in value \
+            or (not (name + value).isascii() and not _latin1(name + value)):
         raise ValueError(f"invalid HTTP header {name!r}: {value!r}")
+
+
+def _latin1(text: str) -> bool:
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def encode_request(method: str, origin: Origin, target: str, headers: Iterable[tuple[str, str]],
