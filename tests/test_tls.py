@@ -13,6 +13,7 @@ import sys
 import aiohttp
 import grpc
 import pytest
+from tls_certs import self_signed_localhost
 
 from harness import Cluster, free_tcp_port, wait_until
 from llmgw import client
@@ -24,13 +25,7 @@ pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs t
 @pytest.fixture(scope="module")
 def cert(tmp_path_factory):
     """A self-signed certificate for 127.0.0.1 / localhost; it is its own CA."""
-    d = tmp_path_factory.mktemp("tls")
-    cert_file, key_file = d / "cert.pem", d / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(key_file), "-out", str(cert_file), "-days", "2", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-                   check=True, capture_output=True, timeout=30)
-    return str(cert_file), str(key_file)
+    return self_signed_localhost(tmp_path_factory.mktemp("tls"))
 
 
 def _https_ready(url: str, context: ssl.SSLContext) -> bool:

@@ -4,6 +4,7 @@ bounds, and answers a well-behaved server never sends -- each from a raw asyncio
 import asyncio
 
 import pytest
+from tls_certs import self_signed_localhost
 
 from llmgw.upstream import http1
 from llmgw.upstream.client import Endpoint, UpstreamClient, UpstreamLimits, UpstreamStream, UpstreamTimeouts
@@ -299,17 +300,10 @@ def test_a_stream_nobody_reads_stops_reading_from_its_server_and_resumes_when_re
 def self_signed(tmp_path_factory):
     """A certificate for 127.0.0.1 that is its own CA (the openssl command, as tests/test_tls.py makes it)."""
     import shutil
-    import subprocess
 
     if shutil.which("openssl") is None:
         pytest.fail("the openssl command is needed for the https upstream test")
-    d = tmp_path_factory.mktemp("upstream-tls")
-    cert_file, key_file = d / "cert.pem", d / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(key_file), "-out", str(cert_file), "-days", "2", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-                   check=True, capture_output=True, timeout=30)
-    return str(cert_file), str(key_file)
+    return self_signed_localhost(tmp_path_factory.mktemp("upstream-tls"))
 
 
 def test_https_upstreams_are_verified_against_the_trust_store(self_signed, monkeypatch):
