@@ -519,8 +519,3 @@ def header_pairs(*groups: Mapping[str, str] | None) -> list[tuple[str, str]]:
             for name, value in group.items():
                 merged[name.lower()] = (name, value)
     return list(merged.values())
-
-
-def describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
