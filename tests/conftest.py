@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import _posixsubprocess
 import contextlib
+import gc
 import itertools
 import os
 import socket
@@ -314,6 +315,20 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
     return (yield from _guarded_phase(item))
+
+
+# ---- process-wide GC state ----------------------------------------------------------------------------------------
+# A gateway or replica served inside the test process settles the collector for serving (llmgw.gc_tuning: freeze,
+# higher thresholds). That is process-wide; left in place it would change how every later test's garbage is collected
+# (a memory test counting cyclic garbage saw it). Each test gets back the collector it started with.
+@pytest.fixture(autouse=True)
+def _restore_gc_state() -> Iterator[None]:
+    thresholds = gc.get_threshold()
+    frozen = gc.get_freeze_count()
+    yield
+    if gc.get_freeze_count() != frozen:
+        gc.unfreeze()
+    gc.set_threshold(*thresholds)
 
 
 # ---- property-test budgets: hypothesis settings profiles ---------------------------------------------------------
