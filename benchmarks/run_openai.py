@@ -5,14 +5,15 @@ directly and through the gateway in the same run, overhead = via gateway - direc
     python -m llmgw bench openai               # or: python benchmarks/run_openai.py [--quick] [--json out.json]
     python benchmarks/run_openai.py --soak      # 10 minutes at c=64 through the gateway (--soak-seconds)
 
-Processes: the mock (llmgw.testing.mock_openai, on uvloop), the gateway under test (`gateway_command`, the one
-place that knows its command line) and, where installed, a peer proxy (LiteLLM's, a benchmark-only extra: see
+Processes: the mock (llmgw.testing.mock_openai, on uvloop), the gateway under test (`gateway_command`, the one place
+that knows its command line) and, where installed, a peer proxy (LiteLLM's, a benchmark-only extra: see
 `litellm_command`), each a subprocess; every measured run is its own load-generator process
-(benchmarks/openai_load.py: uvloop + aiohttp, a pool of exactly `concurrency` connections), so no server shares a
-Python interpreter with the client. At each concurrency the paths run in alternating order for `--rounds` rounds
-and every figure is the median over the rounds; overheads and ratios are medians of the per-round differences
-(gateway round k against direct round k), so a noisy stretch of a shared machine hits both sides of a pair.
-CPU is read from /proc (utime + stime of the process and its children) around each run.
+(benchmarks/openai_load.py: on uvloop, one keep-alive connection per concurrent request; `--client aiohttp` uses
+aiohttp's client instead), so no server shares a Python interpreter with the client. At each concurrency the paths
+run in alternating order for `--rounds` rounds and every figure is the median over the rounds; overheads and ratios
+are medians of the per-round differences (gateway round k against direct round k), so a noisy stretch of a shared
+machine hits both sides of a pair. CPU is read from /proc (utime + stime of the process and its children) around
+each run.
 
 Until the gateway has `--upstream`, its half is reported as not available and the direct half still runs.
 """
@@ -45,7 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from llmgw.cluster import MemberProcess, free_port  # noqa: E402 - after the sys.path set-up, as in openai_load.py
+from benchmarks.openai_load import CLIENTS  # noqa: E402 - after the sys.path set-up, as in openai_load.py
+from llmgw.cluster import MemberProcess, free_port  # noqa: E402
 
 LOADGEN = ROOT / "benchmarks" / "openai_load.py"
 MODEL = "mock-model"
@@ -332,6 +334,7 @@ class RunSize:
     seconds: float
     max_tokens: int
     request_timeout_s: float
+    client: str = "lean"  # the load generator's HTTP client (openai_load.CLIENTS)
 
 
 def run_loadgen(url: str, concurrency: int, size: RunSize, workdir: Path, *, api_key: str = DEFAULT_API_KEY,
@@ -342,7 +345,8 @@ def run_loadgen(url: str, concurrency: int, size: RunSize, workdir: Path, *, api
     out = workdir / f"load-{time.monotonic_ns()}.json"
     argv = [sys.executable, str(LOADGEN), "--url", url, "--concurrency", str(concurrency),
             "--requests", str(size.requests), "--duration", repr(size.seconds), "--max-tokens", str(size.max_tokens),
-            "--request-timeout", repr(size.request_timeout_s), "--api-key", api_key, "--out", str(out)]
+            "--request-timeout", repr(size.request_timeout_s), "--api-key", api_key, "--client", size.client,
+            "--out", str(out)]
     if warmup is not None:
         argv += ["--warmup", str(warmup)]
     # Bound: import + warm-up + the run + requests in flight at its deadline + the warm-up's worst case.
@@ -402,7 +406,8 @@ def rotated(paths: Sequence[LoadPath], k: int) -> list[LoadPath]:
 
 def run_size(concurrency: int, args: argparse.Namespace) -> RunSize:
     return RunSize(requests=max(args.min_requests, concurrency * args.requests_per_connection),
-                   seconds=args.run_seconds, max_tokens=args.max_tokens, request_timeout_s=args.request_timeout)
+                   seconds=args.run_seconds, max_tokens=args.max_tokens, request_timeout_s=args.request_timeout,
+                   client=args.client)
 
 
 def run_matrix(paths: Sequence[LoadPath], mock_pid: int | None, concurrencies: Sequence[int], rounds: int,
@@ -582,7 +587,7 @@ def run_soak(path: LoadPath, concurrency: int, seconds: float, args: argparse.Na
     sample(0.0)
     # Every request the machine can serve within the time: the duration is the bound that stops it.
     size = RunSize(requests=concurrency * int(seconds) * 1000 + 1, seconds=seconds, max_tokens=args.max_tokens,
-                   request_timeout_s=args.request_timeout)
+                   request_timeout_s=args.request_timeout, client=args.client)
     result = run_loadgen(path.url, concurrency, size, workdir, api_key=path.api_key, on_tick=sample,
                          tick_s=args.soak_sample_s)
     baseline = min(60.0, seconds / 6.0)
@@ -684,6 +689,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--token-delay-ms", type=float, default=20.0, help="the mock's delay before each token")
     p.add_argument("--first-token-delay-ms", type=float, default=0.0, help="the mock's extra delay before the first")
     p.add_argument("--request-timeout", type=float, default=60.0, help="seconds for one whole answer")
+    p.add_argument("--client", choices=CLIENTS, default="lean",
+                   help="the load generator's HTTP client: lean (one hand-held connection per worker) or aiohttp")
     p.add_argument("--paths", default="direct,gateway,litellm",
                    help="comma-separated paths: direct, gateway, litellm (litellm only where installed)")
     p.add_argument("--mock-url", default="", help="use this running mock instead of starting one")
@@ -780,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "loadavg_1m_at_start": os.getloadavg()[0]},
-        "workload": {"max_tokens": args.max_tokens, "token_delay_ms": args.token_delay_ms,
+        "workload": {"client": args.client, "max_tokens": args.max_tokens, "token_delay_ms": args.token_delay_ms,
                      "first_token_delay_ms": args.first_token_delay_ms, "rounds": args.rounds,
                      "run_seconds": args.run_seconds, "requests_per_connection": args.requests_per_connection,
                      "min_requests": args.min_requests},

@@ -21,22 +21,23 @@ ROOT = Path(__file__).resolve().parent.parent
 MAX_TOKENS = 6
 
 
-def run_against_mock(*, concurrency=4, requests=40, faults=(), mock_options=None, **spec_options):
+def run_against_mock(*, concurrency=4, requests=40, faults=(), mock_options=None, client="lean", **spec_options):
     """The load generator against an in-process mock; returns (result, the mock's recorded requests)."""
     async def main():
         async with MockOpenAIServer(token_delay=0.002, **(mock_options or {})) as mock:
             for fault, times in faults:
                 mock.inject(fault, times)
             spec = load.LoadSpec(url=mock.base_url, concurrency=concurrency, requests=requests, duration_s=20.0,
-                                 max_tokens=MAX_TOKENS, **spec_options)
+                                 max_tokens=MAX_TOKENS, client=client, **spec_options)
             result = await asyncio.wait_for(load.run_load(spec), timeout=60)
             return result, mock.generation_requests()
     return asyncio.run(main())
 
 
 # ---- the load generator against the mock --------------------------------------------------------------------
-def test_every_answer_is_streamed_and_checked_at_concurrency_4():
-    result, recorded = run_against_mock(concurrency=4, requests=40)
+@pytest.mark.parametrize("client", load.CLIENTS)
+def test_every_answer_is_streamed_and_checked_at_concurrency_4(client):
+    result, recorded = run_against_mock(concurrency=4, requests=40, client=client)
     assert result["errors"] == {} and result["error_count"] == 0 and result["warmup_errors"] == {}
     assert result["ok"] == result["requests"] == 40
     assert len(recorded) == 40 + 4  # one warm-up request per pooled connection, then the 40 measured
@@ -69,29 +70,84 @@ def test_the_expected_text_is_the_mocks_answer_to_that_request():
     (Fault(FaultKind.RATE_LIMIT), load.ErrorKind.HTTP_STATUS),
     (Fault(FaultKind.RESET, after_chunks=2), load.ErrorKind.CONNECTION),
 ])
-def test_a_faulty_answer_counts_as_an_error_of_its_kind(fault, kind):
-    result, _ = run_against_mock(concurrency=4, requests=20, faults=[(fault, 3)], warmup=0)
+@pytest.mark.parametrize("client", load.CLIENTS)
+def test_a_faulty_answer_counts_as_an_error_of_its_kind(fault, kind, client):
+    result, _ = run_against_mock(concurrency=4, requests=20, faults=[(fault, 3)], warmup=0, client=client)
     assert result["errors"] == {kind: 3}
     assert result["ok"] == 17 and result["requests"] == 20
     assert len(result["error_samples"]) == 3 and all(s.startswith(kind) for s in result["error_samples"])
     assert result["ttft_ms"]["count"] == 17  # figures only from correct answers
 
 
-def test_a_silent_server_is_a_timeout_not_a_hang():
-    result, _ = run_against_mock(concurrency=2, requests=4, warmup=0, request_timeout_s=0.5,
+async def _raw_answering_server(keep_alive: bool):
+    """A hand-written HTTP/1.1 server giving the mock's answer as one chunked SSE body per request, keeping the
+    connection or closing it after each answer; returns (server, the list of connections it accepted)."""
+    accepted = []
+
+    async def serve(reader, writer):
+        accepted.append(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                body = json.loads(await reader.readexactly(length))
+                words = expected_text(render_chat(body["messages"]), body["max_tokens"]).split(" ")
+                events = [{"choices": [{"index": 0, "delta": {"content": w if i == 0 else " " + w},
+                                        "finish_reason": "stop" if i == len(words) - 1 else None}]}
+                          for i, w in enumerate(words)]
+                payload = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+                             + (b"" if keep_alive else b"Connection: close\r\n") + b"\r\n"
+                             + b"%x\r\n" % len(payload) + payload + b"\r\n0\r\n\r\n")
+                await writer.drain()
+                if not keep_alive:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, accepted
+
+
+@pytest.mark.parametrize("keep_alive", [True, False])
+def test_the_lean_client_keeps_its_connections_and_opens_a_new_one_when_the_server_closes(keep_alive):
+    async def main():
+        server, accepted = await _raw_answering_server(keep_alive)
+        async with server:
+            port = server.sockets[0].getsockname()[1]
+            spec = load.LoadSpec(url=f"http://127.0.0.1:{port}", concurrency=3, requests=12, duration_s=20.0,
+                                 max_tokens=MAX_TOKENS, client="lean")
+            result = await asyncio.wait_for(load.run_load(spec), timeout=30)
+        return result, len(accepted)
+    result, connections = asyncio.run(main())
+    assert result["errors"] == {} and result["warmup_errors"] == {} and result["ok"] == 12
+    assert result["chunks"] == 12 * MAX_TOKENS
+    # 3 warm-up requests + 12 measured: one connection per worker when kept, one per request when closed.
+    assert connections == (3 if keep_alive else 15)
+
+
+@pytest.mark.parametrize("client", load.CLIENTS)
+def test_a_silent_server_is_a_timeout_not_a_hang(client):
+    result, _ = run_against_mock(concurrency=2, requests=4, warmup=0, request_timeout_s=0.5, client=client,
                                  faults=[(Fault(FaultKind.STALL, after_chunks=1, stall_seconds=30), 1)])
     assert result["errors"] == {load.ErrorKind.TIMEOUT: 1} and result["ok"] == 3
 
 
-def test_an_answer_that_stops_early_is_a_wrong_text():
+@pytest.mark.parametrize("client", load.CLIENTS)
+def test_an_answer_that_stops_early_is_a_wrong_text(client):
     # With stop_probability 1 every answer ends at once (finish_reason "stop", no content, then [DONE]).
-    result, _ = run_against_mock(concurrency=2, requests=6, warmup=0, mock_options={"stop_probability": 1.0})
+    result, _ = run_against_mock(concurrency=2, requests=6, warmup=0, mock_options={"stop_probability": 1.0},
+                                 client=client)
     assert result["errors"] == {load.ErrorKind.WRONG_TEXT: 6} and result["ok"] == 0
     assert math.isnan(result["ttft_ms"]["p50"])
 
 
-def test_an_unknown_model_is_an_http_error():
-    result, _ = run_against_mock(concurrency=2, requests=4, warmup=0, model="no-such-model")
+@pytest.mark.parametrize("client", load.CLIENTS)
+def test_an_unknown_model_is_an_http_error(client):
+    result, _ = run_against_mock(concurrency=2, requests=4, warmup=0, model="no-such-model", client=client)
     assert result["errors"] == {load.ErrorKind.HTTP_STATUS: 4}
     assert "HTTP 404" in result["error_samples"][0]
 
