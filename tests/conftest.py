@@ -102,6 +102,7 @@ TEST_TIERS: dict[str, str | tuple[str, dict[str, str]]] = {
     "test_hostile_gossip.py": "inprocess",
     "test_http_admin.py": "inprocess",
     "test_http_openai.py": "inprocess",
+    "test_http_lean_front.py": "inprocess",
     "test_http_server.py": "inprocess",
     "test_metrics.py": "inprocess",
     "test_openai_sdk.py": "inprocess",

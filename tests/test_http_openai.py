@@ -523,14 +523,17 @@ def test_a_slow_body_within_the_timeout_is_served_and_a_stalled_one_gets_408_and
 
 
 class SocketWrites:
-    """What aiohttp hands its transports, write by write (StreamWriter's two ways to the socket, wrapped), to
-    tell headers that left with the first events from headers that left alone."""
+    """What the HTTP front hands its transports, write by write, to tell headers that left with the first events
+    from headers that left alone: the lean front's writes (completion routes) and aiohttp's StreamWriter's two ways
+    to the socket (everything else), wrapped."""
 
     def __init__(self, monkeypatch):
         from aiohttp.http_writer import StreamWriter
 
+        from llmgw.http.lean_front import LeanConnection
+
         self.writes = []
-        write, writelines = StreamWriter._write, StreamWriter._writelines
+        write, writelines, lean_write = StreamWriter._write, StreamWriter._writelines, LeanConnection.write
 
         def recorded_write(writer, chunk):
             self.writes.append(bytes(chunk))
@@ -541,8 +544,13 @@ class SocketWrites:
             self.writes.append(b"".join(chunks))
             writelines(writer, chunks)
 
+        def recorded_lean_write(connection, data):
+            self.writes.append(bytes(data))
+            lean_write(connection, data)
+
         monkeypatch.setattr(StreamWriter, "_write", recorded_write)
         monkeypatch.setattr(StreamWriter, "_writelines", recorded_writelines)
+        monkeypatch.setattr(LeanConnection, "write", recorded_lean_write)
 
     def gateway_answers(self):
         """The writes that carried a gateway's response headers (its replica header marks them)."""

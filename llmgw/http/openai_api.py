@@ -36,7 +36,7 @@ from aiohttp import web
 
 from llmgw.gateway.api import ErrorKind, GatewayError, InferenceRequest
 from llmgw.http import passthrough
-from llmgw.http.sse_stream import SSE_DONE, EventStreamResponse, end_with_error_event
+from llmgw.http.sse_stream import SSE_DONE, end_with_error_event, start_event_stream
 from llmgw.logs import request_log
 from llmgw.metrics import observe_zeros
 from llmgw.topology import is_routable_replica
@@ -89,6 +89,10 @@ class _BodyTimeout(ApiError):
 async def _answer_and_close(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
     """Send `response`, then drop the connection at once. Returning it normally would let aiohttp keep reading
     the unfinished body for its lingering time (10 s) before closing -- the slow client would stay connected."""
+    answer_and_close = getattr(request, "answer_and_close", None)
+    if answer_and_close is not None:  # llmgw.http.lean_front writes it, then closes
+        answer_and_close()
+        return response
     response.force_close()
     await response.prepare(request)
     await response.write_eof()
@@ -587,7 +591,7 @@ class OpenAIApi:
                       id_header: dict, result: _Outcome, started: float) -> web.StreamResponse:
         shape = _Shape(params, infer_request.request_id)
         batches = _batches(self.gateway, infer_request)
-        response: web.StreamResponse | None = None
+        response: Any = None
         try:
             try:
                 batch = await anext(batches)
@@ -599,10 +603,9 @@ class OpenAIApi:
             # Headers go out with the first token: only then is the serving replica known, and an error before
             # it can still be a proper HTTP status.
             # ... and they leave in the same write as the first events (EventStreamResponse).
-            response = EventStreamResponse(headers={
+            response = await start_event_stream(request, {
                 "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                 REPLICA_HEADER: batch[0].replica_id, **id_header})
-            await response.prepare(request)
             while True:
                 # Tokens that arrived together leave in one write: one SSE event each, one syscall per batch.
                 self._tokens(batch, result, started)

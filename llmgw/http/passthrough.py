@@ -25,7 +25,7 @@ from aiohttp import web
 from llmgw.gateway.api import GatewayError, TokenEvent
 from llmgw.gateway.http_transport import UpstreamRejected, asks_usage
 from llmgw.gateway.upstreams import passthrough_request
-from llmgw.http.sse_stream import SSE_DONE, EventStreamResponse, end_with_error_event
+from llmgw.http.sse_stream import SSE_DONE, end_with_error_event, start_event_stream
 from llmgw.upstream.client import StreamChunk
 from llmgw.upstream.fidelity import rewrite_chunk
 
@@ -169,7 +169,7 @@ async def _stream(front: Any, request: web.Request, gateway: Any, infer_request:
                   id_header: dict[str, str], result: Any, started: float, api: str,
                   usage_wanted: bool, oa: FrontErrors) -> web.StreamResponse:
     batches = gateway.infer_batches(infer_request)
-    response: web.StreamResponse | None = None
+    response: Any = None
     try:
         try:
             batch = await anext(batches)
@@ -182,10 +182,9 @@ async def _stream(front: Any, request: web.Request, gateway: Any, infer_request:
             raise oa.api_error(502, "the gateway ended the stream without a token", type="server_error",
                               code="empty_stream") from None
         # The status line and headers leave with the first events, in one write (EventStreamResponse).
-        response = EventStreamResponse(headers={
+        response = await start_event_stream(request, {
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
             oa.replica_header: batch[0].replica_id, **id_header})
-        await response.prepare(request)
         first = True
         while True:
             front._tokens(batch, result, started)

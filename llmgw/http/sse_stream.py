@@ -3,6 +3,8 @@ the error event that ends it when the status line is long gone."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 SSE_DONE = b"data: [DONE]\n\n"
@@ -17,7 +19,19 @@ class EventStreamResponse(web.StreamResponse):
     _send_headers_immediately = False
 
 
-async def end_with_error_event(response: web.StreamResponse, event: bytes) -> None:
+async def start_event_stream(request: Any, headers: dict[str, str]) -> Any:
+    """The streamed answer to `request`, its headers on their way with the first events: on the lean front
+    (llmgw.http.lean_front) its own stream, on aiohttp an EventStreamResponse. Either has write(data) and
+    write_eof(data)."""
+    start = getattr(request, "start_event_stream", None)
+    if start is not None:
+        return start(headers)
+    response = EventStreamResponse(headers=headers)
+    await response.prepare(request)
+    return response
+
+
+async def end_with_error_event(response: Any, event: bytes) -> None:
     """End a stream with one error event and no `data: [DONE]`, so the client can tell a truncated answer from a
     complete one. A client that already left is no error."""
     try:
