@@ -4,11 +4,14 @@ pipelined behind completion requests -- and the HTTP details a client relies on 
 and 100-continue bodies, malformed and oversized heads, the idle timeout)."""
 
 import asyncio
+import email.utils
 import json
 
 import httptools
+import pytest
 from test_http_server import run_stack
 
+from llmgw.http import lean_front
 from llmgw.http.lean_front import MAX_FIELD_BYTES, MAX_HEAD_BYTES
 
 COMPLETION = json.dumps({"model": "m", "prompt": "hello", "max_tokens": 3, "stream": True}).encode()
@@ -277,3 +280,10 @@ def test_an_answer_in_progress_gets_the_shutdown_grace_and_idle_connections_are_
         assert await asyncio.wait_for(idle_reader.read(), 5) == b""  # the idle one was closed
         idle_writer.close()
     run_stack(scenario)
+
+
+@pytest.mark.parametrize("when", [0, 951782400, 1798848000 + 3599, 4102444799])
+def test_the_date_header_is_rfc_9110s_imf_fixdate(monkeypatch, when):
+    monkeypatch.setattr(lean_front.time, "time", lambda: when + 0.5)
+    monkeypatch.setattr(lean_front, "_date_cache", [None, b""])
+    assert lean_front._http_date() == email.utils.formatdate(when, usegmt=True).encode()

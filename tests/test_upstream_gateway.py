@@ -67,6 +67,23 @@ def test_completion_fields_reach_the_server_unchanged(fields):
     run(scenario)
 
 
+@pytest.mark.parametrize("stream_it", [True, False])
+def test_a_body_the_gateway_does_not_change_reaches_the_server_byte_for_byte(stream_it):
+    # Spacing, key order, a duplicate key, escapes: all the client's, kept as written (json.dumps would not).
+    sent = ('{ "messages" : [{"role":"user","content":"caf\\u00e9 \u00e9"}],"seed":1,"seed":2, "model": "mock-model",'
+            ' "stream": %s , "max_tokens": 2 }' % ("true" if stream_it else "false")).encode()
+
+    async def scenario(gw, servers):
+        async with gw.http.post(gw.url + "/v1/chat/completions", data=sent,
+                                headers={"Content-Type": "application/json"}) as response:
+            assert response.status == 200, await response.text()
+            await response.read()
+        (seen,) = recorded(servers)
+        assert seen.raw == sent
+        assert seen.body == json.loads(sent)
+    run(scenario)
+
+
 def test_answers_are_the_servers_own_streamed_and_whole():
     async def scenario(gw, servers):
         direct = servers[0].base_url
@@ -104,6 +121,9 @@ def test_aliases_route_within_the_models_servers_and_answer_in_the_clients_name(
             answer = await stream(gw.http, gw.url + "/v1/completions", {**body, "model": "other"})
             assert {e["model"] for e in answer.events if isinstance(e, dict)} == {"other"}
         assert {r.body["model"] for r in a.generation_requests()} == {"mock-model"}  # the server's own name
+        # An alias changes the body: it is encoded anew, every other field as it was.
+        assert all(r.raw != json.dumps({**r.body, "model": "small"}).encode() and b'"model":"mock-model"' in r.raw
+                   for r in a.generation_requests())
         assert len(b.generation_requests()) == 6
         async with gw.http.get(gw.url + "/v1/models") as response:
             listed = {m["id"]: m["upstreams"] for m in (await response.json())["data"]}

@@ -12,12 +12,14 @@ from hypothesis import strategies as st
 from llmgw.upstream.sse import (
     DEFAULT_MAX_EVENT_CHARS,
     DONE,
+    NOT_CERTAIN,
     MalformedOpenAIStream,
     ServerSentEvent,
     SSEError,
     SSEParser,
     decode_openai_data,
     decode_openai_event,
+    loads_where_json_agrees,
 )
 
 
@@ -471,6 +473,32 @@ def json_ish(draw) -> str:
 @example('{"a": "\x01"}')
 def test_decode_openai_data_agrees_with_decode_openai_event(text):
     assert_decoders_agree(text.encode("utf-8"))
+
+
+def _same_json(a, b) -> bool:
+    """Equal values of the same types, key order included (NaN equals NaN, -0.0 is not 0.0)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float):
+        return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
+    return a == b
+
+
+@settings(max_examples=examples(1500), deadline=None)
+@given(json_ish())
+@example('[1, {"a": NaN}]')
+@example('99999999999999999999')
+@example('"\\ud800"')
+def test_loads_where_json_agrees_gives_json_s_value_or_defers_to_json(text):
+    # Any JSON value (request bodies are read with it too), not only objects.
+    value = loads_where_json_agrees(text.encode("utf-8"))
+    if value is NOT_CERTAIN:
+        return
+    assert _same_json(value, json.loads(text)), text
 
 
 @settings(max_examples=examples(500), deadline=None)

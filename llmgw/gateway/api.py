@@ -36,6 +36,8 @@ class InferenceRequest:
     # routing key (llmgw.gateway.upstreams.affinity_key) and the server applies its own token limits; `model`
     # selects the backends that may serve the request (docs/backends.md).
     body: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
+    # `body` as the client's bytes (the HTTP front): sent as they came when the gateway changes nothing in it.
+    body_bytes: bytes | None = dataclasses.field(default=None, repr=False)
     api: str = ""
     stream: bool = True
 

@@ -210,6 +210,9 @@ class HttpReplicaStream:
             self._continued_tokens = sent_tokens
         server_model = backend.server_model(request.model) or request.model
         prepared = prepare_request(body, upstream_model=server_model, need_usage=asks_usage(request))
+        payload: dict[str, Any] | bytes = prepared.body
+        if prepared.unchanged and body is request.body and request.body_bytes is not None:
+            payload = request.body_bytes  # the client's own bytes: nothing to encode, nothing to drift
         defaults = self._client.timeouts
         timeout_s = self._timeout_s
         timeouts = defaults  # the usual case: the request has more time left than the client's own limits
@@ -218,10 +221,10 @@ class HttpReplicaStream:
                                         first_byte=min(defaults.first_byte, timeout_s), idle=defaults.idle)
         try:
             if request.stream:
-                self._stream = await self._client.open_stream(backend.base_url, endpoint, prepared.body,
+                self._stream = await self._client.open_stream(backend.base_url, endpoint, payload,
                                                               timeouts=timeouts, headers=self._headers)
                 return None
-            answer = await self._client.complete(backend.base_url, endpoint, prepared.body, timeouts=timeouts,
+            answer = await self._client.complete(backend.base_url, endpoint, payload, timeouts=timeouts,
                                                  headers=self._headers)
         except UpstreamError as exc:
             raise self._translate(exc) from None

@@ -232,10 +232,10 @@ def _content_text(content: Any) -> str:
 
 
 def passthrough_request(api: str, body: dict[str, Any], *, request_id: str, hedge: bool = False,
-                        client_id: str = "", front: str = "http") -> InferenceRequest:
+                        client_id: str = "", front: str = "http", body_bytes: bytes | None = None) -> InferenceRequest:
     """The InferenceRequest of an OpenAI body bound for a model server (validated by the server, not here)."""
     model = body.get("model")
     return InferenceRequest(prompt=affinity_key(api, body), max_tokens=UNBOUNDED_TOKENS, hedge=hedge,
                             request_id=request_id, client_id=client_id, front=front,
-                            model=model if isinstance(model, str) else "", body=body, api=api,
+                            model=model if isinstance(model, str) else "", body=body, body_bytes=body_bytes, api=api,
                             stream=body.get("stream") is True)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import email.utils
 import json
 import logging
 import time
@@ -53,12 +52,17 @@ Handler = Callable[[Any], Awaitable[web.StreamResponse]]
 
 
 def _http_date() -> bytes:
+    """The Date header's value (RFC 9110 IMF-fixdate), made once a second."""
     now = int(time.time())
     if _date_cache[0] != now:
-        _date_cache[:] = [now, email.utils.formatdate(now, usegmt=True).encode("ascii")]
+        t = time.gmtime(now)
+        _date_cache[:] = [now, b"%s, %02d %s %04d %02d:%02d:%02d GMT" % (
+            _DAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year, t.tm_hour, t.tm_min, t.tm_sec)]
     return _date_cache[1]
 
 
+_DAYS = (b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun")
+_MONTHS = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec")
 _date_cache: list[Any] = [0, b""]
 
 
@@ -244,10 +248,9 @@ class LeanConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             if self._raw_mode:
                 return  # the rest of the read is aiohttp's, as raw bytes
-            if self._handed is not None:
-                self._forward.append(data)  # aiohttp answers it its own way
+            if self._handed is not None:  # malformed, pipelined behind requests already re-framed for aiohttp
                 self._raw_mode = True
-                self._flush_forward()
+                self.close()
             elif isinstance(exc.__context__, _HeadTooLarge):
                 self._refuse(431, f"the request head is too large: at most {MAX_FIELD_BYTES} bytes per header and "
                                   f"for the URL, {MAX_HEAD_BYTES} in all", "head_too_large")
@@ -592,7 +595,7 @@ class LeanSite(web.TCPSite):
         self.front: LeanFront | None = None
 
     async def start(self) -> None:
-        self._runner._reg_site(self)
+        await web.BaseSite.start(self)  # registers the site with its runner (TCPSite.start would listen itself)
         loop = asyncio.get_running_loop()
         server = self._runner.server
         assert server is not None

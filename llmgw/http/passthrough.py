@@ -107,9 +107,10 @@ def wants_usage(body: dict[str, Any]) -> bool:
 
 async def serve(front: Any, request: web.Request, body: dict[str, Any], api: str, request_id: str,
                 id_header: dict[str, str], result: Any, started: float, hedge: bool, errors: FrontErrors,
-                caller: Any = None) -> web.StreamResponse:
+                caller: Any = None, *, body_bytes: bytes | None = None) -> web.StreamResponse:
     """Serve one OpenAI request from the model servers. `front` is the llmgw.http.openai_api.OpenAIApi (its
-    gateway, metrics); raises `errors.api_error` for answers that are the gateway's own."""
+    gateway, metrics); raises `errors.api_error` for answers that are the gateway's own. `body_bytes`, the body
+    as the client sent it, goes to the server as it is when the gateway changes nothing in it."""
     oa = errors
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -124,7 +125,7 @@ async def serve(front: Any, request: web.Request, body: dict[str, Any], api: str
                           f"{', '.join(upstreams.models()) or 'none yet'}).", param="model", code="model_not_found")
     user = body.get("user")
     infer_request = passthrough_request(api, body, request_id=request_id, hedge=hedge,
-                                        client_id=user if isinstance(user, str) else "")
+                                        client_id=user if isinstance(user, str) else "", body_bytes=body_bytes)
     infer_request.trace_carrier = request.headers  # the caller's traceparent, if any (llmgw.tracing)
     if caller is not None:
         infer_request.tenant, infer_request.key_id = caller.tenant, caller.key_id

@@ -59,6 +59,7 @@ class AnswerComplete(CannotContinue):
 class PreparedRequest:
     body: dict[str, Any]
     usage_added: bool  # the gateway added include_usage: drop the usage the client did not ask for
+    unchanged: bool = False  # the body is the client's as it was: its own bytes may be sent as they came
 
 
 def prepare_request(client_body: Mapping[str, Any], *, upstream_model: str, need_usage: bool) -> PreparedRequest:
@@ -81,7 +82,8 @@ def prepare_request(client_body: Mapping[str, Any], *, upstream_model: str, need
             body["stream_options"] = {**options, "include_usage": True}
             usage_added = True
         # Anything else is the client's malformed value: the server's 4xx about it reaches the client verbatim.
-    return PreparedRequest(body, usage_added)
+    unchanged = not usage_added and type(client_body.get("model")) is str and client_body["model"] == upstream_model
+    return PreparedRequest(body, usage_added, unchanged)
 
 
 def is_usage_only_chunk(chunk: Mapping[str, Any]) -> bool:

@@ -429,20 +429,30 @@ def decode_openai_data(data: bytes) -> dict[str, Any] | None:
     """
     if data == DONE_BYTES:
         return None
-    try:
-        value = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        pass
-    else:
-        if (type(value) is dict and data.translate(_DIGITS_AS_ZERO).find(_DIGIT_RUN) < 0
-                and (len(data) <= _ORJSON_MAX_BRACKETS
-                     or data.count(b"{") + data.count(b"[") <= _ORJSON_MAX_BRACKETS)):
-            return value
+    value = loads_where_json_agrees(data)
+    if type(value) is dict:
+        return value
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise MalformedOpenAIStream(f"stream event data is not UTF-8 ({exc.reason}): {data[:200]!r}") from exc
     return decode_openai_event(ServerSentEvent(text))
+
+
+NOT_CERTAIN: Final = object()  # loads_where_json_agrees: ask json
+
+
+def loads_where_json_agrees(data: bytes) -> Any:
+    """orjson's value of `data` where it is known to be json.loads' value of the same text (the cases are in
+    decode_openai_data's docstring), else NOT_CERTAIN: the caller asks json, for its value or its error."""
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return NOT_CERTAIN
+    if data.translate(_DIGITS_AS_ZERO).find(_DIGIT_RUN) >= 0 or (
+            len(data) > _ORJSON_MAX_BRACKETS and data.count(b"{") + data.count(b"[") > _ORJSON_MAX_BRACKETS):
+        return NOT_CERTAIN
+    return value
 
 
 # Bytes -> b"0" for a digit, b" " for anything else: a run of 19 digits is then a search for one fixed string.
