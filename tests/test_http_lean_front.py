@@ -188,6 +188,16 @@ def test_chunked_and_100_continue_bodies_and_http_1_0():
         assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding" not in head.lower()
         assert b"connection: close" in head.lower()
         assert_streamed({"status": 200, "headers": {"content-type": "text/event-stream"}, "body": rest})
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(post(b"/v1/completions", WHOLE, version=b"1.0"))
+            raw = await asyncio.wait_for(reader.read(), 10)  # a whole answer, then the server closes
+        finally:
+            writer.close()
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"connection: close" in head.lower()
+        assert json.loads(rest)["choices"][0]["text"] == "token_0token_1token_2"
     stack_scenario(body)
 
 

@@ -16,12 +16,12 @@ always were, including its 404/405 answers). A request pipelined behind a comple
 has no known first byte; it is given to aiohttp as its parsed head and body, re-framed, until the connection is
 again between requests at the end of a read.
 
-What a completion request gets here, as from aiohttp: a head within aiohttp's limits (MAX_FIELD_BYTES per header
-and for the URL, MAX_HEAD_BYTES in all; 431 otherwise), a body at
-most the front's client_max_size (the handler answers 400 body_too_large, and the connection is closed), the
-handler's own body timeout, `100 Continue` when asked, keep-alive (HTTP/1.1 by default, HTTP/1.0 when asked) with
-the same idle timeout, a handler cancelled when its client disconnects, and on shutdown a grace for open answers
-before they are cancelled. Malformed HTTP gets 400 and the connection is closed.
+What a completion request gets here, as from aiohttp: a head within aiohttp's limits (MAX_FIELD_BYTES per header and
+for the URL, MAX_HEAD_BYTES in all; 431 otherwise), a body at most the front's client_max_size (the handler answers
+400 body_too_large, and the connection is closed), the handler's own body timeout, `100 Continue` when asked,
+keep-alive on HTTP/1.1 with aiohttp's idle timeout (an HTTP/1.0 answer ends with the connection), a handler
+cancelled when its client disconnects, and on shutdown a grace for open answers before they are cancelled. Malformed
+HTTP gets 400 and the connection is closed.
 """
 
 from __future__ import annotations
@@ -376,7 +376,8 @@ class LeanConnection(asyncio.Protocol):
     def _answer(self, request: LeanRequest, message: _Message, response: web.StreamResponse) -> bool:
         """Write a handler's answer unless it streamed it itself; whether the connection closes after it."""
         stream = request.response
-        close = request.close_after or message.too_large or not message.complete or not message.keep_alive
+        close = (request.close_after or message.too_large or not message.complete or not message.keep_alive
+                 or message.version == "1.0")
         if stream is not None:
             return close or not stream.ended or not stream.chunked
         if self._closing:
