@@ -222,7 +222,9 @@ class AnswerCheck:
 class LeanConnection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection of the lean client, one request at a time. Each read goes from
     `data_received` through httptools (llhttp) straight into the request's AnswerCheck: no stream buffer, no
-    wake-up of the waiting request per read, only at the end of the answer."""
+    wake-up of the waiting request per read, only at the end of the answer. Not llmgw.upstream.http1, which
+    does the same for the gateway: the instrument shares no HTTP code with the path it measures, so a framing
+    fault there cannot cancel out in the measurement."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop

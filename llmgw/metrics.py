@@ -74,7 +74,6 @@ log = logging.getLogger("llmgw.metrics")
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
-
 class Histogram(prometheus_client.Histogram):
     """prometheus_client's Histogram, observed in fewer steps: the bucket found by bisection instead of a scan of
     every bound (a gateway observes per streamed batch and several times per request). Records exactly what the

@@ -29,15 +29,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
+import email.utils
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from http import HTTPStatus
 from typing import Any
 
 import httptools
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from llmgw.http.openai_api import ApiError, compact_json
 
 log = logging.getLogger("llmgw.http")
 
@@ -45,8 +48,6 @@ LEAN_ROUTES = {b"/v1/chat/completions": "chat", b"/v1/completions": "completions
 MAX_HEAD_BYTES = 64 * 1024  # request line + headers, in all
 MAX_FIELD_BYTES = 8190  # the URL, a header's name, a header's value: aiohttp's limits, so both fronts take alike
 KEEPALIVE_TIMEOUT_S = 75.0  # aiohttp's default, so both kinds of connection idle out alike
-WRITE_HIGH_WATER = 64 * 1024  # above this much unsent, a write waits for the client to read (aiohttp's default)
-_REASONS = {200: b"OK", 400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 Handler = Callable[[Any], Awaitable[web.StreamResponse]]
 
@@ -55,19 +56,15 @@ def _http_date() -> bytes:
     """The Date header's value (RFC 9110 IMF-fixdate), made once a second."""
     now = int(time.time())
     if _date_cache[0] != now:
-        t = time.gmtime(now)
-        _date_cache[:] = [now, b"%s, %02d %s %04d %02d:%02d:%02d GMT" % (
-            _DAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year, t.tm_hour, t.tm_min, t.tm_sec)]
+        _date_cache[:] = [now, email.utils.formatdate(now, usegmt=True).encode("ascii")]
     return _date_cache[1]
 
 
-_DAYS = (b"Mon", b"Tue", b"Wed", b"Thu", b"Fri", b"Sat", b"Sun")
-_MONTHS = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec")
 _date_cache: list[Any] = [0, b""]
 
 
-def _head(status: int, reason: bytes, headers: list[tuple[str, str]], *, close: bool, version: bytes = b"1.1") -> bytes:
-    lines = [b"HTTP/%s %d %s" % (version, status, reason), b"Date: " + _http_date()]
+def _head(status: int, reason: bytes, headers: list[tuple[str, str]], *, close: bool) -> bytes:
+    lines = [b"HTTP/1.1 %d %s" % (status, reason), b"Date: " + _http_date()]
     lines += [f"{name}: {value}".encode("latin-1") for name, value in headers]
     if close:
         lines.append(b"Connection: close")
@@ -99,8 +96,6 @@ class _Message:
 
 class LeanRequest:
     """What the completion handlers use of a request: headers, the body, the body limit."""
-
-    lean = True
 
     def __init__(self, connection: LeanConnection, message: _Message, headers: CIMultiDictProxy[str],
                  client_max_size: int) -> None:
@@ -168,7 +163,7 @@ class LeanEventStream:
     async def write_eof(self, data: bytes = b"") -> None:
         if self.ended:
             return
-        out = self._frame(data) if data else self._frame(b"")
+        out = self._frame(data)
         self.ended = True
         self._connection.write(out + (b"0\r\n\r\n" if self._chunked else b""))
         await self._connection.drain()
@@ -506,9 +501,8 @@ class LeanConnection(asyncio.Protocol):
         if self._parsing is not None and self._parsing in self._messages:
             self._messages.remove(self._parsing)
         self._parsing = None
-        body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                     "code": code}}).encode()
-        answer = _head(status, _REASONS.get(status, b"Error"),
+        body = compact_json(ApiError(status, message, code=code).body()).encode()
+        answer = _head(status, HTTPStatus(status).phrase.encode("ascii"),
                        [("Content-Type", "application/json; charset=utf-8"), ("Content-Length", str(len(body)))],
                        close=True) + body
         if self._task is None:
@@ -589,19 +583,14 @@ class LeanFront:
 class LeanSite(web.TCPSite):
     """aiohttp's TCP site, listening with the lean front's protocol factory (which hands aiohttp what is its)."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, front_factory: Callable[[Any], LeanFront],
-                 **kwargs: Any) -> None:
+    def __init__(self, runner: web.AppRunner, host: str, port: int, front: LeanFront, **kwargs: Any) -> None:
         super().__init__(runner, host, port, **kwargs)
-        self._front_factory = front_factory
-        self.front: LeanFront | None = None
+        self.front = front
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site with its runner (TCPSite.start would listen itself)
         loop = asyncio.get_running_loop()
-        server = self._runner.server
-        assert server is not None
-        self.front = front = self._front_factory(server)
-        self._server = await loop.create_server(front, self._host, self._port, ssl=self._ssl_context,
+        self._server = await loop.create_server(self.front, self._host, self._port, ssl=self._ssl_context,
                                                 backlog=self._backlog, reuse_address=self._reuse_address,
                                                 reuse_port=self._reuse_port)
         sockets = self._server.sockets

@@ -607,7 +607,7 @@ class OpenAIApi:
                                code="empty_stream") from None
             # Headers go out with the first token: only then is the serving replica known, and an error before
             # it can still be a proper HTTP status.
-            # ... and they leave in the same write as the first events (EventStreamResponse).
+            # ... and they leave in the same write as the first events (start_event_stream).
             response = await start_event_stream(request, {
                 "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
                 REPLICA_HEADER: batch[0].replica_id, **id_header})

@@ -182,7 +182,7 @@ async def _stream(front: Any, request: web.Request, gateway: Any, infer_request:
         except StopAsyncIteration:
             raise oa.api_error(502, "the gateway ended the stream without a token", type="server_error",
                               code="empty_stream") from None
-        # The status line and headers leave with the first events, in one write (EventStreamResponse).
+        # The status line and headers leave with the first events, in one write (start_event_stream).
         response = await start_event_stream(request, {
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
             oa.replica_header: batch[0].replica_id, **id_header})

@@ -28,8 +28,8 @@ LISTEN_BACKLOG = 1024
 class HttpFront:
     """A running HTTP front; `port` is the bound port, `await close()` stops it (idempotent)."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, openai: OpenAIApi, admin: AdminApi,
-                 *, tls: bool = False, owns_rollouts: bool = False, lean: LeanFront | None = None,
+    def __init__(self, runner: web.AppRunner, lean: LeanFront, host: str, port: int, openai: OpenAIApi,
+                 admin: AdminApi, *, tls: bool = False, owns_rollouts: bool = False,
                  shutdown_timeout_s: float = 2.0) -> None:
         self._runner: web.AppRunner | None = runner
         self._lean = lean
@@ -59,10 +59,8 @@ class HttpFront:
         # A gateway stopping on a signal drained first (llmgw.gateway.shutdown: open streams finished, or ended with
         # an error event, within its shutdown grace); what is left gets a short grace, then its handler is
         # cancelled, which closes its gateway stream and frees the replica slot.
-        if self._lean is None:
-            await runner.cleanup()
-        else:  # the two kinds of connection get their grace side by side
-            await asyncio.gather(runner.cleanup(), self._lean.shutdown(self._shutdown_timeout_s))
+        # The two kinds of connection, aiohttp's and the lean front's, get their grace side by side.
+        await asyncio.gather(runner.cleanup(), self._lean.shutdown(self._shutdown_timeout_s))
         log.info("HTTP front on %s closed", self.url)
 
 
@@ -131,21 +129,21 @@ async def start_http(gateway, *, host: str = "127.0.0.1", port: int = 0, admin_t
     # stream -- also while it is still queued or waiting for its first token, when no write would notice.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_timeout_s)
     await runner.setup()
-    loop = asyncio.get_running_loop()
-    handlers = {"chat": openai.chat_completions, "completions": openai.completions}
+    # Completion requests are served by the lean front's own connections; anything else is aiohttp's (runner.server,
+    # set up above, makes aiohttp's protocol for a connection).
+    aiohttp_protocol = runner.server
+    assert aiohttp_protocol is not None
+    lean = LeanFront(asyncio.get_running_loop(), {"chat": openai.chat_completions, "completions": openai.completions},
+                     aiohttp_protocol, client_max_size=client_max_size)
     try:
-        # Completion requests are served by the lean front's own connections; anything else is aiohttp's.
-        site = LeanSite(runner, host, port,
-                        lambda aiohttp_protocol: LeanFront(loop, handlers, aiohttp_protocol,
-                                                           client_max_size=client_max_size),
-                        reuse_port=reuse_port or None, ssl_context=ssl_context, backlog=LISTEN_BACKLOG)
+        site = LeanSite(runner, host, port, lean, reuse_port=reuse_port or None, ssl_context=ssl_context,
+                        backlog=LISTEN_BACKLOG)
         await site.start()
         bound = runner.addresses[0][1]
     except BaseException:
         await runner.cleanup()
         raise
-    assert site.front is not None
-    front = HttpFront(runner, host, bound, openai, admin, tls=ssl_context is not None, owns_rollouts=owns_rollouts,
-                      lean=site.front, shutdown_timeout_s=shutdown_timeout_s)
+    front = HttpFront(runner, lean, host, bound, openai, admin, tls=ssl_context is not None,
+                      owns_rollouts=owns_rollouts, shutdown_timeout_s=shutdown_timeout_s)
     log.info("HTTP front serving on %s", front.url)
     return front
