@@ -231,6 +231,31 @@ def open_fds(pid: int) -> int:
     return _per_process(pid, lambda p: len(os.listdir(f"/proc/{p}/fd")))
 
 
+QUIET_CPU_SHARE = 0.05  # of one core, the servers together: below this they are idle (timers, health checks)
+QUIET_WINDOW_S = 0.5
+SETTLE_TIMEOUT_S = 60.0
+
+
+def settle(pids: Sequence[int], *, quiet_share: float = QUIET_CPU_SHARE, window_s: float = QUIET_WINDOW_S,
+           timeout_s: float = SETTLE_TIMEOUT_S, clock: Callable[[], float] = time.monotonic,
+           sleep: Callable[[float], None] = time.sleep, cpu: Callable[[int], float] | None = None) -> float:
+    """Wait until the servers `pids` (with their descendants) together use less than `quiet_share` of a core over
+    `window_s`, at most `timeout_s`; returns the seconds waited. A run must not start while a server is still
+    busy from the one before (a proxy that fell seconds behind at c=256 working through its backlog after its
+    load generator has gone) on the cores this run needs. With the bystanders' CPU that measure() records, it
+    also shows when a run was clean: on this machine every server was idle within the first window, and stayed
+    under 1% of a core while the other paths ran."""
+    read = cpu_seconds if cpu is None else cpu
+    started = clock()
+    while True:
+        before = sum(read(pid) for pid in pids)
+        sleep(window_s)
+        used = sum(read(pid) for pid in pids) - before
+        waited = clock() - started
+        if used < quiet_share * window_s or waited >= timeout_s:
+            return waited
+
+
 # ---- paths -------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class LoadPath:
@@ -378,12 +403,15 @@ def run_loadgen(url: str, concurrency: int, size: RunSize, workdir: Path, *, api
     return result
 
 
-def measure(path: LoadPath, mock_pid: int | None, concurrency: int, size: RunSize, workdir: Path
-            ) -> dict[str, Any]:
-    """One run of `path` at `concurrency`, with the CPU its process and the mock used during it."""
+def measure(path: LoadPath, mock_pid: int | None, concurrency: int, size: RunSize, workdir: Path,
+            bystanders: Sequence[int] = ()) -> dict[str, Any]:
+    """One run of `path` at `concurrency`, with the CPU its process, the mock and the `bystanders` (the servers
+    of the other paths, idle if the run is clean) used during it."""
     # Direct, the path's process is the mock itself: reported once, as the mock's.
     pids = {key: pid for key, pid in (("path", None if path.name == "direct" else path.pid), ("mock", mock_pid))
             if pid is not None}
+    others = [pid for pid in bystanders if pid not in pids.values()]
+    others_before = sum(cpu_seconds(pid) for pid in others)
     before = {key: cpu_seconds(pid) for key, pid in pids.items()}
     result = run_loadgen(path.url, concurrency, size, workdir, api_key=path.api_key)
     # CPU over the warm-up and the run (the servers idle while the load generator starts), per request of both.
@@ -395,6 +423,9 @@ def measure(path: LoadPath, mock_pid: int | None, concurrency: int, size: RunSiz
             used = float("nan")
         result[f"{key}_cpu_share"] = used / busy_s if busy_s > 0 else float("nan")
         result[f"{key}_cpu_ms_per_request"] = used * 1000.0 / served if served else float("nan")
+    if others:
+        used = sum(cpu_seconds(pid) for pid in others) - others_before
+        result["bystander_cpu_share"] = max(0.0, used) / busy_s if busy_s > 0 else float("nan")
     return result
 
 
@@ -414,15 +445,20 @@ def run_matrix(paths: Sequence[LoadPath], mock_pid: int | None, concurrencies: S
                args: argparse.Namespace, workdir: Path, log: Callable[[str], None]) -> Runs:
     """concurrency -> path name -> one result per round, the paths alternating within each round."""
     runs: Runs = {}
+    # Every run starts with all servers idle (settle), and the others' CPU during it is recorded (bystander).
+    servers = sorted({pid for pid in [mock_pid, *(p.pid for p in paths)] if pid is not None})
     for c in concurrencies:
         runs[c] = {p.name: [] for p in paths}
         size = run_size(c, args)
         for k in range(rounds):
             for path in rotated(paths, k):
-                result = measure(path, mock_pid, c, size, workdir)
+                settled_s = settle(servers)
+                result = measure(path, mock_pid, c, size, workdir, bystanders=servers)
+                result["settle_s"] = settled_s
                 runs[c][path.name].append(result)
                 log(f"c={c} round {k + 1}/{rounds} {path.name}: {result['ok']} ok, {result['error_count']} errors, "
-                    f"{result['requests_per_s']:.1f} req/s, TTFT p50 {result['ttft_ms']['p50']:.2f} ms")
+                    f"{result['requests_per_s']:.1f} req/s, TTFT p50 {result['ttft_ms']['p50']:.2f} ms"
+                    + (f" (after {settled_s:.1f} s for the servers to go idle)" if settled_s > 2.0 else ""))
     return runs
 
 
@@ -450,7 +486,7 @@ def path_summary(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "error_samples": [s for r in rounds for s in r["error_samples"]][:5],
         "loadgen_cpu_share": median([r["loadgen_cpu_share"] for r in rounds]),
     }
-    for key in ("path_cpu_share", "path_cpu_ms_per_request", "mock_cpu_share"):
+    for key in ("path_cpu_share", "path_cpu_ms_per_request", "mock_cpu_share", "bystander_cpu_share", "settle_s"):
         values = [r[key] for r in rounds if key in r]
         out[key] = median(values) if values else None
     return out
@@ -635,6 +671,11 @@ def report(results: dict[str, Any]) -> str:
                 lines.append(f"| {c} | {name} | {_fmt(s['ttft_p50_ms'], 2)} / {_fmt(s['ttft_p99_ms'], 2)} | "
                              f"{_fmt(s['inter_chunk_p99_ms'], 2)} | {_fmt(s['requests_per_s'])} | {errors} | "
                              f"{cpu} / {_pct(s.get('mock_cpu_share'))} / {_pct(s['loadgen_cpu_share'])} |")
+        busy = [f"c={c} {name} {_pct(s['bystander_cpu_share'])}" for c, entry in summary.items()
+                for name, s in entry.items()
+                if name != "overhead" and (s.get("bystander_cpu_share") or 0.0) > QUIET_CPU_SHARE]
+        if busy:
+            lines.append("the other paths' servers were not idle during these runs (median CPU): " + ", ".join(busy))
         samples = [smp for entry in summary.values() for name, s in entry.items() if name != "overhead"
                    for smp in s["error_samples"]]
         if samples:
@@ -679,8 +720,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=_concurrencies, default=list(CONCURRENCIES), metavar="C,C,...",
                    help="concurrencies to measure (default 1,16,64,256)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds per concurrency (medians reported)")
-    p.add_argument("--run-seconds", type=float, default=15.0, help="upper bound on one measured run")
-    p.add_argument("--requests-per-connection", type=int, default=10,
+    # Runs of 10-20 s: on a shared 2-core machine a noisy spell of a few seconds moves a 4 s run's requests/s by
+    # 5-10%, and a c=1 run's TTFT median needs its ~60 samples to be steady to a tenth of a millisecond.
+    p.add_argument("--run-seconds", type=float, default=20.0, help="upper bound on one measured run")
+    p.add_argument("--requests-per-connection", type=int, default=30,
                    help="upper bound on one run's requests: this many per connection ...")
     p.add_argument("--min-requests", type=int, default=100, help="... but at least this many")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens per answer")

@@ -254,6 +254,55 @@ def test_rounds_alternate_the_order_of_the_paths():
                       ["litellm", "direct", "gateway"]]
 
 
+class _FakeServers:
+    """CPU readings of servers busy for the first `busy_windows` windows (0.4 s of CPU in each), idle after."""
+
+    def __init__(self, busy_windows: int) -> None:
+        self.now = 0.0
+        self.cpu_s = 0.0
+        self.busy_windows = busy_windows
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        if self.busy_windows > 0:
+            self.busy_windows -= 1
+            self.cpu_s += 0.4
+        else:
+            self.cpu_s += 0.001  # a timer or a health check: idle
+
+    def read(self, pid: int) -> float:
+        return self.cpu_s / 2  # two pids, half each
+
+
+def test_settle_waits_until_the_servers_are_idle():
+    servers = _FakeServers(busy_windows=3)
+    waited = bench.settle([1, 2], window_s=0.5, timeout_s=60, clock=lambda: servers.now, sleep=servers.sleep,
+                          cpu=servers.read)
+    assert waited == 2.0  # three busy windows, then the quiet one
+    idle = _FakeServers(busy_windows=0)
+    assert bench.settle([1, 2], window_s=0.5, clock=lambda: idle.now, sleep=idle.sleep, cpu=idle.read) == 0.5
+
+
+def test_settle_gives_up_at_its_timeout():
+    servers = _FakeServers(busy_windows=10**6)
+    waited = bench.settle([1], window_s=0.5, timeout_s=3.0, clock=lambda: servers.now, sleep=servers.sleep,
+                          cpu=servers.read)
+    assert waited == 3.0
+
+
+def test_settle_sees_a_real_process_work_through_a_backlog():
+    spin_then_idle = "import time\nend = time.monotonic() + 1.0\nwhile time.monotonic() < end: pass\ntime.sleep(30)"
+    busy = subprocess.Popen([sys.executable, "-c", spin_then_idle])
+    try:
+        time.sleep(0.3)  # it is spinning now
+        waited = bench.settle([busy.pid], window_s=0.2, timeout_s=20.0)
+        assert 0.4 <= waited < 10.0
+        assert busy.poll() is None  # idle, not gone
+    finally:
+        busy.kill()
+        busy.wait(timeout=10)
+
+
 def test_soak_figures_rss_growth_and_fd_drift_after_the_baseline():
     samples = [{"t": float(t), "rss": 100 * 2**20 if t < 60 else (200 + (t - 60) // 10) * 2**20, "fds": 40 + t // 100}
                for t in range(0, 601, 5)]
@@ -354,6 +403,11 @@ def test_the_gateway_half_runs_once_the_gateway_command_works(tmp_path, capsys, 
     assert gateway["errors"] == 0 and gateway["path_cpu_share"] > 0
     assert set(results["summary"]["64"]["overhead"]) == {"gateway"}
     assert [len(results["runs"]["1"][p]) for p in ("direct", "gateway")] == [2, 2]
+    # Every run started with the servers idle, and the direct runs recorded the idle gateway as a bystander.
+    for c in ("1", "64"):
+        for name in ("direct", "gateway"):
+            assert all(0 < r["settle_s"] < bench.SETTLE_TIMEOUT_S for r in results["runs"][c][name])
+        assert all(0 <= r["bystander_cpu_share"] < 0.5 for r in results["runs"][c]["direct"])
 
 
 def test_a_gateway_without_the_upstream_flag_is_reported_not_crashed(tmp_path, capsys, monkeypatch):
