@@ -397,7 +397,7 @@ class LeanConnection(asyncio.Protocol):
     def _after_answer(self) -> None:
         """One request answered on a kept connection: the next, if it came already; else wait for one."""
         self.resume_reading()
-        if any(m.route for m in self._messages):
+        if self._ours_queued():
             self._serve_next()
         elif self._handed is not None:
             self._flush_forward(read_ended=self._parsing is None)
@@ -438,7 +438,7 @@ class LeanConnection(asyncio.Protocol):
         between requests."""
         handed = self._handed
         transport = self.transport
-        if handed is None or self._task is not None or any(m.route for m in self._messages):
+        if handed is None or self._task is not None or self._ours_queued():
             return
         if transport is None or transport.is_closing():
             return
@@ -485,10 +485,18 @@ class LeanConnection(asyncio.Protocol):
 
     def close_if_idle(self) -> bool:
         """Close a connection with no request in progress (shutdown); whether it was idle."""
-        if self._task is None and not any(m.route for m in self._messages) and self._handed is None:
+        if self._idle():
             self.close()
             return True
         return False
+
+    def _ours_queued(self) -> bool:
+        """A completion request (ours to serve) is parsed and waiting, or being served."""
+        return any(m.route for m in self._messages)
+
+    def _idle(self) -> bool:
+        """Nothing in progress here: no handler running, none of ours waiting, not handed to aiohttp."""
+        return self._task is None and self._handed is None and not self._ours_queued()
 
     @property
     def task(self) -> asyncio.Task[None] | None:
@@ -530,7 +538,7 @@ class LeanConnection(asyncio.Protocol):
     def _idle_out(self) -> None:
         """No request (or only the start of one) since the keep-alive time: closed, as aiohttp does."""
         self._idle_timer = None
-        if self._task is None and self._handed is None and not any(m.route for m in self._messages):
+        if self._idle():
             self.close()
 
 
